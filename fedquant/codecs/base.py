@@ -1,0 +1,193 @@
+"""The codec interface and the public registry.
+
+A codec is a small class with ``encode(x, seed) -> Encoded`` and ``decode(enc) -> Tensor``
+(and ``decode_sum`` where it can sum clients in the rotated domain). Its constructor
+arguments are its parameters: they travel as text in ``Encoded.params`` and
+:meth:`Codec.from_params` rebuilds the codec from them, parsing each value by the type of
+the constructor's default. Register a codec (yours too) with :func:`register_codec`.
+
+Example::
+
+    @fq.register_codec
+    class Halve(fq.Codec):
+        name = "halve"
+        ...
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from fedquant.wire import DTYPES, Encoded, WireError
+
+_REGISTRY: dict[str, type[Codec]] = {}
+
+
+def _to_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _from_text(name: str, text: str, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if text not in ("true", "false"):
+                raise ValueError
+            return text == "true"
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+    except ValueError:
+        raise ValueError(f"parameter {name}={text!r} is not a valid "
+                         f"{type(default).__name__}") from None
+    return text
+
+
+class Codec:
+    """Base class: subclasses set `name`, implement `encode` and `decode`."""
+
+    name: ClassVar[str] = ""
+    #: whether E[decode(encode(x))] == x (may depend on parameters; see `is_unbiased`)
+    unbiased: ClassVar[bool] = False
+
+    # ---- parameters -------------------------------------------------------------------
+    @classmethod
+    def _defaults(cls) -> dict[str, Any]:
+        sig = inspect.signature(cls.__init__)
+        return {k: p.default for k, p in sig.parameters.items()
+                if k != "self" and p.default is not inspect.Parameter.empty}
+
+    def params(self) -> dict[str, Any]:
+        """Constructor arguments of this codec instance."""
+        return {k: getattr(self, k) for k in self._defaults()}
+
+    def wire_params(self) -> dict[str, str]:
+        return {k: _to_text(v) for k, v in self.params().items()}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> Codec:
+        """Rebuild from wire params; ValueError names any unknown or bad parameter."""
+        defaults = cls._defaults()
+        unknown = set(params) - set(defaults)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {sorted(unknown)} for codec "
+                             f"'{cls.name}'; allowed: {sorted(defaults)}")
+        return cls(**{k: _from_text(k, v, defaults[k]) for k, v in params.items()})
+
+    @property
+    def is_unbiased(self) -> bool:
+        return self.unbiased
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+    # ---- the codec proper -------------------------------------------------------------
+    def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
+        raise NotImplementedError
+
+    def decode(self, enc: Encoded, device: torch.device | str | None = None) -> torch.Tensor:
+        """Decode to the flat float32 reconstruction (``fq.decode`` restores shape/dtype)."""
+        raise NotImplementedError
+
+    def decode_sum(self, encs: Sequence[Encoded], weights: Sequence[float],
+                   device: torch.device | str | None = None) -> torch.Tensor:
+        """sum_i w_i decode(enc_i), flat float32, with O(d) extra memory."""
+        total = None
+        for enc, w in zip(encs, weights, strict=True):
+            part = self.decode(enc, device).to(torch.float64) * w
+            total = part if total is None else total.add_(part)
+        return total.to(torch.float32)
+
+    def validate(self, enc: Encoded) -> None:
+        """Check sections and scales against the shape before any decoding allocation.
+
+        Subclasses extend this with their own sections; raise WireError naming the field.
+        """
+
+    # ---- helpers shared by codecs -----------------------------------------------------
+    def _new_encoded(self, x: torch.Tensor, seed: int, **fields: Any) -> Encoded:
+        return Encoded(codec=self.name, params=self.wire_params(), shape=tuple(x.shape),
+                       dtype=x.dtype, seed=int(seed), **fields)
+
+
+def check_input(x: torch.Tensor) -> torch.Tensor:
+    """Validate a tensor to encode and return it flat, as float32."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of float32, float16, bfloat16; got {x.dtype}")
+    flat = x.detach().reshape(-1).to(torch.float32)
+    if flat.numel() and not bool(torch.isfinite(flat).all()):
+        raise ValueError("cannot encode a tensor containing NaN or Inf")
+    return flat
+
+
+def check_seed(seed: int) -> int:
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
+    return seed
+
+
+def expect_section(enc: Encoded, name: str, count: int, bits: int | None = None) -> None:
+    """WireError unless section `name` exists with `count` elements (and `bits`)."""
+    s = enc.section(name)
+    if s.count != count:
+        raise WireError(f"sections['{name}'].count: expected {count} for shape "
+                        f"{list(enc.shape)}, got {s.count}")
+    if bits is not None and s.bits != bits:
+        raise WireError(f"sections['{name}'].bits: expected {bits}, got {s.bits}")
+
+
+def expect_scales(enc: Encoded, count: int) -> None:
+    if len(enc.scales) != count:
+        raise WireError(f"scales: expected {count} for shape {list(enc.shape)}, "
+                        f"got {len(enc.scales)}")
+
+
+def register_codec(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: make `cls` available as ``fq.get_codec(cls.name, ...)``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} must set a non-empty `name`")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def codec_class(name: str) -> type[Codec]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; available: {available_codecs()}") from None
+
+
+def get_codec(name: str, **params: Any) -> Codec:
+    """A codec instance by registry name, e.g. ``get_codec("eden", bits=2)``."""
+    klass = codec_class(name)
+    defaults = klass._defaults()
+    unknown = set(params) - set(defaults)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {sorted(unknown)} for codec '{name}'; "
+                         f"allowed: {sorted(defaults)}")
+    return klass(**params)
+
+
+def available_codecs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def codec_for(enc: Encoded) -> Codec:
+    return codec_class(enc.codec).from_params(enc.params)
+
+
+def restore(flat: torch.Tensor, enc: Encoded) -> torch.Tensor:
+    """Give a flat float32 reconstruction the encoded tensor's shape and dtype."""
+    return flat[: math.prod(enc.shape)].reshape(enc.shape).to(enc.dtype)

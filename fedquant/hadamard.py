@@ -1,0 +1,74 @@
+"""Randomized Hadamard transforms of one power-of-two slice: RHT = H D / sqrt(n).
+
+Two kernels give the same numbers to float tolerance:
+
+* the torch kernel below (any device: CUDA, MPS, CPU), a reshape-butterfly FWHT;
+* the numba CPU kernel in :mod:`fedquant.hadamard_numba` (blocked, in-cache butterflies,
+  signs hashed inside the kernel), used automatically for float32 CPU tensors.
+
+The sign diagonal of composed layer ``layer`` at global position ``offset + i`` is the top
+bit of ``hash64(seed, Purpose.ROTATION, (layer << 40) + offset + i)`` (fedquant.random).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedquant import random as fqr
+
+LAYER_SHIFT = 40
+
+
+def sign_index_start(layer: int, offset: int) -> int:
+    """Counter index of the first sign of `layer` at slice `offset`."""
+    return (layer << LAYER_SHIFT) + offset
+
+
+def fwht_torch(x: torch.Tensor) -> torch.Tensor:
+    """Normalized Walsh-Hadamard transform H x / sqrt(n) of a 1-D power-of-two tensor."""
+    n = x.numel()
+    if n & (n - 1):
+        raise ValueError(f"FWHT length must be a power of two, got {n}")
+    y = x.reshape(-1).clone()
+    h = 1
+    while h < n:
+        y = y.view(-1, 2, h)
+        a, b = y[:, 0, :], y[:, 1, :]
+        y = torch.stack((a + b, a - b), dim=1)
+        h *= 2
+    return y.reshape(-1) / math.sqrt(n)
+
+
+def _signs(seed: int, layer: int, offset: int, n: int, device: torch.device) -> torch.Tensor:
+    return fqr.signs(seed, fqr.Purpose.ROTATION, n, device=device,
+                     start=sign_index_start(layer, offset))
+
+
+def _use_numba(x: torch.Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    from fedquant import hadamard_numba
+
+    return hadamard_numba.AVAILABLE
+
+
+def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0,
+        backend: str = "auto") -> torch.Tensor:
+    """One RHT layer: H D x / sqrt(n), for a 1-D float32 power-of-two slice."""
+    if backend == "numba" or (backend == "auto" and _use_numba(x)):
+        from fedquant import hadamard_numba
+
+        return hadamard_numba.rht(x, seed, layer, offset)
+    return fwht_torch(x * _signs(seed, layer, offset, x.numel(), x.device))
+
+
+def inverse_rht(y: torch.Tensor, seed: int, layer: int, offset: int = 0,
+                backend: str = "auto") -> torch.Tensor:
+    """Inverse of :func:`rht`: D H y / sqrt(n) (H / sqrt(n) is its own inverse)."""
+    if backend == "numba" or (backend == "auto" and _use_numba(y)):
+        from fedquant import hadamard_numba
+
+        return hadamard_numba.inverse_rht(y, seed, layer, offset)
+    return fwht_torch(y) * _signs(seed, layer, offset, y.numel(), y.device)

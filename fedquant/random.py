@@ -1,0 +1,161 @@
+"""Shared randomness: a counter-based generator keyed by (seed, purpose, index).
+
+Every random sign, dither, subset and shared-randomness index in fedquant comes from
+``hash64(seed, purpose, index)``, the SplitMix64 output function applied to a counter
+(ARCHITECTURE.md, "Shared randomness"). Because it is pure integer arithmetic modulo 2^64,
+the sender and the receiver regenerate bit-identical numbers on CPU or CUDA, from torch,
+numpy or numba, on any platform and library version. No ``torch.Generator`` stream is
+ever part of the wire contract.
+
+The torch path works on int64 tensors: multiplication wraps modulo 2^64 exactly as uint64
+does, and logical right shifts are emulated with a mask (torch's ``>>`` is arithmetic).
+
+Example::
+
+    signs = fq.random.signs(seed=7, purpose=fq.random.Purpose.ROTATION, n=1024)
+"""
+
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+import torch
+
+MASK64 = (1 << 64) - 1
+GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_MIX1 = 0xBF58476D1CE4E5B9
+_MIX2 = 0x94D049BB133111EB
+
+
+class Purpose(enum.IntEnum):
+    """What a stream of random numbers is for; each purpose gets an independent stream."""
+
+    ROTATION = 1  # sign diagonals of the RHTs (one stream per composed RHT: + 16 * r)
+    DITHER = 2  # subtractive dither / stochastic rounding uniforms
+    SUBSET = 3  # random subsets (randk, timeshare, sparsification)
+    SKETCH = 4  # Gaussian sketch matrices
+    SHARED_INDEX = 5  # QUIC-FL shared-randomness index h
+    CLIENT = 6  # per-client seed derivation
+    PRIVATE = 7  # private (non-shared) randomness of a sender
+
+
+def fmix64(z: int) -> int:
+    """SplitMix64's output function on a Python int (mod 2^64)."""
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * _MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * _MIX2) & MASK64
+    return z ^ (z >> 31)
+
+
+def stream_key(seed: int, purpose: int) -> int:
+    """The 64-bit key of the stream (seed, purpose)."""
+    if seed < 0 or seed > MASK64:
+        raise ValueError(f"seed must be in [0, 2^64), got {seed}")
+    return fmix64(seed ^ fmix64(int(purpose) * GOLDEN_GAMMA))
+
+
+def hash64(seed: int, purpose: int, index: int) -> int:
+    """One 64-bit random number: the reference definition every backend must match."""
+    return fmix64(stream_key(seed, purpose) + (index + 1) * GOLDEN_GAMMA)
+
+
+def derive_seed(round_seed: int, client_id: int) -> int:
+    """A client's seed for one round, derived from the round seed and the client id."""
+    return hash64(round_seed, Purpose.CLIENT, client_id)
+
+
+def _signed(v: int) -> int:
+    """Reinterpret an unsigned 64-bit value as int64."""
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 tensor bits."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def hash64_torch(
+    seed: int, purpose: int, start: int, n: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """hash64(seed, purpose, i) for i in [start, start + n) as int64 tensor bits."""
+    key = stream_key(seed, purpose)
+    idx = torch.arange(start + 1, start + n + 1, dtype=torch.int64, device=device)
+    z = idx * _signed(GOLDEN_GAMMA) + _signed(key)
+    z = (z ^ _srl(z, 30)) * _signed(_MIX1)
+    z = (z ^ _srl(z, 27)) * _signed(_MIX2)
+    return z ^ _srl(z, 31)
+
+
+def hash64_numpy(seed: int, purpose: int, start: int, n: int) -> np.ndarray:
+    """hash64(seed, purpose, i) for i in [start, start + n) as uint64."""
+    key = np.uint64(stream_key(seed, purpose))
+    with np.errstate(over="ignore"):
+        z = np.arange(start + 1, start + n + 1, dtype=np.uint64) * np.uint64(GOLDEN_GAMMA) + key
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
+    return z ^ (z >> np.uint64(31))
+
+
+def signs(
+    seed: int, purpose: int, n: int, device: torch.device | str | None = None, start: int = 0
+) -> torch.Tensor:
+    """Rademacher signs (+1/-1, float32): the top bit of each hash."""
+    top = _srl(hash64_torch(seed, purpose, start, n, device), 63)
+    return (1 - 2 * top).to(torch.float32)
+
+
+def uniforms(
+    seed: int, purpose: int, n: int, device: torch.device | str | None = None, start: int = 0
+) -> torch.Tensor:
+    """Uniforms in [0, 1) as float32, exact multiples of 2^-24 (the top 24 bits)."""
+    top24 = _srl(hash64_torch(seed, purpose, start, n, device), 40)
+    return top24.to(torch.float32) * (2.0**-24)
+
+
+def uniforms64(
+    seed: int, purpose: int, n: int, device: torch.device | str | None = None, start: int = 0
+) -> torch.Tensor:
+    """Uniforms in [0, 1) as float64, exact multiples of 2^-53 (the top 53 bits)."""
+    top53 = _srl(hash64_torch(seed, purpose, start, n, device), 11)
+    return top53.to(torch.float64) * (2.0**-53)
+
+
+def integers(
+    seed: int,
+    purpose: int,
+    n: int,
+    high: int,
+    device: torch.device | str | None = None,
+    start: int = 0,
+) -> torch.Tensor:
+    """Integers in [0, high) (int64), by the top 32 bits times high (high <= 2^31)."""
+    if not 0 < high <= 2**31:
+        raise ValueError(f"high must be in [1, 2^31], got {high}")
+    top32 = _srl(hash64_torch(seed, purpose, start, n, device), 32)
+    return (top32 * high) >> 32
+
+
+def normals(
+    seed: int, purpose: int, n: int, device: torch.device | str | None = None, start: int = 0
+) -> torch.Tensor:
+    """Standard normals (float32) by Box-Muller on two uniform streams.
+
+    Bit-identical across devices up to the platform's float32 ``log``/``cos`` rounding;
+    codecs that need exact agreement between sender and receiver use them only where
+    a last-ulp difference cannot change a decoded value (sketch matrices).
+    """
+    u1 = uniforms64(seed, purpose, n, device, start)
+    u2 = uniforms64(seed, purpose + 1000, n, device, start)
+    r = torch.sqrt(-2.0 * torch.log1p(-u1))
+    return (r * torch.cos(2 * torch.pi * u2)).to(torch.float32)
+
+
+def random_subset(
+    seed: int, purpose: int, n: int, k: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """k distinct indices of [0, n), sorted: the k smallest hashes (shared-seed subset)."""
+    if not 0 <= k <= n:
+        raise ValueError(f"subset size k must be in [0, {n}], got {k}")
+    h = _srl(hash64_torch(seed, purpose, 0, n, device), 1)  # 63-bit, non-negative
+    return torch.sort(torch.topk(h, k, largest=False).indices).values
