@@ -1,6 +1,10 @@
 """Codecs, one module per scheme; importing this package registers them all."""
 
-from fedquant.codecs import eden, identity  # noqa: F401  (registration side effect)
+# Registration side effects: one line per codec module.
+from fedquant.codecs import (
+    eden,  # noqa: F401
+    identity,  # noqa: F401
+)
 from fedquant.codecs.base import (
     Codec,
     available_codecs,

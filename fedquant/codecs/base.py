@@ -108,6 +108,11 @@ class Codec:
             total = part if total is None else total.add_(part)
         return total.to(torch.float32)
 
+    def stats(self, enc: Encoded) -> dict[str, float]:
+        """Codec-specific measurements of one encoding (e.g. QUIC-FL's outlier fraction),
+        recorded by the experiments next to vNMSE and bytes."""
+        return {}
+
     def validate(self, enc: Encoded) -> None:
         """Check sections and scales against the shape before any decoding allocation.
 
