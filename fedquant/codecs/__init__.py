@@ -2,8 +2,10 @@
 
 # Registration side effects: one line per codec module.
 from fedquant.codecs import (
+    dither,  # noqa: F401
     eden,  # noqa: F401
     identity,  # noqa: F401
+    stochastic,  # noqa: F401
 )
 from fedquant.codecs.base import (
     Codec,

@@ -1,0 +1,180 @@
+"""Subtractive dithered uniform quantization, optionally after composed RHTs.
+
+Seed 000 section 4.1 and seed 001 section 2.1 (eq. 1). Each slice v of the (rotated)
+vector gets a uniform grid of M = 2^b levels q_j = lo + j * step, j = 0..M-1, spanning its
+min-max range (step = (max - min) / (M - 1), seed 001's Delta = 2R / (M - 1)) or a
+dynamic range [-R, R] given by the user. With a shared dither u_i ~ U[0, 1) that the
+receiver regenerates from (seed, Purpose.DITHER, i), the sender transmits
+
+    j_i = floor((v_i - lo) / step + u_i)          (clamped to 0..M-1)
+
+and the receiver subtracts the dither again:
+
+    v_hat_i = lo + step * (j_i - u_i + 1/2).
+
+The error v_hat_i - v_i = step * (floor(t + u) - (t + u) + 1/2) with t = (v_i - lo) / step is
+uniform on [-step/2, step/2) for every input value, so the estimate is unbiased and its
+error variance is step^2 / 12 whatever x is (the classical subtractive-dither property;
+seed 000 section 4.1 writes the same quantizer as Delta * floor((A + Z) / Delta) without
+the subtraction, whose formula was lost in conversion: rebuilt from that definition and
+checked by tests/test_dither.py, which measures step^2 / 12 from the sent scales).
+
+``range="minmax"`` (default) never saturates. A float ``range=R`` uses the fixed grid
+[-R, R] on the values actually quantized (the rotated coordinates, which are about
+N(0, ||x||^2 / d) after the RHTs; the raw coordinates with ``rotations=0``): values outside
+are clipped to [-R, R] first, so saturated coordinates are biased (seed 001 section 2.1,
+"saturated"), everything inside stays unbiased.
+
+Wire: section "q" (b-bit indices, one per quantized coordinate: the padded rotated length
+with rotations, d without), and scales (lo, step) in float64 per slice of
+``rotation.slice_layout(d)``.
+
+Example::
+
+    enc = fq.get_codec("dither", bits=2).encode(grad, seed=7)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedquant import random as fqr
+from fedquant.codecs.base import (
+    Codec,
+    check_input,
+    check_seed,
+    expect_scales,
+    expect_section,
+    register_codec,
+)
+from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout, unrotate
+from fedquant.wire import Encoded, Section, WireError
+
+
+def parse_range(value: str | float) -> float | None:
+    """The user's dynamic range R > 0 as a float, or None for "minmax"."""
+    if value == "minmax":
+        return None
+    try:
+        r = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"range must be 'minmax' or a positive float, got {value!r}") from None
+    if not (math.isfinite(r) and r > 0):
+        raise ValueError(f"range must be 'minmax' or a positive float, got {value!r}")
+    return r
+
+
+def check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+    return bits
+
+
+def value_blocks(d: int, rotations: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each slice in the quantized vector: padded slices after rotation,
+    the raw coordinates of each slice without (no padding is sent then)."""
+    if rotations > 0:
+        return [(s.offset, s.offset + s.size) for s in slice_layout(d)]
+    return [(s.start, s.start + s.length) for s in slice_layout(d)]
+
+
+def quantized_length(d: int, rotations: int) -> int:
+    """Number of quantized coordinates (the length of section "q")."""
+    return padded_size(d) if rotations > 0 else d
+
+
+def grid(v: torch.Tensor, levels: int, dynamic_range: float | None) -> tuple[float, float]:
+    """(lo, step) in float64 of the uniform grid lo + j * step, j = 0..levels-1."""
+    if dynamic_range is not None:
+        return -dynamic_range, 2 * dynamic_range / (levels - 1)
+    if v.numel() == 0:
+        return 0.0, 0.0
+    lo, hi = float(v.min()), float(v.max())
+    return lo, (hi - lo) / (levels - 1)
+
+
+def grid_positions(v: torch.Tensor, lo: float, step: float, levels: int) -> torch.Tensor:
+    """t = (v - lo) / step clipped to [0, levels - 1] (0 where step is 0)."""
+    if step == 0:
+        return torch.zeros_like(v)
+    return ((v - lo) * (1.0 / step)).clamp_(0, levels - 1)
+
+
+def rotated_input(codec: Codec, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, int]:
+    """(the vector to quantize, rotation count): rotated and padded, or x itself."""
+    flat = check_input(x)
+    k = resolve_rotations(codec.rotations, flat, "scalar")
+    return (rotate(flat, check_seed(seed), k) if k > 0 else flat), k
+
+
+def rebuild(enc: Encoded, values: torch.Tensor) -> torch.Tensor:
+    """Undo the rotations of the quantized vector (identity when rotations == 0)."""
+    if enc.rotations == 0:
+        return values
+    return unrotate(values, enc.seed, enc.rotations, enc.numel)
+
+
+def validate_uniform(codec: Codec, enc: Encoded) -> None:
+    """Section "q" and the (lo, step) scales of a uniform-grid codec against the shape."""
+    if enc.rotations > 3:
+        raise WireError(f"rotations: must be 0..3, got {enc.rotations}")
+    expect_section(enc, "q", quantized_length(enc.numel, enc.rotations), codec.bits)
+    expect_scales(enc, 2 * len(slice_layout(enc.numel)))
+    if any(step < 0 for step in enc.scales[1::2]):
+        raise WireError("scales: a grid step (odd entries) is negative")
+
+
+@register_codec
+class Dither(Codec):
+    """Subtractive dithered uniform quantizer (seed 000 section 4, seed 001 section 2.1).
+
+    Args:
+        bits (int, default 2): bits per coordinate, 1..8 (2^bits levels).
+        rotations (int | str, default "auto"): composed RHTs, 0..3 or "auto" (0 = none).
+        range (str | float, default "minmax"): "minmax" (per-slice min-max grid) or a
+            dynamic range R > 0 (grid [-R, R], values outside clipped: biased there).
+    """
+
+    name = "dither"
+    unbiased = True
+
+    def __init__(self, bits: int = 2, rotations: str = "auto", range: str = "minmax"):  # noqa: A002
+        self.bits = check_bits(bits)
+        resolve_rotations(rotations, torch.ones(1))  # validate early
+        self.rotations = str(rotations)
+        self.dynamic_range = parse_range(range)
+        self.range = "minmax" if self.dynamic_range is None else repr(self.dynamic_range)
+
+    def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
+        v, k = rotated_input(self, x, seed)
+        levels = 1 << self.bits
+        dither = fqr.uniforms(seed, fqr.Purpose.DITHER, v.numel(), device=v.device)
+        indices = torch.empty(v.numel(), dtype=torch.int64, device=v.device)
+        scales: list[float] = []
+        for lo_i, hi_i in value_blocks(x.numel(), k):
+            lo, step = grid(v[lo_i:hi_i], levels, self.dynamic_range)
+            t = grid_positions(v[lo_i:hi_i], lo, step, levels)
+            indices[lo_i:hi_i] = torch.floor(t + dither[lo_i:hi_i]).clamp_(0, levels - 1)
+            scales += [lo, step]
+        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
+                                 sections={"q": Section.from_ints("q", indices, self.bits)})
+
+    def validate(self, enc: Encoded) -> None:
+        validate_uniform(self, enc)
+
+    def decode(self, enc: Encoded, device=None) -> torch.Tensor:
+        q = enc.section("q").ints(device).to(torch.float64)
+        dither = fqr.uniforms(enc.seed, fqr.Purpose.DITHER, q.numel(), device=q.device)
+        values = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
+        blocks = value_blocks(enc.numel, enc.rotations)
+        for (lo_i, hi_i), lo, step in zip(blocks, enc.scales[0::2], enc.scales[1::2],
+                                          strict=True):
+            centered = q[lo_i:hi_i] - dither[lo_i:hi_i].to(torch.float64) + 0.5
+            values[lo_i:hi_i] = (lo + step * centered).to(torch.float32)
+        return rebuild(enc, values)
+
+
+__all__ = ["Dither", "grid", "grid_positions", "parse_range", "quantized_length",
+           "rebuild", "rotated_input", "validate_uniform", "value_blocks"]
