@@ -5,6 +5,7 @@ from fedquant.codecs import (
     dither,  # noqa: F401
     eden,  # noqa: F401
     identity,  # noqa: F401
+    lplr,  # noqa: F401
     stochastic,  # noqa: F401
 )
 from fedquant.codecs.base import (
