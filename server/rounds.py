@@ -1,0 +1,315 @@
+"""Rounds: their configuration, state and running sums, backed by the durable log.
+
+A round is opened with a codec, a round seed, the tensor shape, the expected cohort, a
+quorum and a deadline. Each accepted push is decoded by the codec's fast path
+(``codec.decode_sum([enc], [w])``, which is QUIC-FL's rotated-domain sum where the codec
+provides one) and added to the round's float64 running sum, so an open round holds O(d)
+memory whatever the number of clients. The round closes on quorum, on deadline or on an
+operator call; closing stores the float32 mean ``sum / total_weight`` in the log.
+
+This module knows nothing of gRPC: problems are raised as :class:`AggregationError` with
+the name of the gRPC status code the servicer should return.
+
+Example::
+
+    book = RoundBook(Store("data"))
+    book.open(RoundConfig.from_dict({"id": "r1", "codec": "eden", "params": {"bits": 2},
+                                     "round_seed": 1, "shape": [1024], "expected": 10}))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import fedquant as fq
+from fedquant.codecs.base import codec_class
+from server.store import Store
+
+log = logging.getLogger("fedquant.server")
+
+ROUND_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+MAX_CLIENT_ID = 2**64 - 1
+_CONFIG_KEYS = ("id", "codec", "params", "round_seed", "shape", "cohort", "expected",
+                "quorum", "deadline_s")
+
+
+class AggregationError(Exception):
+    """A request the server refuses; `status` names the gRPC status code to return."""
+
+    def __init__(self, status: str, message: str, digest: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.digest = digest  # for ALREADY_EXISTS: sha256 of the push already recorded
+
+
+def payload_digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What a round expects; `params` is the codec's canonical wire params."""
+
+    round_id: str
+    codec: str
+    params: dict[str, str]
+    round_seed: int
+    shape: tuple[int, ...]
+    cohort: tuple[int, ...] = ()
+    expected_count: int = 0
+    quorum: int = 0
+    deadline_unix: float = 0.0
+    opened_unix: float = 0.0
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @classmethod
+    def build(cls, round_id: str, codec: str, params: dict, round_seed: int,
+              shape: list[int] | tuple[int, ...], cohort: list[int] | tuple[int, ...] = (),
+              expected_count: int = 0, quorum: int = 0, deadline_s: float = 0.0,
+              now: float | None = None) -> RoundConfig:
+        """Validate and canonicalize; ValueError names the bad field."""
+        if not isinstance(round_id, str) or not ROUND_ID.fullmatch(round_id):
+            raise ValueError(f"round id must be 1..128 chars of [A-Za-z0-9_.-], got {round_id!r}")
+        klass = codec_class(codec)  # ValueError lists the available codecs
+        text = {str(k): fq.codecs.base._to_text(v) for k, v in dict(params).items()}
+        canonical = klass.from_params(text).wire_params()
+        if not isinstance(round_seed, int) or not 0 <= round_seed <= MAX_CLIENT_ID:
+            raise ValueError(f"round_seed must be an integer in [0, 2^64), got {round_seed!r}")
+        shape = tuple(shape)
+        if not 1 <= len(shape) <= fq.wire.MAX_DIMS or any(
+                not isinstance(n, int) or n < 1 for n in shape):
+            raise ValueError(f"shape must be 1..{fq.wire.MAX_DIMS} positive integers, "
+                             f"got {list(shape)}")
+        if math.prod(shape) > 2**31:
+            raise ValueError(f"shape {list(shape)} exceeds 2^31 elements")
+        cohort = tuple(sorted(set(cohort)))
+        if any(not isinstance(c, int) or not 0 <= c <= MAX_CLIENT_ID for c in cohort):
+            raise ValueError("cohort must be client ids in [0, 2^64)")
+        expected = len(cohort) or int(expected_count)
+        quorum = int(quorum) or expected
+        if expected < 0 or quorum < 0:
+            raise ValueError("expected and quorum must be non-negative")
+        if cohort and quorum > len(cohort):
+            raise ValueError(f"quorum {quorum} exceeds the cohort size {len(cohort)}")
+        if not math.isfinite(deadline_s) or deadline_s < 0:
+            raise ValueError(f"deadline_s must be finite and >= 0, got {deadline_s}")
+        now = time.time() if now is None else now
+        return cls(round_id, codec, canonical, round_seed, shape, cohort, expected, quorum,
+                   now + deadline_s if deadline_s else 0.0, now)
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> RoundConfig:
+        """From a TOML ``[[round]]`` table: id, codec, params, round_seed, shape, cohort,
+        expected, quorum, deadline_s. ValueError names unknown keys."""
+        unknown = set(spec) - set(_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown round key(s) {sorted(unknown)}; "
+                             f"allowed: {list(_CONFIG_KEYS)}")
+        for key in ("id", "codec", "shape"):
+            if key not in spec:
+                raise ValueError(f"round key '{key}' is required")
+        return cls.build(spec["id"], spec["codec"], spec.get("params", {}),
+                         spec.get("round_seed", 0), spec["shape"], spec.get("cohort", ()),
+                         spec.get("expected", 0), spec.get("quorum", 0),
+                         float(spec.get("deadline_s", 0.0)))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> RoundConfig:
+        return cls(**{**data, "shape": tuple(data["shape"]), "cohort": tuple(data["cohort"])})
+
+
+@dataclass(frozen=True)
+class PushRecord:
+    weight: float
+    nbytes: int
+    sha256: str
+
+
+@dataclass
+class Round:
+    """A round's mutable state; every field below `config` is guarded by `lock`."""
+
+    config: RoundConfig
+    state: str = "open"  # "open" or "closed"
+    close_reason: str = ""
+    pushes: dict[int, PushRecord] = field(default_factory=dict)
+    running_sum: torch.Tensor | None = None  # float64, flat; None once closed
+    total_weight: float = 0.0
+    bytes_received: int = 0
+    decode_seconds: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def round_id(self) -> str:
+        return self.config.round_id
+
+
+class RoundBook:
+    """All rounds of one server; rebuilds open rounds' running sums from the log on start."""
+
+    def __init__(self, store: Store, device: torch.device | str | None = None):
+        self.store = store
+        self.device = device
+        self._rounds: dict[str, Round] = {}
+        self._lock = threading.Lock()
+        for logged in store.rounds():
+            rnd = Round(RoundConfig.from_json(logged.config), logged.state, logged.close_reason)
+            for push in store.pushes(rnd.round_id, with_payload=logged.state == "open"):
+                rnd.pushes[push.client_id] = PushRecord(push.weight, len(push.payload),
+                                                        push.sha256)
+                rnd.total_weight += push.weight
+                if logged.state == "open":
+                    enc = fq.Encoded.from_bytes(push.payload)
+                    self._add(rnd, self.decode(rnd, enc, push.weight))
+                    rnd.bytes_received += len(push.payload)
+            if rnd.state == "closed":
+                rnd.closed.set()
+            self._rounds[rnd.round_id] = rnd
+            log.info("round_restored", extra={"fields": {
+                "round": rnd.round_id, "state": rnd.state, "pushes": len(rnd.pushes)}})
+
+    # ---- lookup and opening ------------------------------------------------------------
+    def get(self, round_id: str) -> Round:
+        with self._lock:
+            rnd = self._rounds.get(round_id)
+        if rnd is None:
+            raise AggregationError("NOT_FOUND", f"round {round_id!r} does not exist")
+        return rnd
+
+    def round_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._rounds)
+
+    def open_rounds(self) -> list[Round]:
+        with self._lock:
+            return [r for r in self._rounds.values() if r.state == "open"]
+
+    def open(self, config: RoundConfig) -> Round:
+        with self._lock:
+            if config.round_id in self._rounds:
+                raise AggregationError("ALREADY_EXISTS",
+                                       f"round {config.round_id!r} already exists")
+            try:
+                self.store.add_round(config.round_id, config.to_json())
+            except sqlite3.IntegrityError:
+                raise AggregationError("ALREADY_EXISTS",
+                                       f"round {config.round_id!r} already exists") from None
+            rnd = Round(config)
+            self._rounds[config.round_id] = rnd
+        log.info("round_opened", extra={"fields": {
+            "round": config.round_id, "codec": config.codec, "params": config.params,
+            "shape": list(config.shape), "quorum": config.quorum,
+            "deadline_unix": config.deadline_unix}})
+        return rnd
+
+    # ---- pushes ------------------------------------------------------------------------
+    def check_push(self, rnd: Round, client_id: int) -> None:
+        """Reject a push early (before receiving its bytes) when it cannot be accepted."""
+        cfg = rnd.config
+        if cfg.cohort and client_id not in cfg.cohort:
+            raise AggregationError("FAILED_PRECONDITION", f"client {client_id} is not in the "
+                                   f"cohort of round {cfg.round_id!r}")
+        with rnd.lock:
+            self._check_open_and_new(rnd, client_id)
+
+    def _check_open_and_new(self, rnd: Round, client_id: int) -> None:
+        if client_id in rnd.pushes:
+            digest = rnd.pushes[client_id].sha256
+            raise AggregationError("ALREADY_EXISTS", f"client {client_id} already pushed to "
+                                   f"round {rnd.round_id!r} (sha256 {digest})", digest)
+        if rnd.state != "open":
+            raise AggregationError("FAILED_PRECONDITION", f"round {rnd.round_id!r} is closed "
+                                   f"({rnd.close_reason})")
+
+    def check_payload(self, rnd: Round, client_id: int, enc: fq.Encoded) -> None:
+        """FAILED_PRECONDITION unless the payload is what the round expects."""
+        cfg = rnd.config
+        if enc.codec != cfg.codec or enc.params != cfg.params:
+            raise AggregationError("FAILED_PRECONDITION", f"payload codec {enc.codec}"
+                                   f"{enc.params} does not match round {cfg.round_id!r}'s "
+                                   f"{cfg.codec}{cfg.params}")
+        if tuple(enc.shape) != cfg.shape:
+            raise AggregationError("FAILED_PRECONDITION", f"payload shape {list(enc.shape)} "
+                                   f"does not match round {cfg.round_id!r}'s {list(cfg.shape)}")
+        expected_seed = fq.random.derive_seed(cfg.round_seed, client_id)
+        if enc.seed != expected_seed:
+            raise AggregationError("FAILED_PRECONDITION", f"payload seed {enc.seed} is not "
+                                   f"derive_seed(round_seed, {client_id}) = {expected_seed}")
+
+    def decode(self, rnd: Round, enc: fq.Encoded, weight: float) -> torch.Tensor:
+        """weight * decode(enc), flat float64, by the codec's fast path."""
+        codec = fq.codecs.codec_for(enc)
+        part = codec.decode_sum([enc], [weight], self.device)
+        return part.reshape(-1)[: rnd.config.numel].to(torch.float64)
+
+    def accept(self, rnd: Round, client_id: int, weight: float, payload: bytes, digest: str,
+               contribution: torch.Tensor, decode_seconds: float) -> tuple[int, str]:
+        """Durably log the push, then add it to the running sum; returns (pushes, state)."""
+        with rnd.lock:
+            self._check_open_and_new(rnd, client_id)
+            # Log first: the push is acknowledged only once it is durable.
+            self.store.record_push(rnd.round_id, client_id, weight, digest, payload,
+                                   len(rnd.pushes))
+            rnd.pushes[client_id] = PushRecord(weight, len(payload), digest)
+            self._add(rnd, contribution)
+            rnd.total_weight += weight
+            rnd.bytes_received += len(payload)
+            rnd.decode_seconds += decode_seconds
+            if rnd.config.quorum and len(rnd.pushes) >= rnd.config.quorum:
+                self._close_locked(rnd, "quorum")
+            return len(rnd.pushes), rnd.state
+
+    @staticmethod
+    def _add(rnd: Round, contribution: torch.Tensor) -> None:
+        if rnd.running_sum is None:
+            rnd.running_sum = contribution.clone()
+        else:
+            rnd.running_sum.add_(contribution)
+
+    # ---- closing -----------------------------------------------------------------------
+    def close(self, rnd: Round, reason: str) -> None:
+        with rnd.lock:
+            if rnd.state == "open":
+                self._close_locked(rnd, reason)
+
+    def close_expired(self, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        for rnd in self.open_rounds():
+            if rnd.config.deadline_unix and now >= rnd.config.deadline_unix:
+                self.close(rnd, "deadline")
+
+    def _close_locked(self, rnd: Round, reason: str) -> None:
+        mean = None
+        if rnd.running_sum is not None and rnd.total_weight > 0:
+            mean = (rnd.running_sum / rnd.total_weight).to(torch.float32)
+            mean = mean.cpu().numpy().astype("<f4").tobytes()
+        self.store.close_round(rnd.round_id, reason, mean)
+        rnd.state, rnd.close_reason, rnd.running_sum = "closed", reason, None
+        rnd.closed.set()
+        log.info("round_closed", extra={"fields": {
+            "round": rnd.round_id, "reason": reason, "pushes": len(rnd.pushes),
+            "bytes": rnd.bytes_received, "total_weight": rnd.total_weight,
+            "decode_seconds": round(rnd.decode_seconds, 6)}})
+
+    def mean(self, rnd: Round) -> torch.Tensor | None:
+        """The closed round's float32 mean (flat), or None if it closed with no pushes."""
+        blob = self.store.mean(rnd.round_id)
+        if blob is None:
+            return None
+        return torch.frombuffer(bytearray(blob), dtype=torch.float32)

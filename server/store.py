@@ -1,0 +1,140 @@
+"""The durable log of rounds and pushes: SQLite in WAL mode with ``synchronous=FULL``.
+
+A push is acknowledged only after :meth:`Store.record_push` has committed it: in WAL mode
+with ``synchronous=FULL`` the commit returns after the write-ahead log is fsynced, so an
+acknowledged push survives ``kill -9`` (and a power cut). The payload itself is logged, so
+on restart the server rebuilds every open round's running sum by decoding the logged
+pushes; the primary key (round_id, client_id) makes it impossible to count a push twice.
+Closing a round stores its float32 mean, so a closed round needs no re-decoding.
+
+One connection is shared by the server's threads under a lock; SQLite serializes writers
+anyway, and every write is a single short transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id TEXT PRIMARY KEY,
+    config TEXT NOT NULL,          -- JSON of RoundConfig
+    state TEXT NOT NULL,           -- 'open' or 'closed'
+    close_reason TEXT NOT NULL DEFAULT '',
+    mean BLOB                      -- little-endian float32, once closed with pushes
+);
+CREATE TABLE IF NOT EXISTS pushes (
+    round_id TEXT NOT NULL,
+    client_id TEXT NOT NULL,       -- decimal uint64 (SQLite integers are signed)
+    weight REAL NOT NULL,
+    sha256 TEXT NOT NULL,
+    payload BLOB NOT NULL,         -- the serialized EncodedUpdate, exactly as received
+    seq INTEGER NOT NULL,          -- arrival order within the round
+    PRIMARY KEY (round_id, client_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class LoggedPush:
+    """One push as recorded in the log."""
+
+    client_id: int
+    weight: float
+    sha256: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class LoggedRound:
+    """One round as recorded in the log (its config is the JSON the rounds module wrote)."""
+
+    round_id: str
+    config: dict
+    state: str
+    close_reason: str
+
+
+class Store:
+    """The SQLite log under ``data_dir/fedquant.sqlite3``."""
+
+    __slots__ = ("path", "_db", "_lock")
+
+    def __init__(self, data_dir: str | pathlib.Path):
+        data_dir = pathlib.Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = data_dir / "fedquant.sqlite3"
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one short transaction each.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode.lower() != "wal":
+            raise RuntimeError(f"{self.path}: could not enable WAL mode (got {mode!r})")
+        # FULL: every commit fsyncs the WAL before returning, so an ack implies durability.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _write(self, sql: str, args: tuple) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---- writes (each one a durable transaction) -------------------------------------
+    def add_round(self, round_id: str, config: dict) -> None:
+        """Record a new open round; sqlite3.IntegrityError if the id exists."""
+        self._write("INSERT INTO rounds (round_id, config, state) VALUES (?, ?, 'open')",
+                    (round_id, json.dumps(config, sort_keys=True)))
+
+    def record_push(self, round_id: str, client_id: int, weight: float, sha256: str,
+                    payload: bytes, seq: int) -> None:
+        """Durably log one push; sqlite3.IntegrityError if the client already pushed."""
+        self._write("INSERT INTO pushes (round_id, client_id, weight, sha256, payload, seq) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (round_id, str(client_id), weight, sha256, payload, seq))
+
+    def close_round(self, round_id: str, reason: str, mean: bytes | None) -> None:
+        """Mark a round closed and store its mean (float32 bytes, None if no pushes)."""
+        self._write("UPDATE rounds SET state = 'closed', close_reason = ?, mean = ? "
+                    "WHERE round_id = ?", (reason, mean, round_id))
+
+    # ---- reads -------------------------------------------------------------------------
+    def rounds(self) -> list[LoggedRound]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT round_id, config, state, close_reason FROM rounds").fetchall()
+        return [LoggedRound(r, json.loads(c), s, why) for r, c, s, why in rows]
+
+    def pushes(self, round_id: str, with_payload: bool = True) -> Iterator[LoggedPush]:
+        """The round's pushes in arrival order (payloads read one at a time)."""
+        with self._lock:
+            keys = self._db.execute(
+                "SELECT client_id, weight, sha256 FROM pushes WHERE round_id = ? ORDER BY seq",
+                (round_id,)).fetchall()
+        for client_id, weight, sha256 in keys:
+            payload = b""
+            if with_payload:
+                with self._lock:
+                    payload = self._db.execute(
+                        "SELECT payload FROM pushes WHERE round_id = ? AND client_id = ?",
+                        (round_id, client_id)).fetchone()[0]
+            yield LoggedPush(int(client_id), weight, sha256, payload)
+
+    def mean(self, round_id: str) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT mean FROM rounds WHERE round_id = ?",
+                                   (round_id,)).fetchone()
+        return None if row is None else row[0]
