@@ -1,0 +1,351 @@
+"""QUIC-FL: bounded-support stochastic quantization with shared randomness.
+
+Seed 003 section 5 (and Ben-Basat et al., "Accelerating federated learning with quick
+distributed mean estimation", ICML 2024). The client rotates x with composed RHTs (two by
+default: seed 003 Theorem 4 makes the outlier fraction match the Gaussian p), and scales
+each power-of-two slice to t = z * sqrt(n) / ||x||, near N(0, 1). Then:
+
+* bounded support: coordinates with |t| > T_p, where 2 (1 - Phi(T_p)) = p (T = 3.0973 for
+  the default p = 2^-9), are sent exactly, as (position, float32 rotated value); positions
+  go as varint-coded sorted gaps or as a bitmap, whichever is shorter for this message;
+* the rest are stochastically quantized to one of 2^b messages X with a private index h of
+  l bits per coordinate, which the receiver regenerates from the client's seed: t is first
+  rounded stochastically to a fine grid, then X is drawn from the solved sender table
+  P(X | grid point, h). The receiver outputs R[X, h] * ||x|| / sqrt(n). The tables
+  minimize the variance for t ~ N(0, 1) on [-T, T] subject to unbiasedness averaged over
+  h; see ``fedquant/data/make_quicfl_tables.py`` for the exact LP sender and the
+  optimization over R (``quicfl_tables.npz``).
+
+All clients of a round share one rotation (codec parameter ``round_seed``, or
+``encode(..., round_seed=)``) while h and the rounding stay private to each client (keyed
+by the client seed), so ``decode_sum`` adds the clients' values in the rotated domain and
+inverts the rotation once: cost n * d + d log d instead of n * d log d.
+
+Example::
+
+    codec = fq.get_codec("quic-fl", bits=2, round_seed=round_seed)
+    enc = codec.encode(grad, seed=fq.random.derive_seed(round_seed, client_id))
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import pathlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedquant import random as fqr
+from fedquant.codecs.base import (
+    Codec,
+    check_input,
+    check_seed,
+    expect_scales,
+    expect_section,
+    register_codec,
+)
+from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout, unrotate
+from fedquant.wire import Encoded, Section, WireError
+
+_TABLES = pathlib.Path(__file__).resolve().parents[1] / "data" / "quicfl_tables.npz"
+DEFAULT_SHARED_BITS = {1: 6, 2: 5, 3: 4, 4: 4}
+SHIPPED_P = (2.0**-9,)
+MAX_VARINT_BYTES = 5  # 35 bits: every gap of a vector of at most 2^31 * 8 coordinates
+SECTIONS = ("q", "outlier_values", "outlier_gaps", "outlier_bitmap")
+
+
+@dataclass(frozen=True)
+class QuicTables:
+    """Solved tables for one (b, l, p): receiver R (2^b x 2^l, columns ascending), sender
+    lo / up (grid points x 2^l: send lo, or lo + 1 with probability up) on a uniform grid
+    of [-T, T], and the design vNMSE."""
+
+    receiver: torch.Tensor
+    lo: torch.Tensor
+    up: torch.Tensor
+    grid: torch.Tensor
+    threshold: float
+    vnmse: float
+
+    @property
+    def shared_levels(self) -> int:
+        return self.receiver.shape[1]
+
+    def to(self, device: torch.device | str | None) -> QuicTables:
+        return QuicTables(self.receiver.to(device), self.lo.to(device), self.up.to(device),
+                          self.grid.to(device), self.threshold, self.vnmse)
+
+    def grid_cell(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(i, frac): t = a_i + frac * (a_{i+1} - a_i), for t in [-T, T] (float64)."""
+        a0, delta = float(self.grid[0]), float(self.grid[1] - self.grid[0])
+        pos = (t - a0) / delta
+        i = pos.floor().clamp_(0, self.grid.numel() - 2)
+        return i.to(torch.int64), (pos - i).clamp_(0.0, 1.0)
+
+    def sample(self, t: torch.Tensor, h: torch.Tensor, u_grid: torch.Tensor,
+               u_msg: torch.Tensor) -> torch.Tensor:
+        """Messages X for scaled coordinates t in [-T, T], indices h and private uniforms:
+        round t to a grid point j (up with probability frac), then X = lo[j, h] + 1 with
+        probability up[j, h]."""
+        i, frac = self.grid_cell(t)
+        j = i + (u_grid < frac)
+        cell = j * self.shared_levels + h
+        return self.lo.reshape(-1)[cell] + (u_msg < self.up.reshape(-1)[cell])
+
+    def expected_value(self, t: torch.Tensor) -> torch.Tensor:
+        """E_h E_X R[X, h] for each t under :meth:`sample`'s rule (exact, no sampling)."""
+        cols = torch.arange(self.shared_levels, device=self.lo.device)
+        top = self.receiver.shape[0] - 1
+        r_lo = self.receiver[self.lo, cols]
+        r_hi = self.receiver[(self.lo + 1).clamp(max=top), cols]
+        at_grid = ((1 - self.up) * r_lo + self.up * r_hi).mean(dim=1)
+        i, frac = self.grid_cell(t)
+        return (1 - frac) * at_grid[i] + frac * at_grid[i + 1]
+
+
+@functools.cache
+def quic_tables(bits: int, shared_bits: int) -> QuicTables:
+    """The shipped tables for b bits and l shared bits (p = 2^-9), on the CPU."""
+    data = np.load(_TABLES)
+    key = f"b{bits}_l{shared_bits}"
+    if f"{key}_receiver" not in data:
+        raise ValueError(f"no QUIC-FL table for bits={bits}, shared_bits={shared_bits}")
+    return QuicTables(
+        receiver=torch.from_numpy(data[f"{key}_receiver"]),
+        lo=torch.from_numpy(data[f"{key}_lo"].astype(np.int64)),
+        up=torch.from_numpy(data[f"{key}_up"]),
+        grid=torch.from_numpy(data[f"{key}_grid"]),
+        threshold=float(data["threshold"]),
+        vnmse=float(data[f"{key}_vnmse"]),
+    )
+
+
+# ---- outlier positions: varint-coded sorted gaps, or a bitmap ----------------------------
+def _varints(values: np.ndarray) -> bytes:
+    """LEB128: 7 bits per byte, least significant first, high bit = more bytes follow."""
+    values = values.astype(np.uint64)
+    nbytes = np.ones(values.size, dtype=np.int64)
+    for k in range(1, MAX_VARINT_BYTES):
+        nbytes += values >= np.uint64(1 << (7 * k))
+    group = np.repeat(np.arange(values.size), nbytes)
+    starts = np.cumsum(nbytes) - nbytes
+    place = np.arange(group.size) - starts[group]
+    out = (values[group] >> (7 * place).astype(np.uint64)) & np.uint64(0x7F)
+    more = place < nbytes[group] - 1
+    return (out | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8).tobytes()
+
+
+def _parse_varints(data: bytes, field: str) -> np.ndarray:
+    """Inverse of :func:`_varints`; WireError on truncated, overlong or non-canonical codes."""
+    arr = np.frombuffer(data, dtype=np.uint8)
+    if arr.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.flatnonzero(arr < 0x80)
+    if ends.size == 0 or ends[-1] != arr.size - 1:
+        raise WireError(f"{field}: truncated varint at the end")
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > MAX_VARINT_BYTES:
+        raise WireError(f"{field}: varint longer than {MAX_VARINT_BYTES} bytes")
+    if np.any((lengths > 1) & (arr[ends] == 0)):
+        raise WireError(f"{field}: non-canonical varint (trailing zero byte)")
+    group = np.repeat(np.arange(ends.size), lengths)
+    place = np.arange(arr.size) - starts[group]
+    parts = (arr & 0x7F).astype(np.int64) << (7 * place)
+    return np.add.reduceat(parts, starts)
+
+
+def position_section(positions: torch.Tensor, n: int) -> Section:
+    """Sorted unique positions in [0, n) as the shorter of gaps and bitmap."""
+    pos = positions.cpu().numpy().astype(np.int64)
+    gaps = np.diff(pos, prepend=-1) - 1  # first gap is pos[0]; then pos[i] - pos[i-1] - 1
+    gap_bytes = _varints(gaps)
+    if len(gap_bytes) <= (n + 7) // 8:
+        return Section("outlier_gaps", 8, len(gap_bytes), gap_bytes)
+    mask = torch.zeros(n, dtype=torch.int64)
+    mask[positions.cpu()] = 1
+    return Section.from_ints("outlier_bitmap", mask, 1)
+
+
+def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
+    """Validated outlier positions (int64, sorted, unique, in [0, n)) of an encoding."""
+    has_gaps, has_bitmap = "outlier_gaps" in enc.sections, "outlier_bitmap" in enc.sections
+    if has_gaps == has_bitmap:
+        raise WireError("sections: need exactly one of 'outlier_gaps' and 'outlier_bitmap'")
+    if has_bitmap:
+        expect_section(enc, "outlier_bitmap", n, 1)
+        positions = torch.nonzero(enc.section("outlier_bitmap").ints()).reshape(-1)
+        if positions.numel() != count:
+            raise WireError(f"sections['outlier_bitmap']: {positions.numel()} bits set, "
+                            f"expected {count} (the outlier value count)")
+        return positions
+    section = enc.section("outlier_gaps")
+    if section.bits != 8:
+        raise WireError(f"sections['outlier_gaps'].bits: expected 8, got {section.bits}")
+    gaps = _parse_varints(section.data, "sections['outlier_gaps']")
+    if gaps.size != count:
+        raise WireError(f"sections['outlier_gaps']: {gaps.size} gaps, expected {count} "
+                        "(the outlier value count)")
+    if gaps.size and int(gaps.max()) >= n:
+        raise WireError(f"sections['outlier_gaps']: gap {int(gaps.max())} exceeds the "
+                        f"rotated length {n}")
+    positions = np.cumsum(gaps + 1) - 1
+    if positions.size and positions[-1] >= n:
+        raise WireError(f"sections['outlier_gaps']: position {int(positions[-1])} is outside "
+                        f"[0, {n})")
+    return torch.from_numpy(positions)
+
+
+def _slice_scales(scales: Sequence[float], d: int, device) -> torch.Tensor:
+    """Per-coordinate scale ||x_slice|| / sqrt(n_slice) over the padded rotated vector."""
+    layout = slice_layout(d)
+    sizes = torch.tensor([s.size for s in layout], device=device)
+    return torch.repeat_interleave(torch.tensor(scales, dtype=torch.float64, device=device),
+                                   sizes)
+
+
+@register_codec
+class QuicFL(Codec):
+    """QUIC-FL (seed 003 section 5): bounded support + shared-randomness quantization.
+
+    Args:
+        bits (int, default 2): message bits per coordinate, 1..4.
+        shared_bits (int, default -1): bits l of the private index h; -1 = 6/5/4/4 for
+            b = 1..4; 0 = no shared randomness (plain unbiased stochastic quantization).
+        p (float, default 2^-9): bounded-support tail mass (T = 3.0973); tables ship for 2^-9.
+        rotations (int | str, default "2"): composed RHTs, 0..3 or "auto" (scalar check).
+        round_seed (int, default -1): seed of the rotation shared by a round's clients;
+            -1 rotates with each client's own seed (no rotated-domain sum then).
+    """
+
+    name = "quic-fl"
+    unbiased = True
+
+    def __init__(self, bits: int = 2, shared_bits: int = -1, p: float = 2.0**-9,
+                 rotations: str = "2", round_seed: int = -1):
+        if not isinstance(bits, int) or bits not in DEFAULT_SHARED_BITS:
+            raise ValueError(f"bits must be 1, 2, 3 or 4, got {bits!r}")
+        if shared_bits == -1:
+            shared_bits = DEFAULT_SHARED_BITS[bits]
+        if not isinstance(shared_bits, int) or not 0 <= shared_bits <= DEFAULT_SHARED_BITS[bits]:
+            raise ValueError(f"shared_bits must be -1 or an integer in "
+                             f"0..{DEFAULT_SHARED_BITS[bits]} for bits={bits}, got {shared_bits!r}")
+        if not any(math.isclose(float(p), q, rel_tol=1e-12) for q in SHIPPED_P):
+            raise ValueError(f"p must be one of {list(SHIPPED_P)} (tables are shipped for "
+                             f"these), got {p!r}")
+        if not isinstance(round_seed, int) or not -1 <= round_seed < 2**64:
+            raise ValueError(f"round_seed must be -1 or an int in [0, 2^64), got {round_seed!r}")
+        resolve_rotations(rotations, torch.ones(1))  # validate early
+        self.bits, self.shared_bits, self.p = bits, shared_bits, float(p)
+        self.rotations, self.round_seed = str(rotations), round_seed
+
+    @property
+    def tables(self) -> QuicTables:
+        return quic_tables(self.bits, self.shared_bits)
+
+    def rotation_seed(self, client_seed: int) -> int:
+        return client_seed if self.round_seed < 0 else self.round_seed
+
+    # ---- encode ------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor, seed: int = 0, round_seed: int | None = None) -> Encoded:
+        """Encode x with the client seed `seed`; `round_seed` overrides the parameter."""
+        if round_seed is not None and round_seed != self.round_seed:
+            return QuicFL(**{**self.params(), "round_seed": round_seed}).encode(x, seed)
+        flat = check_input(x)
+        seed = check_seed(seed)
+        k = resolve_rotations(self.rotations, flat, "scalar")
+        z = rotate(flat, self.rotation_seed(seed), k)
+        n, device = z.numel(), z.device
+        tables = self.tables.to(device)
+        scales = [float(torch.linalg.vector_norm(z[s.offset: s.offset + s.size]
+                                                 .to(torch.float64))) / math.sqrt(s.size)
+                  for s in slice_layout(flat.numel())]
+        scale = _slice_scales(scales, flat.numel(), device)
+        t = z.to(torch.float64) / scale.clamp(min=1e-300)  # all-zero slice: t = 0
+        outlier = t.abs() > tables.threshold
+        positions = torch.nonzero(outlier).reshape(-1)
+        inlier = ~outlier
+        h = fqr.integers(seed, fqr.Purpose.SHARED_INDEX, n, tables.shared_levels, device)
+        u = fqr.uniforms64(seed, fqr.Purpose.PRIVATE, 2 * n, device)
+        messages = tables.sample(t[inlier], h[inlier], u[:n][inlier], u[n:][inlier])
+        sections = {
+            "q": Section.from_ints("q", messages, self.bits),
+            "outlier_values": Section.from_raw("outlier_values", z[positions].float()),
+        }
+        where = position_section(positions, n)
+        sections[where.name] = where
+        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales), sections=sections)
+
+    # ---- wire checks ---------------------------------------------------------------------
+    def validate(self, enc: Encoded) -> None:
+        if enc.rotations > 3:
+            raise WireError(f"rotations: must be 0..3, got {enc.rotations}")
+        extra = set(enc.sections) - set(SECTIONS)
+        if extra:
+            raise WireError(f"sections: unexpected {sorted(extra)}; allowed: {list(SECTIONS)}")
+        n = padded_size(enc.numel)
+        expect_scales(enc, len(slice_layout(enc.numel)))
+        if any(s < 0 for s in enc.scales):
+            raise WireError("scales: a slice scale (norm / sqrt(size)) is negative")
+        values = enc.section("outlier_values")
+        if values.bits != 32:
+            raise WireError(f"sections['outlier_values'].bits: expected 32, got {values.bits}")
+        if values.count > n:
+            raise WireError(f"sections['outlier_values'].count: {values.count} exceeds the "
+                            f"rotated length {n}")
+        if not bool(torch.isfinite(values.raw("float")).all()):
+            raise WireError("sections['outlier_values']: NaN or Inf value")
+        outlier_positions(enc, n, values.count)
+        expect_section(enc, "q", n - values.count, self.bits)
+
+    def stats(self, enc: Encoded) -> dict[str, float]:
+        n = padded_size(enc.numel)
+        return {"outlier_fraction": enc.section("outlier_values").count / max(n, 1)}
+
+    # ---- decode ------------------------------------------------------------------------
+    def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
+        """The client's estimate in the rotated domain (before the inverse RHTs), float64."""
+        n = padded_size(enc.numel)
+        tables = self.tables.to(device)
+        values = enc.section("outlier_values").raw("float", device).to(torch.float64)
+        positions = outlier_positions(enc, n, values.numel()).to(device)
+        inlier = torch.ones(n, dtype=torch.bool, device=device)
+        inlier[positions] = False
+        h = fqr.integers(enc.seed, fqr.Purpose.SHARED_INDEX, n, tables.shared_levels,
+                         device)[inlier]
+        messages = enc.section("q").ints(device)
+        out = torch.zeros(n, dtype=torch.float64, device=device)
+        scale = _slice_scales(enc.scales, enc.numel, device)
+        out[inlier] = tables.receiver[messages, h] * scale[inlier]
+        out[positions] = values
+        return out
+
+    def decode(self, enc: Encoded, device=None) -> torch.Tensor:
+        z = self.decode_rotated(enc, device).to(torch.float32)
+        return unrotate(z, self.rotation_seed(enc.seed), enc.rotations, enc.numel)
+
+    def decode_sum(self, encs: Sequence[Encoded], weights: Sequence[float],
+                   device=None) -> torch.Tensor:
+        """sum_i w_i decode(enc_i): one inverse rotation when all share the rotation."""
+        encs = list(encs)
+        rotation_keys = {(codec_rotation_seed(e), e.rotations) for e in encs}
+        if len(rotation_keys) != 1:
+            return super().decode_sum(encs, weights, device)
+        total = None
+        for enc, w in zip(encs, weights, strict=True):
+            part = self.decode_rotated(enc, device).mul_(w)
+            total = part if total is None else total.add_(part)
+        (rot_seed, k), = rotation_keys
+        return unrotate(total.to(torch.float32), rot_seed, k, encs[0].numel)
+
+
+def codec_rotation_seed(enc: Encoded) -> int:
+    """The seed of the RHTs an encoding was rotated with (its round seed, else its seed)."""
+    round_seed = int(enc.params.get("round_seed", "-1"))
+    return enc.seed if round_seed < 0 else round_seed
+
+
+__all__ = ["QuicFL", "QuicTables", "quic_tables", "codec_rotation_seed"]
