@@ -6,6 +6,7 @@ from fedquant.codecs import (
     eden,  # noqa: F401
     identity,  # noqa: F401
     lplr,  # noqa: F401
+    quicfl,  # noqa: F401
     stochastic,  # noqa: F401
 )
 from fedquant.codecs.base import (
