@@ -1,0 +1,117 @@
+"""The numba and torch RHT kernels: same numbers, exact inverse, orthogonal, same signs."""
+
+import math
+
+import pytest
+import torch
+
+from fedquant import hadamard, hadamard_numba
+from fedquant import random as fqr
+
+SIZES = [1, 2, 4, 8, 16, 2**11, 2**12, 2**13, 2**14, 2**16]
+PLACES = [(0, 0), (1, 4096), (2, 12345)]  # (layer, offset) pairs
+
+
+def _x(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, generator=torch.Generator().manual_seed(seed + n))
+
+
+def test_numba_is_available_and_used_on_cpu():
+    assert hadamard_numba.AVAILABLE
+    assert hadamard._use_numba(torch.zeros(8))
+    assert not hadamard._use_numba(torch.zeros(8, dtype=torch.float64))
+
+
+def test_auto_backend_on_cpu_runs_the_numba_kernel(monkeypatch):
+    # Replace the torch kernel by a failure: the auto path on a float32 CPU tensor must not
+    # reach it (the numba path never calls fwht_torch).
+    def fail(_):
+        raise AssertionError("torch kernel used for a float32 CPU tensor")
+
+    monkeypatch.setattr(hadamard, "fwht_torch", fail)
+    x = _x(2**12)
+    hadamard.rht(x, 3, 0)
+    hadamard.inverse_rht(x, 3, 0)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("layer, offset", PLACES)
+def test_numba_matches_torch(n, layer, offset):
+    x = _x(n)
+    want = hadamard.rht(x, 77, layer, offset, backend="torch")
+    got = hadamard_numba.rht(x, 77, layer, offset)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    want_inv = hadamard.inverse_rht(x, 77, layer, offset, backend="torch")
+    got_inv = hadamard_numba.inverse_rht(x, 77, layer, offset)
+    torch.testing.assert_close(got_inv, want_inv, atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2**12, 2**15, 2**18])
+def test_parallel_kernel_matches_serial(n):
+    x = _x(n)
+    torch.testing.assert_close(hadamard_numba.rht(x, 5, 1, 64, parallel=True),
+                               hadamard_numba.rht(x, 5, 1, 64), atol=0, rtol=0)
+    torch.testing.assert_close(hadamard_numba.inverse_rht(x, 5, 1, 64, parallel=True),
+                               hadamard_numba.inverse_rht(x, 5, 1, 64), atol=0, rtol=0)
+
+
+def test_two_pass_sizes_match_torch():
+    # the two-pass schedule with 32 and 64 rows (narrower column groups than 2^13..2^16)
+    for n in (2**17, 2**18):
+        x = _x(n)
+        torch.testing.assert_close(hadamard_numba.rht(x, 9, 2, 2**20),
+                                   hadamard.rht(x, 9, 2, 2**20, backend="torch"),
+                                   atol=3e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 8, 2**12, 2**16])
+def test_exact_inverse_and_norm_preserved(n):
+    x = _x(n, seed=1)
+    y = hadamard_numba.rht(x, 11, 0, 32)
+    assert math.isclose(float(y.norm()), float(x.norm()), rel_tol=1e-5)
+    torch.testing.assert_close(hadamard_numba.inverse_rht(y, 11, 0, 32), x,
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_rows_are_orthonormal():
+    # RHT as a matrix: columns are the images of the basis vectors; M^T M = I.
+    n = 64
+    m = torch.stack([hadamard_numba.rht(e, 4, 1, 0) for e in torch.eye(n)], dim=1)
+    torch.testing.assert_close(m.T @ m, torch.eye(n), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer, offset", PLACES + [(3, 2**39 - 8)])
+def test_signs_are_those_of_fedquant_random(layer, offset):
+    # rht(e_i)[0] * sqrt(n) = H[0, i] * sign_i = sign_i (the first row of H is all ones)
+    n = 16
+    got = torch.stack([hadamard_numba.rht(e, 21, layer, offset)[0] * math.sqrt(n)
+                       for e in torch.eye(n)])
+    want = fqr.signs(21, fqr.Purpose.ROTATION, n,
+                     start=hadamard.sign_index_start(layer, offset))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_large_counter_indices_use_uint64():
+    # an index near 2^63 must hash like the reference Python-int definition
+    offset, n = (1 << 62) + 5, 8
+    got = torch.stack([hadamard_numba.rht(e, 2, 0, offset)[0] * math.sqrt(n)
+                       for e in torch.eye(n)])
+    ref = [1 - 2 * (fqr.hash64(2, fqr.Purpose.ROTATION, offset + i) >> 63) for i in range(n)]
+    torch.testing.assert_close(got, torch.tensor(ref, dtype=torch.float32), atol=1e-6, rtol=0)
+
+
+def test_input_is_not_modified_and_views_work():
+    base = _x(2**13)
+    x = base[2**12:]  # a contiguous view with a storage offset
+    before = x.clone()
+    y = hadamard_numba.rht(x, 1, 0)
+    torch.testing.assert_close(x, before, atol=0, rtol=0)
+    torch.testing.assert_close(y, hadamard.rht(before, 1, 0, backend="torch"),
+                               atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(12), torch.zeros(0), torch.zeros(4, 4),
+                                 torch.zeros(8, dtype=torch.float64)])
+def test_bad_input_is_rejected(bad):
+    with pytest.raises(ValueError):
+        hadamard_numba.rht(bad, 1, 0)
