@@ -14,7 +14,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,18 @@ def make_mlp(hidden: Sequence[int] = (64,), seed: int = 0) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread (restored afterwards): these tiny matrices gain nothing from
+    more, a busy machine loses a lot, and the float reduction order stays machine-independent."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for _ in range(steps):
@@ -67,11 +80,12 @@ def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: flo
         opt.step()
 
 
-def train_mlp(data: DigitsData, hidden: Sequence[int] = (64,), steps: int = 300,
-              lr: float = 0.01, seed: int = 0) -> nn.Sequential:
-    """Full-batch Adam on the training split (about a second on a CPU)."""
+def train_mlp(data: DigitsData, hidden: Sequence[int] = (64,), steps: int = 100,
+              lr: float = 0.02, seed: int = 0) -> nn.Sequential:
+    """Full-batch Adam on the training split (under a second on a CPU; ~97% test accuracy)."""
     model = make_mlp(hidden, seed)
-    _fit(model, data.x_train, data.y_train, steps, lr)
+    with one_thread():
+        _fit(model, data.x_train, data.y_train, steps, lr)
     return model.eval()
 
 
@@ -105,18 +119,19 @@ def train_fedavg(data: DigitsData, encoder: UpdateEncoder, rounds: int = 20,
     model = make_mlp(hidden, seed)
     shards = torch.arange(len(data.y_train)).chunk(clients)
     history, sent = [], 0
-    for r in range(rounds):
-        glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        total = {k: torch.zeros_like(v) for k, v in glob.items()}
-        for c, idx in enumerate(shards):
-            model.load_state_dict(glob)
-            _fit(model, data.x_train[idx], data.y_train[idx], local_steps, lr)
-            update = {k: v.detach() - glob[k] for k, v in model.state_dict().items()}
-            encs = encoder(update, fq.random.derive_seed(seed + r, c))
-            sent += sum(len(e.to_bytes()) for e in encs.values())
-            for k, e in encs.items():
-                total[k] += fq.decode(e) * (len(idx) / len(data.y_train))
-        model.load_state_dict({k: glob[k] + total[k] for k in glob})
-        history.append(RoundResult(r + 1, accuracy(model.eval(), data.x_test, data.y_test),
-                                   sent))
+    with one_thread():
+        for r in range(rounds):
+            glob = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            total = {k: torch.zeros_like(v) for k, v in glob.items()}
+            for c, idx in enumerate(shards):
+                model.load_state_dict(glob)
+                _fit(model, data.x_train[idx], data.y_train[idx], local_steps, lr)
+                update = {k: v.detach() - glob[k] for k, v in model.state_dict().items()}
+                encs = encoder(update, fq.random.derive_seed(seed + r, c))
+                sent += sum(len(e.to_bytes()) for e in encs.values())
+                for k, e in encs.items():
+                    total[k] += fq.decode(e) * (len(idx) / len(data.y_train))
+            model.load_state_dict({k: glob[k] + total[k] for k in glob})
+            acc = accuracy(model.eval(), data.x_test, data.y_test)
+            history.append(RoundResult(r + 1, acc, sent))
     return model.eval(), history

@@ -1,0 +1,121 @@
+"""SPFQ / GPFQ / MSQ post-training quantization (seed 004) on the digits MLP."""
+
+import pytest
+import torch
+from torch import nn
+
+from fedquant.packing import packed_len
+from fedquant.ptq import (
+    Alphabet,
+    align_approximate,
+    align_perfect,
+    alphabet_for,
+    layer_output_errors,
+    path_following,
+    quantize_model,
+    quantize_path,
+)
+from fedquant.random import Purpose, uniforms64
+from simulations.digits_mlp import accuracy, load_digits_data, train_mlp
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits_data(seed=0)
+    return data, train_mlp(data, hidden=(64,), seed=0)
+
+
+def _rel(a, b):
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(a))
+
+
+def _second_layer_inputs(model, x, bits=3):
+    """Layer-2 inputs of the original network and of one whose first layer is MSQ-rounded."""
+    q_model, _ = quantize_model(model, x, bits, "msq")
+    with torch.no_grad():
+        x1, xq1 = model[1](model[0](x)), q_model[1](q_model[0](x))
+    w = model[2].weight.detach().T.double()
+    return x1.double(), xq1.double(), w
+
+
+def test_spfq_weights_lie_in_the_alphabet_and_size_is_packed_bytes(digits):
+    data, model = digits
+    bits, c = 3, 1.0
+    q_model, size = quantize_model(model, data.x_train[:128], bits, "spfq", c=c)
+    expected = 0
+    for layer, q_layer in zip(model, q_model, strict=True):
+        if not isinstance(layer, nn.Linear):
+            continue
+        w = torch.cat([layer.weight.T, layer.bias[None]]).detach().double()
+        alphabet = alphabet_for(w, bits, c)  # eq (86)
+        q = torch.cat([q_layer.weight.T, q_layer.bias[None]]).detach().double()
+        k = q / alphabet.step
+        assert torch.allclose(k, torch.round(k), atol=1e-4)
+        assert int(k.abs().max().round()) <= alphabet.levels == 2 ** (bits - 1) - 1
+        expected += packed_len(w.numel(), bits) + 8
+    assert size == expected
+    assert len(torch.unique(q_model[0].weight)) > 2  # it did not collapse to zero
+
+
+def test_spfq_output_error_lower_than_msq_at_4_bits(digits):
+    data, model = digits
+    calib, test_x = data.x_train[:256], data.x_test
+    errs = {}
+    for method in ("msq", "gpfq", "spfq"):
+        q_model, _ = quantize_model(model, calib, 4, method, c=1.0)
+        errs[method] = layer_output_errors(model, q_model, test_x)
+    assert errs["spfq"][-1] < errs["msq"][-1], errs
+    assert errs["gpfq"][-1] < errs["msq"][-1], errs
+    q_model, _ = quantize_model(model, calib, 4, "spfq", c=1.0)
+    base = accuracy(model, data.x_test, data.y_test)
+    assert accuracy(q_model, data.x_test, data.y_test) > base - 0.05
+
+
+def test_perfect_alignment_error_is_near_zero_and_approximate_decays_with_order(digits):
+    data, model = digits
+    x, x_q, w = _second_layer_inputs(model, data.x_train[:40])  # m = 40 < N_1 = 64
+    target = x @ w
+    w_perfect = align_perfect(x, x_q, w)
+    assert _rel(target, x_q @ w_perfect) < 1e-6
+    errs = [_rel(target, x_q @ align_approximate(x, x_q, w, order=r)) for r in (1, 2, 4)]
+    assert errs[0] > errs[1] > errs[2] > 0, errs
+    # eq (18) minimizes the infinity norm among exact solutions: no larger than least squares'
+    w_ls = torch.linalg.pinv(x_q) @ target  # the minimum l2-norm exact solution
+    assert float(w_perfect.abs().amax(0).max()) <= float(w_ls.abs().amax(0).max()) + 1e-6
+
+
+def test_two_phase_spfq_equals_basic_path_following(digits):
+    # Prop. 2.1: order-1 alignment (13) followed by phase II (15) is exactly iteration (11)
+    data, model = digits
+    x, x_q, w = _second_layer_inputs(model, data.x_train[:100])
+    alphabet = alphabet_for(w, 4)
+    u = uniforms64(5, Purpose.PRIVATE, w.numel()).reshape(w.shape)
+    two_phase = quantize_path(x_q, align_approximate(x, x_q, w, 1), alphabet, u)
+    direct = path_following(x, x_q, w, alphabet, u)
+    assert float((two_phase == direct).double().mean()) > 0.99
+
+
+def test_stochastic_quantizer_is_unbiased_inside_the_alphabet():
+    alphabet = Alphabet(step=0.5, levels=3)
+    z = torch.tensor([-1.3, -0.2, 0.0, 0.37, 1.1], dtype=torch.float64)
+    n = 4000
+    u = uniforms64(1, Purpose.PRIVATE, n * z.numel()).reshape(n, -1)
+    draws = alphabet.stochastic(z.expand(n, -1), u) * alphabet.step
+    assert float((draws.mean(0) - z).abs().max()) < 4 * 0.25 / n**0.5
+    big = alphabet.stochastic(torch.tensor([10.0, -10.0]), torch.tensor([0.5, 0.5]))
+    assert big.tolist() == [3.0, -3.0]  # saturates at +-K
+
+
+def test_bad_arguments_are_rejected(digits):
+    data, model = digits
+    x = data.x_train[:16]
+    with pytest.raises(ValueError, match="bits"):
+        quantize_model(model, x, 1)
+    with pytest.raises(ValueError, match="method"):
+        quantize_model(model, x, 4, method="rtn")
+    with pytest.raises(ValueError, match="alignment"):
+        quantize_model(model, x, 4, alignment="exact")
+    with pytest.raises(ValueError, match="order"):
+        quantize_model(model, x, 4, order=0)
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        quantize_model(nn.Linear(64, 10), x, 4)
