@@ -1,9 +1,10 @@
 """A small MLP on scikit-learn's bundled digits (8 x 8 images, 10 classes), trained quickly.
 
-Shared by ``fedquant lplr`` and ``fedquant ptq``. Everything is deterministic given `seed`:
-the train/test split, the initialization and the full-batch training. ``train_fedavg`` runs a
-short in-process FedAvg (no Flower) whose client updates travel through any fedquant codec,
-so uplink bytes are the real ``len(enc.to_bytes())``.
+Shared by ``fedquant lplr`` and ``fedquant ptq``, with the few lines of experiment plumbing
+they also share (config checking, CSV/JSON output, the summary table). Everything is
+deterministic given `seed`: the train/test split, the initialization and the training.
+``train_fedavg`` runs a short in-process FedAvg (no Flower) whose client updates travel
+through any fedquant codec, so uplink bytes are the real ``len(enc.to_bytes())``.
 
 Example::
 
@@ -15,11 +16,18 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import csv
+import json
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.table import Table
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -135,3 +143,67 @@ def train_fedavg(data: DigitsData, encoder: UpdateEncoder, rounds: int = 20,
             acc = accuracy(model.eval(), data.x_test, data.y_test)
             history.append(RoundResult(r + 1, acc, sent))
     return model.eval(), history
+
+
+# ---- experiment plumbing shared by `fedquant lplr` and `fedquant ptq` ------------------
+def check_keys(config: dict, schema: dict, where: str = "") -> None:
+    """ValueError naming any unknown or mistyped key, with the allowed keys or type."""
+    for key, value in config.items():
+        path = f"{where}{key}"
+        if key not in schema:
+            raise ValueError(f"unknown config key {path!r}; allowed: {sorted(schema)}")
+        expected = schema[key]
+        if isinstance(expected, dict):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {path!r} must be a table")
+            check_keys(value, expected, f"{path}.")
+        elif isinstance(expected, tuple):  # allowed values (strings), or a list of them
+            items = value if isinstance(value, list) else [value]
+            bad = [v for v in items if v not in expected]
+            if bad:
+                raise ValueError(f"config key {path!r}: {bad} not allowed; allowed values: "
+                                 f"{list(expected)}")
+        elif expected is float:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"config key {path!r} must be a number, got {value!r}")
+        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"config key {path!r} must be {expected.__name__}, got {value!r}")
+
+
+def load_config(path: Path, schema: dict, quick: bool) -> dict[str, Any]:
+    """Read a TOML config, check it against `schema` and apply its [quick] overrides."""
+    raw = tomllib.loads(Path(path).read_text())
+    overrides = raw.pop("quick", {})
+    check_keys(raw, schema)
+    check_keys(overrides, schema, "quick.")
+    if quick:
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                raw[key] = {**raw.get(key, {}), **value}
+            else:
+                raw[key] = value
+    return raw
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """One CSV with the union of the rows' keys as columns."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
+
+
+def print_table(title: str, rows: list[dict], columns: Sequence[str]) -> None:
+    """A rich table of `columns` of `rows` (floats to 4 significant digits)."""
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for row in rows:
+        table.add_row(*(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
+                        for c in columns))
+    Console().print(table)
