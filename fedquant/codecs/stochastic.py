@@ -71,8 +71,8 @@ class Stochastic(Codec):
         for lo_i, hi_i in value_blocks(x.numel(), k):
             lo, step = grid(v[lo_i:hi_i], levels, self.dynamic_range)
             t = grid_positions(v[lo_i:hi_i], lo, step, levels)
-            down = torch.floor(t)
-            up = (coins[lo_i:hi_i] < t - down).to(down.dtype)  # P(up) = fractional part
+            down = t.to(torch.int64)  # t >= 0: truncation is the floor
+            up = coins[lo_i:hi_i] < t - down  # P(up) = the fractional part of t
             indices[lo_i:hi_i] = (down + up).clamp_(0, levels - 1)
             scales += [lo, step]
         return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
