@@ -1,0 +1,168 @@
+"""`fedquant linreg` (seed 002): quantizer models, quantized SGD and the claims, measured."""
+
+import json
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simulations import linreg
+from simulations.quantizers import Additive, Exact, Multiplicative, make_quantizer
+
+
+def _moments(quantizer, value, count=200_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.full((count,), value, dtype=torch.float64)
+    err = quantizer(v, g) - v
+    return float(err.mean()), float(err.var()), math.sqrt(float(err.var()) / count)
+
+
+@pytest.mark.parametrize("value", [0.013, 0.37, -2.61, 41.9])
+def test_additive_is_unbiased_with_bounded_value_free_variance(value):
+    q = Additive(step=0.25)
+    mean, var, se = _moments(q, value)
+    assert abs(mean) < 5 * se + 1e-12
+    frac = (value / 0.25) % 1  # error variance p (1 - p) step^2 depends on the grid position only
+    assert var == pytest.approx(frac * (1 - frac) * 0.25**2, rel=0.02)
+    assert var <= 0.25**2 / 4
+
+
+def test_additive_variance_does_not_grow_with_magnitude():
+    q = Additive(step=0.1)
+    small = _moments(q, 0.033)[1]
+    large = _moments(q, 1000.033)[1]
+    assert large == pytest.approx(small, rel=0.05)
+
+
+def test_multiplicative_is_unbiased_and_relative_variance_is_scale_free():
+    q = Multiplicative(mantissa_bits=3)
+    rel = []
+    for value in (1.3 * 2.0**-10, 1.3, -1.3 * 2.0**14):  # same mantissa, other binades
+        mean, var, se = _moments(q, value)
+        assert abs(mean) < 5 * se
+        rel.append(var / value**2)
+        assert var <= value**2 * 4.0**-3 / 4
+    assert max(rel) / min(rel) == pytest.approx(1.0, abs=0.05)
+    assert float(q(torch.zeros(4), torch.Generator())[0]) == 0.0
+
+
+def test_quantizer_arguments_are_checked():
+    with pytest.raises(ValueError, match="step"):
+        Additive(0)
+    with pytest.raises(ValueError, match="mantissa_bits"):
+        Multiplicative(-1)
+    with pytest.raises(ValueError, match="additive"):
+        make_quantizer("log", 0.1, 2)
+
+
+def test_paired_runs_share_the_data_stream():
+    problem = linreg.make_problem(32, 1.5, 0.5, seed=1)
+    a = linreg.quantized_sgd(problem, {}, 50, 2, 0.1, 3, seed=5)
+    b = linreg.quantized_sgd(problem, {"labels": Exact()}, 50, 2, 0.1, 3, seed=5)
+    assert torch.equal(a["w_bar"], b["w_bar"])
+    # SGD learns: the averaged iterate's excess risk falls well below the start's ||w*||_H^2
+    assert float(a["risk"][-1].mean()) < 0.5 * float(problem.excess_risk(0 * problem.w_star))
+
+
+def test_activation_penalty_shrinks_like_one_over_batch():
+    """Claim 1 on its own, B in {1, 4, 16}; tolerance from the bootstrap over repeats."""
+    problem = linreg.make_problem(48, 1.5, 0.5, seed=2)
+    lr = 0.25 / float(problem.eigenvalues.sum())
+    quant = {"activations": Additive(0.5)}
+    pen = {}
+    for b in (1, 4, 16):
+        fp = linreg.quantized_sgd(problem, {}, 120, b, lr, 16, seed=7)
+        q = linreg.quantized_sgd(problem, quant, 120, b, lr, 16, seed=7)
+        pen[b] = linreg.paired_penalty(problem, {"w_bar": q["w_bar"]}, {"w_bar": fp["w_bar"]},
+                                       "activations")
+    slope, se = linreg.batch_penalty_slopes(pen, seed=0)
+    assert abs(slope + 1) <= max(0.2, 3 * se), (slope, se)
+
+
+def test_spectrum_additive_lifts_tail_multiplicative_keeps_shape():
+    """Claim 2 on its own."""
+    problem = linreg.make_problem(48, 1.5, 0.5, seed=3)
+    fp = linreg.spectrum(problem, Exact(), 3000, seed=1)
+    add = linreg.spectrum(problem, Additive(0.25), 3000, seed=1)
+    mul = linreg.spectrum(problem, Multiplicative(2), 3000, seed=1)
+    assert linreg.condition_number(add) < 0.5 * linreg.condition_number(fp)
+    assert linreg.condition_number(mul) / linreg.condition_number(fp) == pytest.approx(1, abs=0.1)
+    assert float(add[-1]) > 3 * float(fp[-1])  # the smallest eigenvalue is lifted
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("linreg")
+    checks = linreg.run_linreg(linreg.load_config(), out, quick=True, progress=False)
+    return out, checks
+
+
+def test_quick_run_passes_every_claim(quick_run):
+    _, checks = quick_run
+    claims = [c["claim"] for c in checks]
+    assert len(checks) == 4 and claims[0].startswith("1") and claims[2].startswith("3")
+    assert all(c["result"] == "PASS" for c in checks), checks
+
+
+def test_quick_run_writes_reports(quick_run):
+    out, checks = quick_run
+    for name in ("risk_vs_steps", "risk_vs_batch", "spectrum", "federated"):
+        assert (out / f"{name}.csv").stat().st_size > 100
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    for heading in ("## Claim 1", "## Claim 2", "## Claim 3", "## Federated"):
+        assert heading in report
+    assert report.count("PASS") >= len(checks)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["checks"] == checks and saved["quick"] is True
+
+
+def test_federated_uplink_is_measured_bytes(quick_run):
+    out, _ = quick_run
+    rows = [r for r in (out / "federated.csv").read_text().splitlines()[1:]]
+    fp32 = [r.split(",") for r in rows if r.startswith("fp32,")]
+    cfg = linreg.effective(linreg.load_config(), True)
+    fc, dim = cfg["federated"], cfg["problem"]["dim"]
+    last = fp32[-1]
+    # fp32 sends raw words plus a header: a little over 32 bits per coordinate
+    raw_bits = 32 * dim * fc["clients"] * fc["rounds"]
+    assert int(last[1]) == fc["rounds"]
+    assert raw_bits < int(last[2]) < 1.5 * raw_bits
+    eden = [r.split(",") for r in rows if r.startswith("eden(bits=2)")]
+    assert 0 < int(eden[-1][2]) < int(last[2])
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(linreg.DEFAULT_CONFIG.read_text().replace("decay =", "decayy ="))
+    with pytest.raises(ValueError, match="decayy.*allowed"):
+        linreg.load_config(path)
+    path.write_text(linreg.DEFAULT_CONFIG.read_text().replace("batch_steps = 150", "stepz = 3"))
+    with pytest.raises(ValueError, match="stepz"):
+        linreg.load_config(path)
+    path.write_text(linreg.DEFAULT_CONFIG.read_text().replace("dim = 512", 'dim = "x"'))
+    with pytest.raises(ValueError, match="problem.dim"):
+        linreg.load_config(path)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(alphabet="[]=.\"' \nabcdeimnpqrstuk0123456789-_{},", max_size=120))
+def test_config_parser_rejects_garbage_cleanly(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "c.toml"
+    path.write_text(text)
+    try:
+        linreg.load_config(path)
+    except ValueError:
+        pass  # tomllib.TOMLDecodeError is a ValueError too
+
+
+def test_cli_registers_command():
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+    linreg.register(app)
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0 and "--quick" in result.output
