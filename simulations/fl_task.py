@@ -1,0 +1,392 @@
+"""The federated-learning task shared by the Flower apps and the in-process runner.
+
+One place for everything both sides of a federated run need, with no Flower runtime and no
+gRPC in it, so that ``fedquant fl`` (in-process), the Flower ``ClientApp`` and the Flower
+``ServerApp`` call literally the same functions:
+
+* data: scikit-learn's bundled digits (real, offline), a synthetic linear regression, or a
+  Hugging Face dataset by name (``hf:ylecun/mnist``; needs the network), partitioned IID or
+  Dirichlet(alpha) with flwr-datasets partitioners over an in-memory ``datasets.Dataset``;
+* models: logistic regression, a small MLP, a small CNN (images), linear regression;
+* :func:`client_update`: local SGD, delta = local - global, optional error feedback,
+  compression of the whole flattened delta into one ``fq.Encoded``;
+* :func:`aggregate_payloads`: parse every payload defensively, drop malformed ones with a
+  reason, ``fq.decode_mean`` weighted by examples, apply with the server learning rate.
+
+Example::
+
+    task = load_task("digits", seed=0)
+    x, y = client_data(task, "dirichlet", 10, 0.5, partition_id=3)
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+import fedquant as fq
+
+DATASETS = ("digits", "linreg")  # plus "hf:<name>" for a Hugging Face dataset
+MODELS = ("logreg", "mlp", "cnn", "linear")
+PARTITIONINGS = ("iid", "dirichlet")
+SEED_POLICIES = ("per-client", "shared")
+
+
+# ---- data -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    """A dataset split into a training pool (to partition) and a held-out test split."""
+
+    name: str
+    kind: str  # "classification" or "regression"
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int  # 1 for regression
+    image_shape: tuple[int, ...] | None = None  # (channels, height, width) for images
+
+    @property
+    def num_features(self) -> int:
+        return int(np.prod(self.train_x.shape[1:]))
+
+
+def _split(name: str, kind: str, x: np.ndarray, y: np.ndarray, seed: int, num_classes: int,
+           image_shape: tuple[int, ...] | None = None, test_fraction: float = 0.2) -> Task:
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_test = int(round(test_fraction * len(x)))
+    test, train = order[:n_test], order[n_test:]
+    y_dtype = torch.int64 if kind == "classification" else torch.float32
+    return Task(name, kind, x[train], y[train], torch.as_tensor(x[test], dtype=torch.float32),
+                torch.as_tensor(y[test], dtype=y_dtype), num_classes, image_shape)
+
+
+def _digits(seed: int) -> Task:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)  # pixel intensities 0..16 -> [0, 1]
+    return _split("digits", "classification", x, bunch.target.astype(np.int64), seed, 10,
+                  image_shape=(1, 8, 8))
+
+
+def _linreg(seed: int, n: int = 2000, d: int = 100, noise: float = 0.1) -> Task:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(d) / math.sqrt(d)
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    y = (x @ w + noise * rng.standard_normal(n)).astype(np.float32)
+    return _split("linreg", "regression", x, y, seed, 1)
+
+
+def _huggingface(name: str, seed: int) -> Task:
+    """A Hugging Face image-classification dataset with an image column and a label column."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as err:  # network errors come in many types (requests, OSError, ...)
+        raise RuntimeError(f"could not load Hugging Face dataset {name!r} ({err}); it needs "
+                           f"network access; offline, use dataset = 'digits' or 'linreg'") from err
+    image_col = next((c for c in ("image", "img") if c in ds.column_names), None)
+    label_col = next((c for c in ("label", "labels") if c in ds.column_names), None)
+    if image_col is None or label_col is None:
+        raise ValueError(f"Hugging Face dataset {name!r} has columns {ds.column_names}; "
+                         "expected an 'image' (or 'img') and a 'label' column")
+    ds = ds.with_format("numpy")
+    x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in ds[image_col]])
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # to (N, C, H, W)
+    y = np.asarray(ds[label_col], dtype=np.int64)
+    return _split(name, "classification", x.reshape(len(x), -1), y, seed, int(y.max()) + 1,
+                  image_shape=tuple(x.shape[1:]))
+
+
+@functools.lru_cache(maxsize=4)
+def load_task(dataset: str, seed: int = 0) -> Task:
+    """The dataset `dataset` ("digits", "linreg" or "hf:<name>") split with `seed`."""
+    if dataset == "digits":
+        return _digits(seed)
+    if dataset == "linreg":
+        return _linreg(seed)
+    if dataset.startswith("hf:") and len(dataset) > 3:
+        return _huggingface(dataset[3:], seed)
+    raise ValueError(f"dataset must be one of {DATASETS} or 'hf:<name>', got {dataset!r}")
+
+
+@functools.lru_cache(maxsize=64)
+def _partitioner(dataset: str, seed: int, partitioning: str, num_partitions: int,
+                 alpha: float):
+    from datasets import Dataset
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    task = load_task(dataset, seed)
+    if partitioning not in PARTITIONINGS:
+        raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {partitioning!r}")
+    if not isinstance(num_partitions, int) or not 1 <= num_partitions <= len(task.train_x):
+        raise ValueError(f"num_partitions must be an int in 1..{len(task.train_x)}, "
+                         f"got {num_partitions!r}")
+    label = task.train_y
+    if task.kind == "regression":  # Dirichlet over ten quantile bins of the target
+        label = np.searchsorted(np.quantile(label, np.linspace(0, 1, 11)[1:-1]), label)
+    table = Dataset.from_dict({"row": np.arange(len(label)), "label": label})
+    if partitioning == "iid":
+        part = IidPartitioner(num_partitions=num_partitions)
+    else:
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0 for Dirichlet partitioning, got {alpha!r}")
+        min_size = min(10, len(label) // (2 * num_partitions))
+        part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                    alpha=float(alpha), min_partition_size=min_size,
+                                    self_balancing=True, seed=seed)
+    part.dataset = table
+    return part
+
+
+def client_data(task: Task, partitioning: str, num_partitions: int, alpha: float,
+                partition_id: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training examples of partition `partition_id` as (x, y) tensors."""
+    if not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id must be an int in 0..{num_partitions - 1}, "
+                         f"got {partition_id!r}")
+    part = _partitioner(task.name if task.name in DATASETS else f"hf:{task.name}", seed,
+                        partitioning, num_partitions, alpha)
+    rows = np.asarray(part.load_partition(partition_id)["row"], dtype=np.int64)
+    y_dtype = torch.int64 if task.kind == "classification" else torch.float32
+    return (torch.as_tensor(task.train_x[rows], dtype=torch.float32),
+            torch.as_tensor(task.train_y[rows], dtype=y_dtype))
+
+
+# ---- models ---------------------------------------------------------------------------
+class _SmallCNN(nn.Module):
+    """Two 3x3 convolutions and a linear head; works from 8x8 digits to 32x32 CIFAR."""
+
+    def __init__(self, image_shape: tuple[int, ...], num_classes: int):
+        super().__init__()
+        self.image_shape = tuple(image_shape)
+        c = image_shape[0]
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.head = nn.Linear(32 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.features(x.reshape(-1, *self.image_shape))
+        return self.head(z.flatten(1))
+
+
+def make_model(task: Task, model: str, hidden: int = 128, seed: int = 0) -> nn.Module:
+    """A freshly initialized model for `task` (initialization seeded by `seed`)."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+    if task.kind == "regression" and model != "linear":
+        raise ValueError(f"the regression task needs model = 'linear', got {model!r}")
+    if task.kind == "classification" and model == "linear":
+        raise ValueError("model = 'linear' is for the regression task; use logreg, mlp or cnn")
+    if model == "cnn" and task.image_shape is None:
+        raise ValueError(f"model = 'cnn' needs an image dataset; {task.name} is not one")
+    torch.manual_seed(seed)  # local initialization only, never part of the wire contract
+    d, k = task.num_features, task.num_classes
+    if model == "mlp":
+        return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, k))
+    if model == "cnn":
+        return _SmallCNN(task.image_shape, k)
+    return nn.Linear(d, k)  # logreg (softmax regression) and linear regression
+
+
+def get_flat(model: nn.Module) -> torch.Tensor:
+    """All parameters as one flat float32 vector (a copy)."""
+    return nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+
+
+def set_flat(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy `flat` into the model's parameters (never aliasing it: training must not
+    write into the caller's global model)."""
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(flat[offset: offset + p.numel()].reshape(p.shape))
+            offset += p.numel()
+
+
+def _loss_fn(task: Task):
+    if task.kind == "classification":
+        return nn.functional.cross_entropy
+    return lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training hyper-parameters (the run config's local-epochs, batch-size, lr)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.1
+
+
+def train_local(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                cfg: TrainConfig, seed: int) -> float:
+    """Plain SGD for cfg.epochs epochs over (x, y); returns the mean training loss."""
+    loss_fn = _loss_fn(task)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    order_gen = torch.Generator().manual_seed(seed % 2**63)  # local shuffling only
+    total, steps = 0.0, 0
+    model.train()
+    for _ in range(cfg.epochs):
+        order = torch.randperm(len(x), generator=order_gen).to(x.device)
+        for start in range(0, len(x), cfg.batch_size):
+            idx = order[start: start + cfg.batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total, steps = total + float(loss.detach()), steps + 1
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module) -> tuple[float, float]:
+    """(loss, accuracy) on the held-out split; accuracy is R^2 for regression."""
+    model.eval()
+    x, y = task.test_x, task.test_y
+    out = model(x)
+    loss = float(_loss_fn(task)(out, y))
+    if task.kind == "classification":
+        return loss, float((out.argmax(-1) == y).float().mean())
+    return loss, 1.0 - loss / float(y.var(unbiased=False))
+
+
+# ---- compression ----------------------------------------------------------------------
+def parse_params(text: str) -> dict[str, str]:
+    """'bits=2, scale=unbiased' -> {'bits': '2', 'scale': 'unbiased'} (codec params as text)."""
+    params = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"codec params must look like 'bits=2,scale=unbiased'; "
+                             f"bad item {item!r}")
+        params[key.strip()] = value.strip()
+    return params
+
+
+def make_codec(name: str, params: str | dict = "", rotations: str = "auto") -> fq.Codec:
+    """The codec `name` with text `params`; `rotations` fills in a codec's rotations param."""
+    params = parse_params(params) if isinstance(params, str) else {
+        k: fq.codecs.base._to_text(v) for k, v in params.items()}
+    klass = fq.codecs.codec_class(name)
+    if "rotations" in klass._defaults() and "rotations" not in params:
+        params["rotations"] = str(rotations)
+    return klass.from_params(params)
+
+
+def round_seed(run_seed: int, server_round: int) -> int:
+    """The server's seed for one round (clients derive theirs from it and their node id)."""
+    return fq.random.derive_seed(fq.random.hash64(run_seed, fq.random.Purpose.CLIENT, 0),
+                                 server_round)
+
+
+def client_seed(round_seed_: int, node_id: int, policy: str = "per-client") -> int:
+    """Seed policy: each client its own seed, or the round seed shared by all clients."""
+    if policy not in SEED_POLICIES:
+        raise ValueError(f"seed-policy must be one of {SEED_POLICIES}, got {policy!r}")
+    return fq.random.derive_seed(round_seed_, node_id) if policy == "per-client" else round_seed_
+
+
+@dataclass
+class ClientUpdate:
+    """What a client sends (payload, num_examples) and keeps (residual for error feedback)."""
+
+    payload: bytes
+    num_examples: int
+    train_loss: float
+    residual: torch.Tensor | None = None
+
+
+def client_update(task: Task, model: nn.Module, global_flat: torch.Tensor, x: torch.Tensor,
+                  y: torch.Tensor, cfg: TrainConfig, codec: fq.Codec, seed: int,
+                  residual: torch.Tensor | None = None) -> ClientUpdate:
+    """Train from the global model, compress delta (+ residual) with `codec` under `seed`.
+
+    With error feedback (`residual` given, possibly zeros) the client sends
+    encode(delta + residual) and keeps residual' = delta + residual - decode(sent).
+    """
+    set_flat(model, global_flat)
+    loss = train_local(task, model, x, y, cfg, seed)
+    delta = get_flat(model) - global_flat
+    if residual is not None:
+        delta = delta + residual
+    enc = codec.encode(delta, seed=seed)
+    if residual is not None:
+        residual = delta - fq.decode(enc)
+    return ClientUpdate(enc.to_bytes(), len(x), loss, residual)
+
+
+@dataclass(frozen=True)
+class Payload:
+    """One client's reply as the server received it."""
+
+    node_id: int
+    data: bytes
+    num_examples: float
+    expected_seed: int | None = None  # the seed the seed policy says it must carry
+
+
+@dataclass
+class Aggregate:
+    """The new global model and what happened to each payload."""
+
+    global_flat: torch.Tensor
+    accepted: list[int] = field(default_factory=list)
+    rejected: dict[int, str] = field(default_factory=dict)
+    uplink_bytes: int = 0  # sum of len(payload) over every reply received
+
+
+def check_payload(p: Payload, numel: int, codec_name: str) -> fq.Encoded:
+    """Parse one payload; fq.WireError / ValueError say what is wrong with it."""
+    if not isinstance(p.data, bytes | bytearray):
+        raise fq.WireError(f"payload must be bytes, got {type(p.data).__name__}")
+    enc = fq.Encoded.from_bytes(bytes(p.data), max_elements=numel)
+    if enc.codec != codec_name:
+        raise fq.WireError(f"codec: expected {codec_name!r}, got {enc.codec!r}")
+    if enc.numel != numel:
+        raise fq.WireError(f"shape: expected {numel} elements, got {list(enc.shape)}")
+    if p.expected_seed is not None and enc.seed != p.expected_seed:
+        raise fq.WireError(f"seed: expected {p.expected_seed} from the seed policy, "
+                           f"got {enc.seed}")
+    if not (isinstance(p.num_examples, int | float) and math.isfinite(p.num_examples)
+            and p.num_examples > 0):
+        raise ValueError(f"num-examples must be a positive number, got {p.num_examples!r}")
+    return enc
+
+
+def aggregate_payloads(global_flat: torch.Tensor, payloads: Sequence[Payload],
+                       codec_name: str, server_lr: float = 1.0) -> Aggregate:
+    """global + server_lr * fq.decode_mean(valid payloads, weights = num_examples).
+
+    A payload that does not parse, is of another codec or size, or carries the wrong seed,
+    is dropped with its reason in ``rejected``; the others still make the round.
+    """
+    result = Aggregate(global_flat, uplink_bytes=sum(len(p.data) for p in payloads
+                                                      if isinstance(p.data, bytes)))
+    encs, weights = [], []
+    for p in payloads:
+        try:
+            enc = check_payload(p, global_flat.numel(), codec_name)
+        except ValueError as err:  # fq.WireError is a ValueError
+            result.rejected[p.node_id] = str(err)
+            continue
+        encs.append(enc)
+        weights.append(float(p.num_examples))
+        result.accepted.append(p.node_id)
+    if encs:
+        mean_delta = fq.decode_mean(encs, weights).to(global_flat.device).reshape(-1)
+        if bool(torch.isfinite(mean_delta).all()):
+            result.global_flat = global_flat + server_lr * mean_delta
+        else:  # finite scales can still overflow; keep the model rather than poison it
+            result.rejected.update({n: "decoded mean is not finite" for n in result.accepted})
+            result.accepted = []
+    return result
