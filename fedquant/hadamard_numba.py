@@ -9,12 +9,12 @@ The FWHT of n = R * B points is H_R (x) H_B: B-point transforms of the R contigu
 an R x B matrix, then R-point transforms of its columns. The kernel makes exactly two
 passes over memory:
 
-1. *rows*: each block of B = 2^12 floats (16 KiB, in L1) is read once with its signs
+1. *rows*: each block of B = 2^12..2^16 floats (in L1 or L2) is read once with its signs
    hashed in-kernel and 1/sqrt(n) folded in, then gets all log2(B) butterfly stages while
    in cache: the first three (strides 1, 2, 4) as one radix-8 butterfly in registers, the
    rest as radix-8/4/2 stages whose inner loops run over contiguous strides (SIMD);
 2. *columns*: groups of W columns are gathered into a small contiguous buffer (R x W,
-   at most 256 KiB, in L2), transformed by the same radix-8 stages, and written back
+   512 KiB, in L2), transformed by the same radix-8 stages, and written back
    (multiplied by the signs for the inverse).
 
 Slices of n <= B need only pass 1. The signs use the same SplitMix64 as fedquant.random
@@ -42,9 +42,11 @@ except ImportError:  # pragma: no cover - numba is a pinned dependency
 
 AVAILABLE = nb is not None
 
-BLOCK_LOG = 12  # rows of 2^12 floats: 16 KiB, fits L1 with room for the code's other data
-_BUFFER_FLOATS = 1 << 14  # pass-2 column-group buffer target (64 KiB); min width 16
-_MIN_WIDTH = 16  # 64 bytes: one cache line per row of a column group
+MIN_BLOCK = 1 << 12  # rows of at least 2^12 floats (16 KiB: L1)
+MAX_ROWS = 1 << 9  # ... and at most 2^9 rows, so column groups stay wide (see _layout)
+MAX_BLOCK = 1 << 16  # 256 KiB: pass 1 still runs in L2
+BUFFER_FLOATS = 1 << 17  # pass-2 column-group buffer: 512 KiB, half of a 1 MiB L2
+MIN_WIDTH = 16  # 64 bytes: at least one cache line per row of a column group
 
 _GAMMA = np.uint64(fqr.GOLDEN_GAMMA)
 _MIX1 = np.uint64(fqr._MIX1)
@@ -184,10 +186,14 @@ def _column_group(y, buf, rows, block, c0, key, start, forward):
 
 
 def _layout(n: int) -> tuple[int, int, int]:
-    """(block, rows, width) of the two-pass schedule for n points."""
-    block = min(n, 1 << BLOCK_LOG)
+    """(block, rows, width) of the two-pass schedule for n points.
+
+    Pass 2 gathers each row's `width` floats from a different page: few rows and wide
+    groups (>= 1 KiB per row at n = 2^24) keep TLB misses and prefetch stalls down.
+    """
+    block = min(n, max(MIN_BLOCK, min(MAX_BLOCK, n // MAX_ROWS)))
     rows = n // block
-    width = min(block, max(_MIN_WIDTH, _BUFFER_FLOATS // rows))
+    width = min(block, max(MIN_WIDTH, BUFFER_FLOATS // rows))
     return block, rows, width
 
 
@@ -237,13 +243,15 @@ def _run(x: torch.Tensor, seed: int, layer: int, offset: int, forward: bool,
         raise RuntimeError("numba is not installed; use fedquant.hadamard's torch kernel")
     n = _check(x)
     src = x.detach().contiguous().numpy()  # zero-copy view for contiguous CPU tensors
-    out = torch.empty(n, dtype=torch.float32)
+    # numpy allocates large arrays on transparent huge pages (madvise): at d = 2^24 that
+    # avoids ~16k page faults and the column pass's TLB misses
+    out = np.empty(n, dtype=np.float32)
     key = np.uint64(fqr.stream_key(seed, fqr.Purpose.ROTATION))
     start = np.uint64(sign_index_start(layer, offset))
     scale = np.float32(1.0 / math.sqrt(n))
     kernel = _rht_parallel if parallel else _rht_serial
-    kernel(src, out.numpy(), key, start, scale, forward, *_layout(n))
-    return out
+    kernel(src, out, key, start, scale, forward, *_layout(n))
+    return torch.from_numpy(out)
 
 
 def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0,
