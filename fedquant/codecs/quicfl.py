@@ -199,6 +199,15 @@ def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
     return torch.from_numpy(positions)
 
 
+def _private_uniforms(seed: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent uniforms per coordinate (multiples of 2^-32, float64) from one
+    64-bit hash each: its high and low halves. Sender-only randomness."""
+    bits = fqr.hash64_torch(seed, fqr.Purpose.PRIVATE, 0, n, device)
+    low32 = (1 << 32) - 1
+    high = (bits >> 32) & low32
+    return high.to(torch.float64) * 2.0**-32, (bits & low32).to(torch.float64) * 2.0**-32
+
+
 def _slice_scales(scales: Sequence[float], d: int, device) -> torch.Tensor:
     """Per-coordinate scale ||x_slice|| / sqrt(n_slice) over the padded rotated vector."""
     layout = slice_layout(d)
@@ -269,8 +278,8 @@ class QuicFL(Codec):
         positions = torch.nonzero(outlier).reshape(-1)
         inlier = ~outlier
         h = fqr.integers(seed, fqr.Purpose.SHARED_INDEX, n, tables.shared_levels, device)
-        u = fqr.uniforms64(seed, fqr.Purpose.PRIVATE, 2 * n, device)
-        messages = tables.sample(t[inlier], h[inlier], u[:n][inlier], u[n:][inlier])
+        u_grid, u_msg = _private_uniforms(seed, n, device)
+        messages = tables.sample(t[inlier], h[inlier], u_grid[inlier], u_msg[inlier])
         sections = {
             "q": Section.from_ints("q", messages, self.bits),
             "outlier_values": Section.from_raw("outlier_values", z[positions].float()),
