@@ -30,7 +30,8 @@ section 1: E|A^T B|^2 = n, so a good scheme has MSE / n = Gamma(R) < 1). Schemes
 The reference curve ``gamma`` is Gamma(R) of Ordentlich and Polyanskiy (cited at the end of
 seed 000; the post lost the formula): 1 - (1 - 2^-2R)^2 for R >= R*, and its tangent from
 (0, 1) (time-sharing) below R* ~ 0.906, which solves (1 - e) = 4 ln2 R e with e = 2^-2R
-(checked numerically: R* = 0.906, Gamma(R*) = 0.677, matching the time-sharing lower hull).
+(checked numerically in tests: R* = 0.906, Gamma(R*) = 0.488, and the line from (0, 1) meets
+the curve there with equal slope).
 
 Example::
 
@@ -194,7 +195,8 @@ def codec_subset_size(codec: fq.Codec, n: int, rate: float, device: Any) -> int:
     """The largest subset size whose measured encoding fits n * rate bits (0 if none)."""
     def fits(m: int) -> bool:
         probe = torch.randn(m, generator=torch.Generator().manual_seed(m)).to(device)
-        return 8 * len(codec.encode(probe, seed=1).to_bytes()) <= n * rate
+        # the largest seed: its varint is as long as any trial seed's
+        return 8 * len(codec.encode(probe, seed=2**64 - 1).to_bytes()) <= n * rate
     if not fits(1):
         return 0
     lo, hi = 1, n
@@ -234,7 +236,8 @@ def gamma_knee() -> float:
     for _ in range(60):
         mid = (lo + hi) / 2
         e = 2 ** (-2 * mid)
-        lo, hi = (mid, hi) if (1 - e) > 4 * math.log(2) * mid * e else (lo, mid)
+        # (1 - e) - 4 ln2 R e is negative below R* and positive above
+        lo, hi = (lo, mid) if (1 - e) > 4 * math.log(2) * mid * e else (mid, hi)
     return (lo + hi) / 2
 
 
