@@ -6,8 +6,13 @@ from fedquant.codecs import (
     eden,  # noqa: F401
     identity,  # noqa: F401
     lplr,  # noqa: F401
+    qsgd,  # noqa: F401
     quicfl,  # noqa: F401
+    sign,  # noqa: F401
+    sketch,  # noqa: F401
+    sparse,  # noqa: F401
     stochastic,  # noqa: F401
+    timeshare,  # noqa: F401
 )
 from fedquant.codecs.base import (
     Codec,
