@@ -68,8 +68,9 @@ def train(msg: Message, context: Context) -> Message:
     global_flat = _global_flat(msg)
     codec = fl_task.make_codec(str(_setting(cfg, context, "codec", "eden")),
                                str(_setting(cfg, context, "codec-params", "bits=2")),
-                               str(_setting(cfg, context, "rotations", "auto")))
-    seed = fl_task.client_seed(int(str(cfg["round-seed"])), context.node_id,
+                               str(_setting(cfg, context, "rotations", "")))
+    round_seed = int(str(cfg["round-seed"]))
+    seed = fl_task.client_seed(round_seed, context.node_id,
                                str(_setting(cfg, context, "seed-policy", "per-client")))
     residual = None
     if bool(_setting(cfg, context, "error-feedback", False)):
@@ -80,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
                                     int(_setting(cfg, context, "batch-size", 32)),
                                     float(_setting(cfg, context, "lr", 0.1)))
     update = fl_task.client_update(task, _model(task, context), global_flat, x, y, train_cfg,
-                                   codec, seed, residual)
+                                   codec, seed, residual, round_seed)
     if update.residual is not None:
         context.state[_RESIDUAL_KEY] = ArrayRecord({"residual": Array(update.residual.numpy())})
     content = RecordDict({

@@ -40,8 +40,9 @@ class FedQuantAvg(FedAvg):
         Registry name of the codec the clients use (``fq.available_codecs()``).
     codec_params : str (default: "bits=2")
         The codec's parameters as text, e.g. "bits=2,scale=unbiased".
-    rotations : str (default: "auto")
-        Composed RHTs for codecs that take a ``rotations`` parameter.
+    rotations : str (default: "")
+        Composed RHTs (0-3 or "auto") for codecs that take a ``rotations`` parameter;
+        "" keeps each codec's own default.
     seed_policy : str (default: "per-client")
         "per-client": seed = fq.random.derive_seed(round_seed, node_id); "shared": all
         clients use the round seed (one shared rotation).
@@ -57,7 +58,7 @@ class FedQuantAvg(FedAvg):
     """
 
     def __init__(self, codec: str = "eden", codec_params: str = "bits=2",
-                 rotations: str = "auto", seed_policy: str = "per-client",
+                 rotations: str = "", seed_policy: str = "per-client",
                  error_feedback: bool = False, server_learning_rate: float = 1.0,
                  run_seed: int = 0, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
@@ -157,7 +158,7 @@ def main(grid: Grid, context: Context) -> None:
     min_nodes = int(rc.get("min-nodes", 2))
     strategy = FedQuantAvg(
         codec=str(rc.get("codec", "eden")), codec_params=str(rc.get("codec-params", "bits=2")),
-        rotations=str(rc.get("rotations", "auto")),
+        rotations=str(rc.get("rotations", "")),
         seed_policy=str(rc.get("seed-policy", "per-client")),
         error_feedback=bool(rc.get("error-feedback", False)),
         server_learning_rate=float(rc.get("server-lr", 1.0)), run_seed=int(rc.get("seed", 0)),

@@ -273,14 +273,23 @@ def parse_params(text: str) -> dict[str, str]:
     return params
 
 
-def make_codec(name: str, params: str | dict = "", rotations: str = "auto") -> fq.Codec:
-    """The codec `name` with text `params`; `rotations` fills in a codec's rotations param."""
+def make_codec(name: str, params: str | dict = "", rotations: str = "") -> fq.Codec:
+    """The codec `name` with text `params`; a non-empty `rotations` fills in the codec's
+    ``rotations`` parameter where it has one and `params` does not set it."""
     params = parse_params(params) if isinstance(params, str) else {
         k: fq.codecs.base._to_text(v) for k, v in params.items()}
     klass = fq.codecs.codec_class(name)
-    if "rotations" in klass._defaults() and "rotations" not in params:
+    if rotations and "rotations" in klass._defaults() and "rotations" not in params:
         params["rotations"] = str(rotations)
     return klass.from_params(params)
+
+
+def for_round(codec: fq.Codec, round_seed_: int) -> fq.Codec:
+    """The codec for one round: a codec with a ``round_seed`` parameter (QUIC-FL) gets the
+    round's seed, so all clients share one rotation and the server sums in rotated space."""
+    if "round_seed" not in codec.params() or codec.params()["round_seed"] == round_seed_:
+        return codec
+    return type(codec)(**{**codec.params(), "round_seed": round_seed_})
 
 
 def round_seed(run_seed: int, server_round: int) -> int:
@@ -308,8 +317,11 @@ class ClientUpdate:
 
 def client_update(task: Task, model: nn.Module, global_flat: torch.Tensor, x: torch.Tensor,
                   y: torch.Tensor, cfg: TrainConfig, codec: fq.Codec, seed: int,
-                  residual: torch.Tensor | None = None) -> ClientUpdate:
+                  residual: torch.Tensor | None = None,
+                  round_seed_: int | None = None) -> ClientUpdate:
     """Train from the global model, compress delta (+ residual) with `codec` under `seed`.
+
+    `round_seed_` (the server's round seed) goes to codecs that share a rotation per round.
 
     With error feedback (`residual` given, possibly zeros) the client sends
     encode(delta + residual) and keeps residual' = delta + residual - decode(sent).
@@ -319,6 +331,8 @@ def client_update(task: Task, model: nn.Module, global_flat: torch.Tensor, x: to
     delta = get_flat(model) - global_flat
     if residual is not None:
         delta = delta + residual
+    if round_seed_ is not None:
+        codec = for_round(codec, round_seed_)
     enc = codec.encode(delta, seed=seed)
     if residual is not None:
         residual = delta - fq.decode(enc)
