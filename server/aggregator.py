@@ -3,7 +3,7 @@
 ``Push`` receives one client's serialized ``EncodedUpdate`` in chunks, rejecting it before
 buffering more as soon as something is wrong (unknown or closed round, duplicate, over-size);
 parses it with the validating ``fq.Encoded.from_bytes``, decodes it by the codec's fast path
-into the round's running sum (at most ``decode_slots`` decodes at a time, so peak memory does
+into the round's running sum (on ``decode_slots`` decode threads, so peak memory does
 not grow with the number of clients), and acknowledges only after the durable log committed.
 ``GetMean`` streams the closed round's mean as float32 chunks.
 
@@ -26,6 +26,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -62,6 +63,7 @@ class ServerConfig:
     workers: int = 32
     decode_slots: int = max(1, min(8, os.cpu_count() or 1))
     metrics_port: int | None = None
+    device: str = "cpu"  # where pushes are decoded and summed ("cuda" works unchanged)
     rounds: list[RoundConfig] = field(default_factory=list)
 
 
@@ -72,7 +74,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                  max_push_bytes: int, decode_slots: int):
         self.book, self.auth, self.metrics = book, auth, metrics
         self.max_push_bytes = max_push_bytes
-        self._decode_slots = threading.BoundedSemaphore(decode_slots)
+        self.decoder = futures.ThreadPoolExecutor(decode_slots, thread_name_prefix="decode")
 
     # ---- operator calls ----------------------------------------------------------------
     def OpenRound(self, request, context):  # noqa: N802 (gRPC method name)
@@ -132,9 +134,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.auth.require_client(context, header.client_id)
         rnd = self.book.get(header.round_id)
         self.book.check_push(rnd, header.client_id)
-        if header.total_bytes > self.max_push_bytes:
+        cap = min(self.max_push_bytes, round_cap(rnd.config.numel))
+        if header.total_bytes > cap:
             raise AggregationError("RESOURCE_EXHAUSTED", f"total_bytes {header.total_bytes} "
-                                   f"exceeds the server's cap of {self.max_push_bytes} bytes")
+                                   f"exceeds the cap of {cap} bytes for round {rnd.round_id!r}")
         payload = bytearray()
         for chunk in itertools.chain([first], chunks):
             if chunk is not first and chunk.HasField("header"):
@@ -153,16 +156,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         except fq.WireError as e:
             raise AggregationError("INVALID_ARGUMENT", f"malformed EncodedUpdate: {e}") from None
         self.book.check_payload(rnd, header.client_id, enc)
-        with self._decode_slots:  # bounds peak memory, whatever the number of clients
-            t0 = time.perf_counter()
-            try:
-                contribution = self.book.decode(rnd, enc, header.weight)
-            except (fq.WireError, ValueError, RuntimeError) as e:
-                raise AggregationError("INVALID_ARGUMENT", f"cannot decode payload: {e}") from None
-            decode_s = time.perf_counter() - t0
         digest = hashlib.sha256(payload).hexdigest()
-        pushes, state = self.book.accept(rnd, header.client_id, header.weight, payload, digest,
-                                         contribution, decode_s)
+        # Decode, log and sum on the few decode threads: at most `decode_slots` d-sized
+        # temporaries exist at once, and only those threads' malloc arenas ever hold them,
+        # so peak RSS does not grow with the number of concurrent clients.
+        pushes, state, decode_s = self.decoder.submit(
+            self._decode_and_accept, rnd, header, payload, digest, enc).result()
         self.metrics.add("fedquant_push_bytes_total", len(payload))
         self.metrics.add("fedquant_decode_seconds_total", decode_s)
         log.debug("push_accepted", extra={"fields": {
@@ -170,6 +169,18 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         return pb.PushAck(round_id=rnd.round_id, client_id=header.client_id,
                           bytes_received=len(payload), sha256=digest, num_pushes=pushes,
                           state=_STATES[state])
+
+    def _decode_and_accept(self, rnd: Round, header: pb.PushHeader, payload: bytes,
+                           digest: str, enc: fq.Encoded) -> tuple[int, str, float]:
+        started = time.perf_counter()
+        try:
+            contribution = self.book.decode(rnd, enc, header.weight)
+        except (fq.WireError, ValueError, RuntimeError) as e:
+            raise AggregationError("INVALID_ARGUMENT", f"cannot decode payload: {e}") from None
+        decode_s = time.perf_counter() - started
+        pushes, state = self.book.accept(rnd, header.client_id, header.weight, payload, digest,
+                                         contribution, decode_s)
+        return pushes, state, decode_s
 
     def GetMean(self, request, context):  # noqa: N802
         try:
@@ -199,6 +210,13 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 chunk.num_pushes = len(rnd.pushes)
                 chunk.total_weight = rnd.total_weight
             yield chunk
+
+
+def round_cap(numel: int) -> int:
+    """Most bytes one push to a round of `numel` elements may declare: 128 bits per element
+    (more than any codec sends: fp32 is 32) plus 1 MiB of headers, so that many concurrent
+    pushes cannot make the server buffer far more than their rounds can use."""
+    return 16 * numel + 1024 * 1024
 
 
 def _check_header(header: pb.PushHeader) -> None:
@@ -264,8 +282,14 @@ def start_server(cfg: ServerConfig) -> RunningServer:
         raise ValueError("pass --tls-cert and --tls-key, or --insecure for plaintext")
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise ValueError(f"--device: unknown device {cfg.device!r}; e.g. cpu, cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
     auth = Authenticator(load_tokens(cfg.tokens_file) if cfg.tokens_file else None)
-    book = RoundBook(Store(cfg.data_dir))
+    book = RoundBook(Store(cfg.data_dir), cfg.device)
     for config in cfg.rounds:
         try:
             book.get(config.round_id)  # already in the log from a previous run
@@ -295,7 +319,7 @@ def start_server(cfg: ServerConfig) -> RunningServer:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     stop = threading.Event()
-    extras = []
+    extras = [servicer.decoder]  # shut down after the gRPC server
 
     def close_deadlines():
         while not stop.wait(0.05):

@@ -85,6 +85,8 @@ def serve(
     = ServerConfig.decode_slots,
     metrics_port: Annotated[int | None, typer.Option(
         help="Serve Prometheus metrics on this port (same host).")] = None,
+    device: Annotated[str, typer.Option(help="Device that decodes and sums: cpu, cuda.")]
+    = "cpu",
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Run the gRPC aggregation server (clients push encoded updates, it averages them)."""
@@ -98,7 +100,7 @@ def serve(
             data_dir=str(data_dir), host=host, port=port, insecure=insecure,
             tls_cert=_opt(tls_cert), tls_key=_opt(tls_key), tls_client_ca=_opt(tls_client_ca),
             tokens_file=_opt(tokens), max_push_bytes=max_push_bytes, workers=workers,
-            decode_slots=decode_slots, metrics_port=metrics_port,
+            decode_slots=decode_slots, metrics_port=metrics_port, device=device,
             rounds=load_rounds(rounds) if rounds else [])
         running = start_server(cfg)
     except (ValueError, OSError, RuntimeError) as e:

@@ -1,0 +1,113 @@
+"""In-process checks of the server's parts: round configs, rounds files, tokens files, the
+durable store and its replay, the refusal to serve plaintext unasked, and a quick bench."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+
+import fedquant as fq
+from server.aggregator import ServerConfig, start_server
+from server.bench import BenchConfig, run
+from server.cli import load_rounds
+from server.rounds import AggregationError, RoundBook, RoundConfig
+from server.security import load_tokens
+from server.store import Store
+
+
+def test_round_config_validation_names_the_problem():
+    cfg = RoundConfig.from_dict({"id": "r1", "codec": "eden", "params": {"bits": 3},
+                                 "shape": [2, 5], "cohort": [4, 2, 4]})
+    assert cfg.params == fq.get_codec("eden", bits=3).wire_params()
+    assert cfg.cohort == (2, 4) and cfg.quorum == 2 and cfg.numel == 10
+    bad = [({"id": "r", "codec": "eden", "shape": [4], "colour": 1}, "colour"),
+           ({"codec": "eden", "shape": [4]}, "'id'"),
+           ({"id": "r", "codec": "nope", "shape": [4]}, "unknown codec"),
+           ({"id": "r", "codec": "eden", "params": {"bitz": 2}, "shape": [4]}, "bitz"),
+           ({"id": "r", "codec": "eden", "shape": [0]}, "shape"),
+           ({"id": "a b", "codec": "eden", "shape": [4]}, "round id"),
+           ({"id": "r", "codec": "eden", "shape": [4], "cohort": [1], "quorum": 2}, "quorum"),
+           ({"id": "r", "codec": "eden", "shape": [4], "round_seed": -1}, "round_seed")]
+    for spec, word in bad:
+        with pytest.raises(ValueError, match=word):
+            RoundConfig.from_dict(spec)
+
+
+def test_rounds_file(tmp_path):
+    path = tmp_path / "rounds.toml"
+    path.write_text('[[round]]\nid = "a"\ncodec = "eden"\nshape = [8]\nexpected = 3\n'
+                    '[[round]]\nid = "b"\ncodec = "fp16"\nshape = [2, 2]\ndeadline_s = 5\n')
+    a, b = load_rounds(path)
+    assert (a.round_id, a.quorum, b.codec, b.shape) == ("a", 3, "fp16", (2, 2))
+    assert b.deadline_unix > b.opened_unix
+    path.write_text('[[round]]\nid = "a"\ncodec = "eden"\nshape = [8]\nqorum = 3\n')
+    with pytest.raises(ValueError, match=r"round\[0\].*qorum.*allowed"):
+        load_rounds(path)
+    path.write_text('[[rounds]]\nid = "a"\n')
+    with pytest.raises(ValueError, match="rounds"):
+        load_rounds(path)
+
+
+def test_tokens_file(tmp_path):
+    path = tmp_path / "tokens.json"
+    path.write_text(json.dumps({"operator": "op-secret-1", "7": "client-7-secret"}))
+    assert load_tokens(path) == {"op-secret-1": "operator", "client-7-secret": "7"}
+    for data, word in (({"seven": "client-7-secret"}, "seven"), ({"7": "short"}, "8 char"),
+                       ({"1": "same-token-x", "2": "same-token-x"}, "share"), ([1], "object")):
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match=word):
+            load_tokens(path)
+
+
+def test_plaintext_only_when_asked(tmp_path):
+    with pytest.raises(ValueError, match="--insecure"):
+        start_server(ServerConfig(data_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="mutual TLS"):
+        start_server(ServerConfig(data_dir=str(tmp_path), insecure=True,
+                                  tls_client_ca="ca.pem"))
+
+
+def test_store_replay_rebuilds_the_running_sum_and_refuses_duplicates(tmp_path):
+    book = RoundBook(Store(tmp_path))
+    rnd = book.open(RoundConfig.build("r", "eden", {"bits": 2}, 5, [300], expected_count=3))
+    encs = []
+    for client, weight in ((3, 1.0), (8, 2.5)):
+        enc = fq.get_codec("eden", bits=2).encode(torch.randn(300),
+                                                 seed=fq.random.derive_seed(5, client))
+        blob = enc.to_bytes()
+        book.check_payload(rnd, client, enc)
+        book.accept(rnd, client, weight, blob, "digest", book.decode(rnd, enc, weight), 0.0)
+        encs.append(enc)
+    with pytest.raises(AggregationError) as err:
+        book.check_push(rnd, 3)
+    assert err.value.status == "ALREADY_EXISTS"
+    with pytest.raises(sqlite3.IntegrityError):  # the log itself refuses a second record
+        book.store.record_push("r", 3, 1.0, "digest", b"x", 9)
+    bad_seed = fq.get_codec("eden", bits=2).encode(torch.randn(300), seed=1)
+    with pytest.raises(AggregationError, match="seed"):
+        book.check_payload(rnd, 4, bad_seed)
+    book.store.close()
+
+    replayed = RoundBook(Store(tmp_path))  # as after a crash: sums rebuilt from the log
+    again = replayed.get("r")
+    assert again.state == "open" and sorted(again.pushes) == [3, 8]
+    torch.testing.assert_close(again.running_sum, rnd.running_sum, rtol=0, atol=0)
+    replayed.close(again, "operator")
+    torch.testing.assert_close(replayed.mean(again), fq.decode_mean(encs, [1.0, 2.5]))
+
+
+def test_bench_config_and_quick_run(tmp_path):
+    path = tmp_path / "bench.toml"
+    path.write_text("[bench]\nclients = 4\nclientz = 3\n")
+    with pytest.raises(ValueError, match="clientz"):
+        BenchConfig.load(path)
+    cfg = BenchConfig(clients=3, small_clients=3, dim=4096, out=str(tmp_path / "out"))
+    (row,) = run(cfg)
+    assert row["clients"] == 3 and row["server_updates_per_s"] > 0
+    assert row["max_abs_error_vs_decode_mean"] < 1e-4  # the server's mean is decode_mean's
+    assert row["server_peak_rss_mib"] > 0 and row["codec_decode_updates_per_s"] > 0
+    for name in ("bench_server.csv", "bench_server.json", "bench_server.png", "report.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
