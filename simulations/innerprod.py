@@ -110,18 +110,28 @@ def deterministic(a: torch.Tensor, b: torch.Tensor, rate: float) -> tuple[torch.
     return (a_hat * b_hat).sum(-1), (extra * (base + 1) + (n - extra) * base) / n
 
 
-def sketch(a: torch.Tensor, b: torch.Tensor, seeds: list[int]) -> tuple[torch.Tensor, float]:
+def shared_rows(seed: int, purpose: int, v: torch.Tensor, normal: bool = False) -> torch.Tensor:
+    """Shared randomness shaped like v (trials x n): row t is entries [t n, (t + 1) n) of the
+    (seed, purpose) stream, so sender and receiver regenerate it from the seed alone."""
+    draw = fq.random.normals if normal else fq.random.uniforms64
+    return draw(seed, purpose, v.numel(), v.device).reshape(v.shape).to(v.dtype)
+
+
+def shared_subsets(seed: int, v: torch.Tensor, size: int) -> torch.Tensor:
+    """A shared random subset of `size` coordinates per row: the smallest shared uniforms."""
+    return torch.topk(shared_rows(seed, Purpose.SUBSET, v), size, largest=False).indices
+
+
+def sketch(a: torch.Tensor, b: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
     n = a.shape[-1]
-    u = torch.stack([fq.random.normals(s, Purpose.SKETCH, n, a.device) for s in seeds])
-    u = u.to(a.dtype)
+    u = shared_rows(seed, Purpose.SKETCH, a, normal=True)
     return (u * a).sum(-1) * (u * b).sum(-1), 64 / n
 
 
-def dither_step_estimate(v: torch.Tensor, step: float, seeds: list[int],
+def dither_step_estimate(v: torch.Tensor, step: float, seed: int,
                          purpose: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Subtractive dither: (reconstruction, integer index) of each row with its own seed."""
-    z = torch.stack([fq.random.uniforms64(s, purpose, v.shape[-1], v.device) for s in seeds])
-    z = z.to(v.dtype) * step
+    """Subtractive dither: (reconstruction, integer index) of every row, shared dither."""
+    z = shared_rows(seed, purpose, v) * step
     index = torch.floor((v + z) / step)
     return step * (index + 0.5) - z, index
 
@@ -135,18 +145,18 @@ def entropy_bits(index: torch.Tensor) -> float:
 
 
 def dither(a: torch.Tensor, b: torch.Tensor, step: float,
-           seeds: list[int]) -> tuple[torch.Tensor, float]:
-    a_hat, ia = dither_step_estimate(a, step, seeds, Purpose.DITHER)
-    b_hat, ib = dither_step_estimate(b, step, seeds, Purpose.DITHER + 100)
+           seed: int) -> tuple[torch.Tensor, float]:
+    a_hat, ia = dither_step_estimate(a, step, seed, Purpose.DITHER)
+    b_hat, ib = dither_step_estimate(b, step, seed, Purpose.DITHER + 100)
     return (a_hat * b_hat).sum(-1), (entropy_bits(ia) + entropy_bits(ib)) / 2
 
 
-def calibrate_dither_step(a: torch.Tensor, rate: float, seeds: list[int]) -> float:
+def calibrate_dither_step(a: torch.Tensor, rate: float, seed: int) -> float:
     """Delta whose index entropy on calibration rows is `rate` (bisection on log Delta)."""
     lo, hi = math.log(1e-4), math.log(1e4)
     for _ in range(40):
         mid = (lo + hi) / 2
-        _, index = dither_step_estimate(a, math.exp(mid), seeds, Purpose.DITHER)
+        _, index = dither_step_estimate(a, math.exp(mid), seed, Purpose.DITHER)
         if entropy_bits(index) > rate:
             lo = mid
         else:
@@ -155,32 +165,31 @@ def calibrate_dither_step(a: torch.Tensor, rate: float, seeds: list[int]) -> flo
 
 
 def timeshare_terms(a: torch.Tensor, b: torch.Tensor, rate: float, bits: int,
-                    seeds: list[int]) -> tuple[torch.Tensor, float]:
+                    seed: int) -> tuple[torch.Tensor, float]:
     """Per-coordinate products A_hat_i B_hat_i (zero off the subset) and bits per coordinate:
     kappa = rate / bits of the coordinates (shared subset) at `bits` bits, the rest ignored."""
     n = a.shape[-1]
     size = min(n, round(n * rate / bits))
-    subsets = torch.stack([fq.random.random_subset(s, Purpose.SUBSET, n, size, a.device)
-                           for s in seeds])
+    subsets = shared_subsets(seed, a, size)
     a_s, b_s = a.gather(1, subsets), b.gather(1, subsets)
     terms = torch.zeros_like(a).scatter_(1, subsets, lloyd_max(a_s, bits) * lloyd_max(b_s, bits))
     return terms, size * bits / n
 
 
 def timeshare(a: torch.Tensor, b: torch.Tensor, rate: float, bits: int,
-              seeds: list[int]) -> tuple[torch.Tensor, float]:
-    terms, actual = timeshare_terms(a, b, rate, bits, seeds)
+              seed: int) -> tuple[torch.Tensor, float]:
+    terms, actual = timeshare_terms(a, b, rate, bits, seed)
     return terms.sum(-1), actual
 
 
 def best_timeshare_bits(a: torch.Tensor, b: torch.Tensor, rate: float, max_bits: int,
-                        seeds: list[int]) -> int:
+                        seed: int) -> int:
     """The bit width (kappa = rate / bits) with the least coordinate-wise squared error on
     calibration rows. Coordinates are independent and their errors zero-mean, so
     E(C_hat - C)^2 = sum_i E e_i^2, and sum_i e_i^2 estimates it with far less noise than
     the squared total does."""
     def coordinate_mse(bits: int) -> float:
-        terms, _ = timeshare_terms(a, b, rate, bits, seeds)
+        terms, _ = timeshare_terms(a, b, rate, bits, seed)
         return float(((terms - a * b) ** 2).sum(-1).mean())
     return min((bits for bits in range(1, max_bits + 1) if rate / bits <= 1),
                key=coordinate_mse, default=1)
@@ -209,17 +218,17 @@ def codec_subset_size(codec: fq.Codec, n: int, rate: float, device: Any) -> int:
 
 
 def codec_timeshare(codec: fq.Codec, a: torch.Tensor, b: torch.Tensor, size: int,
-                    seeds: list[int]) -> tuple[torch.Tensor, float]:
+                    seed: int) -> tuple[torch.Tensor, float]:
     """A shared random subset of `size` coordinates through the codec; rate from bytes."""
     n = a.shape[-1]
     estimates, total_bytes = [], 0
-    for row_a, row_b, s in zip(a, b, seeds, strict=True):
-        subset = fq.random.random_subset(s, Purpose.SUBSET, n, size, a.device)
-        a_hat, na = codec_roundtrip(codec, row_a[subset], fq.random.derive_seed(s, 0))
-        b_hat, nb = codec_roundtrip(codec, row_b[subset], fq.random.derive_seed(s, 1))
+    subsets = shared_subsets(seed, a, size)
+    for t, (row_a, row_b, subset) in enumerate(zip(a, b, subsets, strict=True)):
+        a_hat, na = codec_roundtrip(codec, row_a[subset], fq.random.derive_seed(seed, 2 * t))
+        b_hat, nb = codec_roundtrip(codec, row_b[subset], fq.random.derive_seed(seed, 2 * t + 1))
         estimates.append(torch.dot(a_hat.to(a.dtype), b_hat.to(b.dtype)))
         total_bytes += na + nb
-    return torch.stack(estimates), 8 * total_bytes / (2 * len(seeds) * n)
+    return torch.stack(estimates), 8 * total_bytes / (2 * len(estimates) * n)
 
 
 def gamma(rate: float) -> float:
@@ -249,8 +258,9 @@ def gaussian_pairs(trials: int, n: int, seed: int, device: Any) -> tuple[torch.T
     return a, b
 
 
-def trial_seeds(seed: int, trials: int, offset: int = 0) -> list[int]:
-    return [fq.random.derive_seed(seed, offset + t) for t in range(trials)]
+def stream_seed(seed: int, part: int) -> int:
+    """The shared seed of one part of the experiment (independent streams per part)."""
+    return fq.random.derive_seed(seed, part)
 
 
 def summarize(estimates: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> dict:
@@ -298,8 +308,7 @@ def _run_innerprod(config: dict, out_dir: Path, quick: bool, progress: bool) -> 
     codecs, notes = codec_specs(cfg)
     a, b = gaussian_pairs(cfg["trials"], n, seed, device)
     ca, cb = gaussian_pairs(cfg["calibration_trials"], n, seed + 1, device)
-    seeds = trial_seeds(seed, cfg["trials"])
-    cal_seeds = trial_seeds(seed, cfg["calibration_trials"], 10**6)
+    seeds, cal_seeds = stream_seed(seed, 1), stream_seed(seed, 2)
     rows: list[dict] = []
 
     def record(scheme: str, rate: float, est: torch.Tensor, actual: float, x, y, **extra):
@@ -335,7 +344,8 @@ def _run_innerprod(config: dict, out_dir: Path, quick: bool, progress: bool) -> 
 
 
 def codec_rate(rows: list[dict], label: str, options: list[tuple[fq.Codec, int]], rate: float,
-               a, b, ca, cb, seeds, cal_seeds, trials: int, notes: list[str]) -> None:
+               a, b, ca, cb, seeds: int, cal_seeds: int, trials: int,
+               notes: list[str]) -> None:
     """Time-share the codec at `rate`: best bit width on calibration rows, then measure."""
     n = a.shape[-1]
     best = None
@@ -350,7 +360,7 @@ def codec_rate(rows: list[dict], label: str, options: list[tuple[fq.Codec, int]]
         notes.append(f"{label}: R = {rate} is below its smallest encoding (header), skipped")
         return
     _, codec, bits, size = best
-    est, actual = codec_timeshare(codec, a[:trials], b[:trials], size, seeds[:trials])
+    est, actual = codec_timeshare(codec, a[:trials], b[:trials], size, seeds)
     rows.append({"scheme": label, "n": n, "rate_target": rate, "rate_actual": actual,
                  **summarize(est, a[:trials], b[:trials]), "bits": bits, "kappa": size / n})
 
@@ -362,13 +372,13 @@ def growth_rows(cfg: dict, seed: int, device: Any) -> list[dict]:
     rate, trials = cfg["growth_rate"], cfg["growth_trials"]
     # one dither step for every n (calibrated at the largest), so only n changes
     ca, _ = gaussian_pairs(cfg["calibration_trials"], max(cfg["growth_dims"]), seed + 4, device)
-    step = calibrate_dither_step(ca, rate, trial_seeds(seed, cfg["calibration_trials"], 4 * 10**6))
+    step = calibrate_dither_step(ca, rate, stream_seed(seed, 3))
     for n in cfg["growth_dims"]:
         a, b = gaussian_pairs(trials, n, seed + 2 + n, device)
-        s = trial_seeds(seed + n, trials, 2 * 10**6)
+        s = stream_seed(seed, 4 + 2 * n)
         out.append({"scheme": "sketch", "n": n, "rate_target": 64 / n, "rate_actual": 64 / n,
                     "input": "gaussian", **summarize(sketch(a, b, s)[0], a, b)})
-        s = trial_seeds(seed + n, trials, 3 * 10**6)
+        s = stream_seed(seed, 5 + 2 * n)
         est, actual = dither(a, b, step, s)
         out.append({"scheme": "dither", "n": n, "rate_target": rate, "rate_actual": actual,
                     "input": "gaussian", **summarize(est, a, b), "step": step})
