@@ -285,8 +285,13 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def run_app(run_dir: Path, run_config: dict, *, num_supernodes: int = 2,
-            simulation: bool = False, timeout: float = 600.0) -> list[dict]:
-    """Start the processes, ``flwr run`` the app, wait for every round, stop, return rows."""
+            simulation: bool = False, timeout: float = 600.0,
+            started: dict | None = None) -> list[dict]:
+    """Start the processes, ``flwr run`` the app, wait for every round, stop, return rows.
+
+    `started`, if given, receives the SuperLink address ("superlink-address") and every
+    started service's Popen, e.g. to check afterwards that all were stopped.
+    """
     run_dir = Path(run_dir).resolve()
     metrics = run_dir / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
@@ -294,7 +299,9 @@ def run_app(run_dir: Path, run_config: dict, *, num_supernodes: int = 2,
     config = {**run_config, "metrics-path": str(metrics), "min-nodes": num_supernodes}
     deadline = time.monotonic() + timeout
     with flower_processes(run_dir, num_supernodes=num_supernodes,
-                          simulation=simulation) as (link, _procs):
+                          simulation=simulation) as (link, procs):
+        if started is not None:
+            started.update(procs, **{"superlink-address": link})
         proc = flwr_run(run_dir, link, config, num_supernodes=num_supernodes,
                         simulation=simulation, timeout=timeout)
         if proc.returncode != 0:

@@ -1,0 +1,55 @@
+"""Real Flower processes on 127.0.0.1: `flwr run .` on the simulation engine, and a local
+deployment (SuperLink, SuperExecs, SuperNodes as separate processes, as docker-compose.yml
+lays them out). Ephemeral ports; every process is stopped by PID (scripts/local_deployment).
+Kept to 2 rounds, 2 clients, one local epoch of logistic regression: start-up dominates.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+import fedquant as fq
+from scripts import local_deployment as dep
+from simulations import fl_task
+
+RUN_CONFIG = {"num-server-rounds": 2, "model": "logreg", "partitioning": "iid",
+              "local-epochs": 1, "lr": 0.2, "codec": "eden", "codec-params": "bits=2"}
+
+
+def _check_rounds(rows: list[dict]) -> None:
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    assert rows[2]["accuracy"] > rows[0]["accuracy"] + 0.2  # learned from compressed updates
+    task = fl_task.load_task("digits", 0)
+    d = task.num_features * task.num_classes + task.num_classes
+    one = fq.get_codec("eden", bits=2).encode(fl_task.get_flat(fl_task.make_model(task, "logreg")))
+    for r in rows[1:]:
+        assert (r["replied"], r["failed"], r["dropped"]) == (2, 0, 0)
+        # two payloads per round, each the size of one eden b=2 encoding of d parameters
+        assert r["uplink_bytes"] == 2 * one.nbytes < 2 * 4 * d / 8
+        assert r["downlink_bytes"] >= 2 * 4 * d
+
+
+def _port_is_closed(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    with socket.socket() as s:
+        return s.connect_ex((host, int(port))) != 0
+
+
+@pytest.mark.timeout(420)
+def test_flwr_run_on_the_simulation_engine(tmp_path):
+    rows = dep.run_app(tmp_path, RUN_CONFIG, num_supernodes=2, simulation=True, timeout=400)
+    _check_rounds(rows)
+    assert (tmp_path / "flwr_home" / "config.toml").exists()  # FLWR_HOME inside the run dir
+
+
+@pytest.mark.timeout(420)
+def test_local_deployment_with_superlink_and_supernode_processes(tmp_path):
+    started = {}
+    rows = dep.run_app(tmp_path, RUN_CONFIG, num_supernodes=2, timeout=400, started=started)
+    _check_rounds(rows)
+    link = started.pop("superlink-address")
+    assert sorted(started) == sorted(dep.compose_commands(2))  # docker-compose's services
+    assert all(p.poll() is not None for p in started.values())  # all stopped
+    assert _port_is_closed(link)
