@@ -202,6 +202,18 @@ def test_decode_mean_equals_mean_of_decodes(round_seed: int, monkeypatch) -> Non
     assert len(calls) == (1 if round_seed >= 0 else len(encs))
 
 
+@pytest.mark.parametrize("shared_bits", [-1, 0])
+def test_cpu_kernel_matches_torch_path(shared_bits: int) -> None:
+    """The numba receiver (h hashed inline) equals the plain torch one used on other devices."""
+    c = codec(bits=3, shared_bits=shared_bits)
+    x = torch.randn(5000)
+    x[17] = 300.0  # an outlier in the first slice
+    enc = c.encode(x, seed=6)
+    out = torch.zeros(padded_size(5000), dtype=torch.float64)
+    c.accumulate(out, enc, 0.5)
+    assert torch.allclose(out, 0.5 * c.decode_rotated(enc), rtol=1e-12, atol=1e-12)
+
+
 def test_round_seed_argument_overrides_parameter() -> None:
     x = torch.randn(1000)
     a = codec(bits=2).encode(x, seed=1, round_seed=55)
@@ -218,8 +230,8 @@ def _outlier_fraction(x: torch.Tensor, rotations: int, seeds: range) -> float:
 @pytest.mark.parametrize("name", ["two-spikes", "block8", "onehot", "lognormal"])
 def test_two_rhts_give_gaussian_outlier_fraction(name: str) -> None:
     inputs = pytest.importorskip("simulations.inputs")
-    x = inputs.make_input(name, 2**16, 0)
-    assert _outlier_fraction(x, 2, range(4)) == pytest.approx(P, rel=0.25)
+    x = inputs.make_input(name, 2**15, 0)
+    assert _outlier_fraction(x, 2, range(4)) == pytest.approx(P, rel=0.25)  # sd about 6%
 
 
 def test_one_rht_outlier_fraction_is_a_rademacher_tail() -> None:

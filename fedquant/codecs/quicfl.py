@@ -50,6 +50,11 @@ from fedquant.codecs.base import (
 from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout, unrotate
 from fedquant.wire import Encoded, Section, WireError
 
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a pinned dependency
+    numba = None
+
 _TABLES = pathlib.Path(__file__).resolve().parents[1] / "data" / "quicfl_tables.npz"
 DEFAULT_SHARED_BITS = {1: 6, 2: 5, 3: 4, 4: 4}
 SHIPPED_P = (2.0**-9,)
@@ -199,6 +204,43 @@ def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
     return torch.from_numpy(positions)
 
 
+# ---- receiver: the CPU kernel ------------------------------------------------------------
+_GAMMA, _MIX1, _MIX2 = (np.uint64(v) for v in (fqr.GOLDEN_GAMMA, fqr._MIX1, fqr._MIX2))
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
+
+
+def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, scales,
+                   receiver, key, shared_bits, weight):  # pragma: no cover - numba-compiled
+    """out += weight * (this client's rotated-domain estimate), in one pass.
+
+    h for coordinate i is fedquant.random.integers(seed, SHARED_INDEX, n, 2^l)[i], hashed
+    here inline: with 2^l levels, (top32 * 2^l) >> 32 is the hash's top l bits.
+    """
+    j = 0
+    o = 0
+    k = outlier_pos.size
+    drop = np.uint64(64 - shared_bits)
+    for s in range(offsets.size):
+        scale = scales[s] * weight
+        for i in range(offsets[s], offsets[s] + sizes[s]):
+            if o < k and outlier_pos[o] == i:
+                out[i] += weight * outlier_vals[o]
+                o += 1
+                continue
+            h = 0
+            if shared_bits > 0:
+                z = key + np.uint64(i + 1) * _GAMMA
+                z = (z ^ (z >> _S30)) * _MIX1
+                z = (z ^ (z >> _S27)) * _MIX2
+                z = z ^ (z >> _S31)
+                h = np.int64(z >> drop)
+            out[i] += scale * receiver[messages[j], h]
+            j += 1
+
+
+_accumulate_numba = numba.njit(cache=True)(_accumulate_py) if numba is not None else None
+
+
 def _private_uniforms(seed: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Two independent uniforms per coordinate (multiples of 2^-32, float64) from one
     64-bit hash each: its high and low halves. Sender-only randomness."""
@@ -315,8 +357,27 @@ class QuicFL(Codec):
         return {"outlier_fraction": enc.section("outlier_values").count / max(n, 1)}
 
     # ---- decode ------------------------------------------------------------------------
+    def accumulate(self, out: torch.Tensor, enc: Encoded, weight: float = 1.0) -> None:
+        """out += weight * the client's estimate in the rotated domain (before the inverse
+        RHTs); out is float64 of the padded length, on the decoding device."""
+        n = padded_size(enc.numel)
+        values = enc.section("outlier_values").raw("float").to(torch.float64)
+        positions = outlier_positions(enc, n, values.numel())
+        messages = enc.section("q").ints()
+        if out.device.type == "cpu" and _accumulate_numba is not None:
+            layout = slice_layout(enc.numel)
+            _accumulate_numba(
+                out.numpy(), messages.numpy(), positions.numpy(), values.numpy(),
+                np.array([s.offset for s in layout], dtype=np.int64),
+                np.array([s.size for s in layout], dtype=np.int64),
+                np.array(enc.scales, dtype=np.float64), self.tables.receiver.numpy(),
+                np.uint64(fqr.stream_key(enc.seed, fqr.Purpose.SHARED_INDEX)),
+                self.shared_bits, float(weight))
+            return
+        out.add_(self.decode_rotated(enc, out.device), alpha=weight)
+
     def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
-        """The client's estimate in the rotated domain (before the inverse RHTs), float64."""
+        """The client's estimate in the rotated domain, float64 (plain torch, any device)."""
         n = padded_size(enc.numel)
         tables = self.tables.to(device)
         values = enc.section("outlier_values").raw("float", device).to(torch.float64)
@@ -333,8 +394,10 @@ class QuicFL(Codec):
         return out
 
     def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        z = self.decode_rotated(enc, device).to(torch.float32)
-        return unrotate(z, self.rotation_seed(enc.seed), enc.rotations, enc.numel)
+        z = torch.zeros(padded_size(enc.numel), dtype=torch.float64, device=device)
+        self.accumulate(z, enc)
+        return unrotate(z.to(torch.float32), self.rotation_seed(enc.seed), enc.rotations,
+                        enc.numel)
 
     def decode_sum(self, encs: Sequence[Encoded], weights: Sequence[float],
                    device=None) -> torch.Tensor:
@@ -343,10 +406,9 @@ class QuicFL(Codec):
         rotation_keys = {(codec_rotation_seed(e), e.rotations) for e in encs}
         if len(rotation_keys) != 1:
             return super().decode_sum(encs, weights, device)
-        total = None
+        total = torch.zeros(padded_size(encs[0].numel), dtype=torch.float64, device=device)
         for enc, w in zip(encs, weights, strict=True):
-            part = self.decode_rotated(enc, device).mul_(w)
-            total = part if total is None else total.add_(part)
+            self.accumulate(total, enc, w)
         (rot_seed, k), = rotation_keys
         return unrotate(total.to(torch.float32), rot_seed, k, encs[0].numel)
 

@@ -1,0 +1,236 @@
+"""`fedquant bench mean`: the server's mean of n updates, fast path against n decodes.
+
+For each n it times (medians, ms, in one process and one run):
+
+* ``decode_mean``: ``fq.decode_mean(encs)``. For QUIC-FL with a shared ``round_seed`` this
+  adds the clients' values in the rotated domain and inverts the rotation once:
+  n * (dequantize) + 1 * (inverse RHTs);
+* ``separate``: n calls of ``fq.decode`` summed and divided by n: n * (dequantize + RHTs);
+* ``rw_pass``: one read+write pass of a d-float32 array (``y.copy_(x)``), the memory floor.
+
+It reports ``speedup`` = separate / decode_mean and ``x_rw`` = decode_mean / (n * rw_pass),
+the cost per client in read+write passes, and checks that both means agree. Encodings are
+made from ``distinct`` client vectors and reused cyclically up to n (decoding cost does not
+depend on the values). Config: ``simulations/configs/bench_mean.toml``.
+
+    fedquant bench mean --quick
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import pathlib
+import statistics
+import time
+import tomllib
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import torch
+import typer
+
+import fedquant as fq
+from fedquant.codecs.base import codec_class
+from fedquant.random import derive_seed
+
+DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "bench_mean.toml"
+DEFAULTS: dict[str, Any] = {"codec": "quic-fl:bits=2", "d": 2**20, "clients": [1, 10, 100],
+                            "repeats": 3, "distinct": 10, "threads": 1, "seed": 0}
+QUICK_KEYS = ("d", "clients", "repeats", "distinct")
+FIELDS = ["codec", "d", "n", "decode_mean_ms", "separate_ms", "rw_pass_ms", "speedup",
+          "x_rw", "max_abs_diff", "bits_per_coord"]
+
+
+# ---- config -------------------------------------------------------------------------------
+def _codec_spec(text: str) -> tuple[str, dict[str, str]]:
+    """'quic-fl:bits=2' -> ('quic-fl', {'bits': '2'}); ValueError names a bad codec/key."""
+    name, _, rest = str(text).partition(":")
+    params = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"config key 'codec': expected name:key=value,..., got {text!r}")
+        params[key.strip()] = value.strip()
+    codec_class(name).from_params(params)  # ValueError naming the codec or parameter
+    return name, params
+
+
+def validate_config(table: dict) -> dict:
+    """ValueError naming any unknown key or bad value."""
+    allowed = sorted([*DEFAULTS, "quick"])
+    unknown = set(table) - set(allowed)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)}; allowed keys: {allowed}")
+    quick = table.get("quick", {})
+    bad = set(quick) - set(QUICK_KEYS)
+    if bad:
+        raise ValueError(f"unknown key(s) {sorted(bad)} in [quick]; allowed: {list(QUICK_KEYS)}")
+    for source in (table, quick):
+        for key in ("d", "repeats", "distinct", "threads"):
+            v = source.get(key, 1)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 2**28:
+                raise ValueError(f"config key '{key}' must be an integer in [1, 2^28], "
+                                 f"got {v!r}")
+        n = source.get("clients", [1])
+        if not isinstance(n, list) or not n or any(
+                isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 10_000 for c in n):
+            raise ValueError(f"config key 'clients' must be a non-empty list of integers in "
+                             f"[1, 10000], got {n!r}")
+    _codec_spec(table.get("codec", DEFAULTS["codec"]))
+    return table
+
+
+def load_config(path: str | pathlib.Path = DEFAULT_CONFIG, quick: bool = False) -> dict:
+    with open(path, "rb") as f:
+        table = validate_config(tomllib.load(f))
+    cfg = {**DEFAULTS, **{k: v for k, v in table.items() if k != "quick"}}
+    if quick:
+        cfg.update(table.get("quick", {}))
+    return cfg
+
+
+# ---- measurement --------------------------------------------------------------------------
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time of `fn` in ms over `repeats` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _separate_mean(encs: list[fq.Encoded]) -> torch.Tensor:
+    total = torch.zeros(encs[0].shape, dtype=torch.float64)
+    for enc in encs:
+        total += fq.decode(enc).to(torch.float64)
+    return (total / len(encs)).to(torch.float32)
+
+
+def bench_mean(cfg: dict, step: Callable[[str], None] = lambda _: None) -> list[dict]:
+    """One row per n of cfg['clients'] (see the module docstring)."""
+    name, params = _codec_spec(cfg["codec"])
+    klass = codec_class(name)
+    if "round_seed" in klass._defaults() and "round_seed" not in params:
+        params["round_seed"] = str(cfg["seed"] + 1)  # one rotation for the whole round
+    codec = klass.from_params(params)
+    d = cfg["d"]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    pool = []
+    for i in range(min(cfg["distinct"], max(cfg["clients"]))):
+        pool.append(codec.encode(torch.randn(d, generator=gen),
+                                 seed=derive_seed(cfg["seed"], i)))
+        step(f"encoding client {i + 1}")
+    x, y = torch.randn(d, generator=gen), torch.empty(d)
+    rw_ms = median_ms(lambda: y.copy_(x), max(cfg["repeats"], 20))
+    rows = []
+    for n in cfg["clients"]:
+        encs = [pool[i % len(pool)] for i in range(n)]
+        fast = fq.decode_mean(encs)
+        slow = _separate_mean(encs)
+        mean_ms = median_ms(lambda encs=encs: fq.decode_mean(encs), cfg["repeats"])
+        separate_ms = median_ms(lambda encs=encs: _separate_mean(encs),
+                                1 if n >= 100 else cfg["repeats"])
+        rows.append({"codec": cfg["codec"], "d": d, "n": n, "decode_mean_ms": mean_ms,
+                     "separate_ms": separate_ms, "rw_pass_ms": rw_ms,
+                     "speedup": separate_ms / mean_ms, "x_rw": mean_ms / (n * rw_ms),
+                     "max_abs_diff": float((fast - slow).abs().max()),
+                     "bits_per_coord": pool[0].bits_per_coordinate})
+        step(f"n = {n}")
+    return rows
+
+
+# ---- outputs ------------------------------------------------------------------------------
+def _plot(rows: list[dict], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.loglog(n, [r["decode_mean_ms"] for r in rows], "o-", label="decode_mean (one unrotate)")
+    ax.loglog(n, [r["separate_ms"] for r in rows], "s-", label="n separate decodes")
+    ax.loglog(n, [r["n"] * r["rw_pass_ms"] for r in rows], "k--", label="n read+write passes")
+    ax.set_xlabel("clients n")
+    ax.set_ylabel("ms")
+    ax.set_title(f"{rows[0]['codec']}, d = {rows[0]['d']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], cfg: dict, out_dir: pathlib.Path) -> None:
+    """rows.csv, rows.json, bench_mean.png and report.md in out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "rows.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    (out_dir / "rows.json").write_text(json.dumps({"config": cfg, "environment": env,
+                                                   "rows": rows}, indent=1))
+    _plot(rows, out_dir / "bench_mean.png")
+    lines = ["# fedquant bench mean", "",
+             f"{cfg['codec']} at d = {cfg['d']}, {env['threads']} thread(s), medians of "
+             f"{cfg['repeats']} runs. decode_mean sums in the rotated domain and inverts the "
+             "rotation once; `separate` decodes each client.", "",
+             "| n | decode_mean ms | separate ms | speedup | rw pass ms | decode_mean / (n rw) "
+             "| max abs diff |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['n']} | {r['decode_mean_ms']:.2f} | {r['separate_ms']:.2f} | "
+              f"{r['speedup']:.2f} | {r['rw_pass_ms']:.3f} | {r['x_rw']:.1f} | "
+              f"{r['max_abs_diff']:.2g} |" for r in rows]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def print_summary(rows: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fedquant bench mean: {rows[0]['codec']}, d = {rows[0]['d']}")
+    for col in ("n", "decode_mean ms", "separate ms", "speedup", "per client / rw pass"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["n"]), f"{r['decode_mean_ms']:.2f}", f"{r['separate_ms']:.2f}",
+                      f"{r['speedup']:.2f}x", f"{r['x_rw']:.1f}")
+    Console().print(table)
+
+
+def run_bench_mean(cfg: dict, out_dir: pathlib.Path, progress: bool = True) -> list[dict]:
+    """Run the benchmark for a resolved config and write its outputs."""
+    from rich.progress import Progress
+
+    torch.set_num_threads(cfg["threads"])
+    steps = min(cfg["distinct"], max(cfg["clients"])) + len(cfg["clients"])
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("bench mean", total=steps)
+        rows = bench_mean(cfg, lambda what: bar.update(task, advance=1, description=what))
+    write_outputs(rows, cfg, pathlib.Path(out_dir))
+    return rows
+
+
+def bench_mean_command(
+    quick: Annotated[bool, typer.Option("--quick", help="n = 1, 10 at d = 2^16.")] = False,
+    config: Annotated[pathlib.Path, typer.Option(help="TOML config.")] = DEFAULT_CONFIG,
+    out: Annotated[pathlib.Path, typer.Option(help="Output folder.")] = pathlib.Path(
+        "results/bench_mean"),
+) -> None:
+    """decode_mean time for n = 1, 10, 100 at d = 2^20 against n separate decodes."""
+    try:
+        cfg = load_config(config, quick)
+    except (ValueError, OSError, tomllib.TOMLDecodeError) as e:
+        raise typer.BadParameter(str(e), param_hint="--config") from None
+    rows = run_bench_mean(cfg, out)
+    print_summary(rows)
+    typer.echo(f"wrote {out}/rows.csv, rows.json, bench_mean.png, report.md")
+
+
+def register_bench(bench_app: typer.Typer) -> None:
+    """Add ``mean`` to the ``fedquant bench`` command group."""
+    bench_app.command("mean")(bench_mean_command)
+
+
+__all__ = ["bench_mean", "load_config", "register_bench", "run_bench_mean", "validate_config"]
