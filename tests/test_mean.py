@@ -1,0 +1,108 @@
+"""decode_mean: unbiased averaging (NMSE(n) about vNMSE / n), REFERENCE.md's biased vs
+unbiased figures, weights, and rejected mismatches."""
+
+import pytest
+import torch
+
+import fedquant as fq
+from fedquant.random import derive_seed
+from simulations.inputs import make_input
+
+N = 10
+
+
+def _clients(name, d, seed=0):
+    return [make_input(name, d, seed=1000 * seed + i) for i in range(N)]
+
+
+def _vnmse_and_nmse(codec, xs, round_seed):
+    encs = [fq.Encoded.from_bytes(codec.encode(x, seed=derive_seed(round_seed, i)).to_bytes())
+            for i, x in enumerate(xs)]
+    vnmse = sum(fq.vnmse(x, fq.decode(e)) for x, e in zip(xs, encs, strict=True)) / len(xs)
+    return vnmse, fq.nmse(xs, fq.decode_mean(encs))
+
+
+@pytest.mark.parametrize("name,params", [("eden", {"bits": 2}), ("dither", {"bits": 2}),
+                                         ("stochastic", {"bits": 3}), ("drive", {})])
+def test_unbiased_codecs_average_out(name, params):
+    codec = fq.get_codec(name, **params)
+    assert codec.is_unbiased
+    vnmse, nmse = _vnmse_and_nmse(codec, _clients("lognormal", 2**14), round_seed=5)
+    # independent client seeds: the errors are uncorrelated, NMSE(n) = vNMSE / n
+    assert nmse * N == pytest.approx(vnmse, rel=0.12), (nmse, vnmse)
+
+
+# REFERENCE.md, "Biased vs unbiased once averaged" (n = 10, LogNormal, b = 1)
+@pytest.mark.parametrize("scale,ref_vnmse,ref_nmse", [("biased", 0.363, 0.080),
+                                                      ("unbiased", 0.571, 0.057)])
+def test_reference_biased_vs_unbiased_once_averaged(scale, ref_vnmse, ref_nmse):
+    codec = fq.get_codec("drive", scale=scale)
+    results = [_vnmse_and_nmse(codec, _clients("lognormal", 2**15, seed=t), round_seed=t)
+               for t in range(2)]
+    vnmse = sum(r[0] for r in results) / len(results)
+    nmse = sum(r[1] for r in results) / len(results)
+    assert vnmse == pytest.approx(ref_vnmse, rel=0.04)
+    assert nmse == pytest.approx(ref_nmse, rel=0.06)
+
+
+def test_weights():
+    xs = [torch.randn(3, 40) for _ in range(3)]
+    codec = fq.get_codec("eden", bits=3)
+    encs = [codec.encode(x, seed=i) for i, x in enumerate(xs)]
+    decoded = [fq.decode(e).double() for e in encs]
+    weights = [1.0, 3.0, 0.0]
+    expected = (decoded[0] * 1 + decoded[1] * 3) / 4
+    got = fq.decode_mean(encs, weights)
+    assert got.shape == (3, 40) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_weighted_mean_is_exact_for_fp32():
+    xs = [torch.randn(100) for _ in range(4)]
+    encs = [fq.get_codec("fp32").encode(x) for x in xs]
+    w = [0.5, 2.0, 1.0, 0.25]
+    expected = sum(wi * x.double() for wi, x in zip(w, xs, strict=True)) / sum(w)
+    torch.testing.assert_close(fq.decode_mean(encs, w).double(), expected, atol=1e-6,
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", fq.available_codecs())
+def test_decode_mean_equals_mean_of_decodes_for_every_codec(name):
+    """Covers codec-specific decode_sum fast paths (e.g. sums in the rotated domain)."""
+    codec = fq.get_codec(name)
+    xs = [torch.randn(64, 48, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    try:
+        encs = [codec.encode(x, seed=derive_seed(9, i)) for i, x in enumerate(xs)]
+    except ValueError:
+        pytest.skip(f"{name} does not encode a 64 x 48 tensor with default parameters")
+    expected = sum(fq.decode(e).double() for e in encs) / len(encs)
+    scale = float(expected.abs().max()) + 1e-12
+    got = fq.decode_mean(encs).double()
+    assert float((got - expected).abs().max()) / scale < 1e-4
+
+
+def test_mismatches_rejected():
+    x = torch.randn(100)
+    eden2 = fq.get_codec("eden", bits=2).encode(x, seed=1)
+    with pytest.raises(ValueError, match="match"):
+        fq.decode_mean([eden2, fq.get_codec("eden", bits=3).encode(x, seed=2)])
+    with pytest.raises(ValueError, match="match"):
+        fq.decode_mean([eden2, fq.get_codec("dither", bits=2).encode(x, seed=2)])
+    with pytest.raises(ValueError, match="match"):
+        fq.decode_mean([eden2, fq.get_codec("eden", bits=2).encode(torch.randn(101), seed=2)])
+    with pytest.raises(ValueError, match="match"):
+        fq.decode_mean([eden2, fq.get_codec("eden", bits=2).encode(x.reshape(10, 10), seed=2)])
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")],
+                                     [1.0, float("inf")]])
+def test_bad_weights_rejected(weights):
+    x = torch.randn(50)
+    encs = [fq.get_codec("eden").encode(x, seed=s) for s in range(2)]
+    with pytest.raises(ValueError, match="weights"):
+        fq.decode_mean(encs, weights)
+
+
+def test_empty_list_rejected():
+    with pytest.raises(ValueError, match="at least one"):
+        fq.decode_mean([])
