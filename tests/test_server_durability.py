@@ -1,5 +1,7 @@
 """kill -9 of the server during a round and a restart lose no acknowledged push and count
-none twice: the resumed round's mean equals fq.decode_mean of every client's payload."""
+none twice: the resumed round's mean equals fq.decode_mean of every client's payload.
+(That a closed round keeps its mean across a restart is checked in-process in
+test_server_units.py.)"""
 
 from __future__ import annotations
 
@@ -62,10 +64,5 @@ def test_kill_9_during_a_round_then_restart(tmp_path):
             mean = c.get_mean("durable", wait_s=30)
             expected = fq.decode_mean(encs, weights)
             torch.testing.assert_close(mean, expected, rtol=1e-5, atol=1e-6)
-        server.kill()  # a closed round keeps its mean across another crash
-        server = ServerProcess(tmp_path, "--insecure")
-        with AggregatorClient(server.target, insecure=True) as c:
-            assert c.round_status("durable").state == pb.CLOSED
-            torch.testing.assert_close(c.get_mean("durable"), mean, rtol=0, atol=0)
     finally:
         server.kill()

@@ -96,7 +96,13 @@ def test_store_replay_rebuilds_the_running_sum_and_refuses_duplicates(tmp_path):
     assert again.state == "open" and sorted(again.pushes) == [3, 8]
     torch.testing.assert_close(again.running_sum, rnd.running_sum, rtol=0, atol=0)
     replayed.close(again, "operator")
-    torch.testing.assert_close(replayed.mean(again), fq.decode_mean(encs, [1.0, 2.5]))
+    mean = replayed.mean(again)
+    torch.testing.assert_close(mean, fq.decode_mean(encs, [1.0, 2.5]))
+    replayed.store.close()
+    closed = RoundBook(Store(tmp_path)).get("r")  # a closed round keeps its stored mean
+    assert closed.state == "closed" and closed.close_reason == "operator"
+    assert closed.running_sum is None
+    torch.testing.assert_close(RoundBook(Store(tmp_path)).mean(closed), mean, rtol=0, atol=0)
 
 
 def test_bench_config_and_quick_run(tmp_path):
