@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedquant import cpu_kernels
 from fedquant.hadamard import inverse_rht, rht
 
 SCALAR_L3_CONSTANT = 3.0**0.75
@@ -83,6 +84,8 @@ def rotate(x: torch.Tensor, seed: int, rotations: int, backend: str = "auto") ->
         for layer in range(rotations):
             buf = rht(buf, seed, layer, s.offset, backend)
         parts.append(buf)
+    if len(parts) == 1 and rotations > 0:  # one slice: already a fresh tensor, skip the copy
+        return parts[0]
     return torch.cat(parts) if parts else x.new_zeros(0)
 
 
@@ -95,11 +98,16 @@ def unrotate(z: torch.Tensor, seed: int, rotations: int, d: int,
         for layer in reversed(range(rotations)):
             buf = inverse_rht(buf, seed, layer, s.offset, backend)
         parts.append(buf[: s.length])
+    if len(parts) == 1 and rotations > 0:  # one slice: already a fresh tensor, skip the copy
+        return parts[0]
     return torch.cat(parts) if parts else z.new_zeros(0)
 
 
 def flatness(x: torch.Tensor) -> tuple[float, float]:
     """(||u||_3^3, ||u||_4^4) of u = x / ||x||, in one float64 pass."""
+    if cpu_kernels.usable(x):  # one fused float64 pass instead of four
+        s2, s3, s4 = cpu_kernels.moments(x)
+        return (0.0, 0.0) if s2 == 0 else (s3 / s2**1.5, s4 / s2**2)
     u = x.to(torch.float64)
     norm = torch.linalg.vector_norm(u)
     if norm == 0:

@@ -132,7 +132,10 @@ def check_input(x: torch.Tensor) -> torch.Tensor:
     if x.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of float32, float16, bfloat16; got {x.dtype}")
     flat = x.detach().reshape(-1).to(torch.float32)
-    if flat.numel() and not bool(torch.isfinite(flat).all()):
+    # a finite sum implies finite entries (NaN/Inf propagate): one pass, no bool tensor;
+    # only a non-finite sum (overflow or a bad entry) pays the exact check
+    if flat.numel() and not (bool(torch.isfinite(flat.sum()))
+                             or bool(torch.isfinite(flat).all())):
         raise ValueError("cannot encode a tensor containing NaN or Inf")
     return flat
 

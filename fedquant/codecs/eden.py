@@ -27,6 +27,7 @@ import pathlib
 
 import torch
 
+from fedquant import cpu_kernels
 from fedquant.codecs.base import (
     Codec,
     check_input,
@@ -86,21 +87,26 @@ class Eden(Codec):
         k = resolve_rotations(self.rotations, flat, "scalar")
         z = rotate(flat, check_seed(seed), k)
         centroids = lloyd_max_centroids(self.bits).to(z.device)
-        indices = torch.empty(z.numel(), dtype=torch.int64, device=z.device)
+        fast = cpu_kernels.usable(z)  # fused numba passes; same numbers as the torch lines
+        indices = torch.empty(z.numel(), dtype=torch.uint8 if fast else torch.int64,
+                              device=z.device)
         scales = []
         for s in slice_layout(flat.numel()):
             zs = z[s.offset: s.offset + s.size]
-            norm = torch.linalg.vector_norm(zs.to(torch.float64))
-            t = zs * (math.sqrt(s.size) / max(float(norm), 1e-300))
-            idx = nearest_centroid(t, centroids)
-            indices[s.offset: s.offset + s.size] = idx
-            c = centroids[idx]
-            dot = float(torch.dot(zs.to(torch.float64), c))
+            idx = indices[s.offset: s.offset + s.size]
+            if fast:
+                norm, dot = cpu_kernels.eden_quantize(zs, centroids, idx)
+            else:
+                norm = float(torch.linalg.vector_norm(zs.to(torch.float64)))
+                t = zs * (math.sqrt(s.size) / max(norm, 1e-300))
+                idx.copy_(nearest_centroid(t, centroids))
+                dot = float(torch.dot(zs.to(torch.float64), centroids[idx]))
             if norm == 0 or dot <= 0:
                 scales.append(0.0)
             elif self.scale == "unbiased":
-                scales.append(float(norm) ** 2 / dot)
+                scales.append(norm**2 / dot)
             else:
+                c = centroids[idx.long()]
                 scales.append(dot / float(torch.dot(c, c)))
         return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
                                  sections={"q": Section.from_ints("q", indices, self.bits)})
