@@ -2,10 +2,12 @@
 
 A round is opened with a codec, a round seed, the tensor shape, the expected cohort, a
 quorum and a deadline. Each accepted push is decoded by the codec's fast path
-(``codec.decode_sum([enc], [w])``, which is QUIC-FL's rotated-domain sum where the codec
-provides one) and added to the round's float64 running sum, so an open round holds O(d)
-memory whatever the number of clients. The round closes on quorum, on deadline or on an
-operator call; closing stores the float32 mean ``sum / total_weight`` in the log.
+(``codec.decode_sum([enc], [w])``) and added to the round's float64 running sum, so an open
+round holds O(d) memory whatever the number of clients. When the clients share one rotation
+(QUIC-FL with a round_seed), pushes are summed in the rotated domain instead and the round
+pays a single inverse rotation at close (seed 003 section 5). The round closes on quorum,
+on deadline or on an operator call; closing stores the float32 mean ``sum / total_weight``
+in the log.
 
 This module knows nothing of gRPC: problems are raised as :class:`AggregationError` with
 the name of the gRPC status code the servicer should return.
@@ -32,6 +34,7 @@ import torch
 
 import fedquant as fq
 from fedquant.codecs.base import codec_class
+from fedquant.rotation import padded_size, unrotate
 from server.store import Store
 
 log = logging.getLogger("fedquant.server")
@@ -134,6 +137,25 @@ class RoundConfig:
 
 
 @dataclass(frozen=True)
+class Contribution:
+    """One push's weighted estimate, float64: flat, or in the rotated domain of `rotation`
+    (rotation seed, number of RHTs) and padded, to be unrotated once at close."""
+
+    values: torch.Tensor
+    rotation: tuple[int, int] | None = None
+
+
+def shares_rotation(codec: fq.Codec) -> bool:
+    """Whether all of a round's clients share the codec's rotation, so that their estimates
+    can be summed before one inverse rotation: the codec offers ``accumulate(out, enc, w)``
+    into the rotated domain and ``rotation_seed(client_seed)`` ignores the client seed
+    (QUIC-FL with a round_seed)."""
+    return (callable(getattr(codec, "accumulate", None))
+            and callable(getattr(codec, "rotation_seed", None))
+            and codec.rotation_seed(1) == codec.rotation_seed(2))
+
+
+@dataclass(frozen=True)
 class PushRecord:
     weight: float
     nbytes: int
@@ -149,6 +171,8 @@ class Round:
     close_reason: str = ""
     pushes: dict[int, PushRecord] = field(default_factory=dict)
     running_sum: torch.Tensor | None = None  # float64, flat; None once closed
+    # Rotated-domain sums of codecs with a shared rotation, by (rotation seed, count).
+    rotated_sums: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     total_weight: float = 0.0
     bytes_received: int = 0
     decode_seconds: float = 0.0
@@ -252,14 +276,24 @@ class RoundBook:
             raise AggregationError("FAILED_PRECONDITION", f"payload seed {enc.seed} is not "
                                    f"derive_seed(round_seed, {client_id}) = {expected_seed}")
 
-    def decode(self, rnd: Round, enc: fq.Encoded, weight: float) -> torch.Tensor:
-        """weight * decode(enc), flat float64, by the codec's fast path."""
+    def decode(self, rnd: Round, enc: fq.Encoded, weight: float) -> Contribution:
+        """weight * decode(enc) as a float64 contribution to the round's sum.
+
+        Codecs whose clients share one rotation (QUIC-FL with a round_seed) contribute in
+        the rotated domain, so the round pays one inverse rotation at close instead of one
+        per push; every other codec goes through its ``decode_sum`` fast path.
+        """
         codec = fq.codecs.codec_for(enc)
+        if shares_rotation(codec):
+            rotated = torch.zeros(padded_size(enc.numel), dtype=torch.float64,
+                                  device=self.device)
+            codec.accumulate(rotated, enc, weight)
+            return Contribution(rotated, (codec.rotation_seed(enc.seed), enc.rotations))
         part = codec.decode_sum([enc], [weight], self.device)
-        return part.reshape(-1)[: rnd.config.numel].to(torch.float64)
+        return Contribution(part.reshape(-1)[: rnd.config.numel].to(torch.float64))
 
     def accept(self, rnd: Round, client_id: int, weight: float, payload: bytes, digest: str,
-               contribution: torch.Tensor, decode_seconds: float) -> tuple[int, str]:
+               contribution: Contribution, decode_seconds: float) -> tuple[int, str]:
         """Durably log the push, then add it to the running sum; returns (pushes, state)."""
         with rnd.lock:
             self._check_open_and_new(rnd, client_id)
@@ -276,11 +310,17 @@ class RoundBook:
             return len(rnd.pushes), rnd.state
 
     @staticmethod
-    def _add(rnd: Round, contribution: torch.Tensor) -> None:
-        if rnd.running_sum is None:
-            rnd.running_sum = contribution.clone()
+    def _add(rnd: Round, contribution: Contribution) -> None:
+        key, values = contribution.rotation, contribution.values
+        total = rnd.running_sum if key is None else rnd.rotated_sums.get(key)
+        if total is None:
+            total = values.clone()
+            if key is None:
+                rnd.running_sum = total
+            else:
+                rnd.rotated_sums[key] = total
         else:
-            rnd.running_sum.add_(contribution)
+            total.add_(values)
 
     # ---- closing -----------------------------------------------------------------------
     def close(self, rnd: Round, reason: str) -> None:
@@ -296,11 +336,16 @@ class RoundBook:
 
     def _close_locked(self, rnd: Round, reason: str) -> None:
         mean = None
-        if rnd.running_sum is not None and rnd.total_weight > 0:
-            mean = (rnd.running_sum / rnd.total_weight).to(torch.float32)
+        total = rnd.running_sum
+        for (seed, rotations), rotated in rnd.rotated_sums.items():  # one unrotate per key
+            part = unrotate(rotated.to(torch.float32), seed, rotations, rnd.config.numel)
+            total = part.to(torch.float64) if total is None else total + part
+        if total is not None and rnd.total_weight > 0:
+            mean = (total / rnd.total_weight).to(torch.float32)
             mean = mean.cpu().numpy().astype("<f4").tobytes()
         self.store.close_round(rnd.round_id, reason, mean)
         rnd.state, rnd.close_reason, rnd.running_sum = "closed", reason, None
+        rnd.rotated_sums = {}
         rnd.closed.set()
         log.info("round_closed", extra={"fields": {
             "round": rnd.round_id, "reason": reason, "pushes": len(rnd.pushes),

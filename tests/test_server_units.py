@@ -117,3 +117,27 @@ def test_bench_config_and_quick_run(tmp_path):
     assert row["server_peak_rss_mib"] > 0 and row["codec_decode_updates_per_s"] > 0
     for name in ("bench_server.csv", "bench_server.json", "bench_server.png", "report.md"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+def test_shared_rotation_rounds_sum_in_the_rotated_domain(tmp_path):
+    """QUIC-FL with a round_seed: one rotated-domain sum, one inverse rotation at close, and
+    the same mean as fq.decode_mean (also after a replay of the log)."""
+    params = {"bits": 2, "round_seed": 77}
+    book = RoundBook(Store(tmp_path))
+    rnd = book.open(RoundConfig.build("q", "quic-fl", params, 5, [1000], expected_count=4))
+    codec = fq.get_codec("quic-fl", **params)
+    encs = [codec.encode(torch.randn(1000), seed=fq.random.derive_seed(5, c)) for c in range(4)]
+    weights = [1.0, 2.0, 0.5, 3.0]
+    for c in range(3):
+        book.accept(rnd, c, weights[c], encs[c].to_bytes(), "digest",
+                    book.decode(rnd, encs[c], weights[c]), 0.0)
+    assert rnd.running_sum is None and list(rnd.rotated_sums) == [(77, encs[0].rotations)]
+    book.store.close()
+    replayed = RoundBook(Store(tmp_path))
+    again = replayed.get("q")
+    torch.testing.assert_close(again.rotated_sums, rnd.rotated_sums, rtol=0, atol=0)
+    replayed.accept(again, 3, weights[3], encs[3].to_bytes(), "digest",
+                    replayed.decode(again, encs[3], weights[3]), 0.0)  # quorum: closes
+    assert again.state == "closed" and not again.rotated_sums
+    torch.testing.assert_close(replayed.mean(again), fq.decode_mean(encs, weights),
+                               rtol=1e-5, atol=1e-6)
