@@ -16,7 +16,7 @@ import fedquant as fq
 from fedquant.codecs import quicfl
 from fedquant.packing import packed_len
 from fedquant.random import derive_seed
-from fedquant.rotation import padded_size
+from fedquant.rotation import padded_size, rotate, slice_layout
 from fedquant.wire import Section
 
 P = 2.0**-9
@@ -212,6 +212,20 @@ def test_cpu_kernel_matches_torch_path(shared_bits: int) -> None:
     out = torch.zeros(padded_size(5000), dtype=torch.float64)
     c.accumulate(out, enc, 0.5)
     assert torch.allclose(out, 0.5 * c.decode_rotated(enc), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(("bits", "shared_bits", "d"), [(1, -1, 511), (2, 0, 5000), (4, -1, 70000)])
+def test_cpu_quantizer_matches_torch_path(bits: int, shared_bits: int, d: int) -> None:
+    """The numba sender sends the same messages and outliers as the torch one, bit for bit."""
+    c = codec(bits=bits, shared_bits=shared_bits)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    x[3] = 80.0
+    z = rotate(x, 5, 0)  # padded, unrotated: the spike stays an outlier
+    scales = [float(torch.linalg.vector_norm(z[s.offset: s.offset + s.size].double()))
+              / math.sqrt(s.size) for s in slice_layout(d)]
+    m1, p1 = c._quantize_cpu(z, scales, 9, d)
+    m2, p2 = c.quantize(z, scales, 9, d)
+    assert torch.equal(m1, m2) and torch.equal(p1, p2) and p1.numel() >= 1
 
 
 def test_round_seed_argument_overrides_parameter() -> None:

@@ -209,6 +209,53 @@ _GAMMA, _MIX1, _MIX2 = (np.uint64(v) for v in (fqr.GOLDEN_GAMMA, fqr._MIX1, fqr.
 _S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 
 
+@numba.njit(cache=True, inline="always") if numba is not None else (lambda f: f)
+def _hash(key, i):  # pragma: no cover - numba-compiled
+    """fedquant.random.hash64(seed, purpose, i) for the stream key of (seed, purpose)."""
+    z = key + np.uint64(i + 1) * _GAMMA
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+def _quantize_py(z, scales, sizes, threshold, a0, delta, m, lo, up, shared_bits, key_h,
+                 key_private, messages, positions):  # pragma: no cover - numba-compiled
+    """QuicFL.quantize in one pass: the same float64 operations in the same order, h from
+    the top l bits of the SHARED_INDEX hash, the two private uniforms from the high and
+    low 32 bits of the PRIVATE hash. Returns (number of messages, number of outliers)."""
+    n_h = 1 << shared_bits
+    drop = np.uint64(64 - shared_bits)
+    low32 = np.uint64(0xFFFFFFFF)
+    j = 0
+    o = 0
+    i = 0
+    for s in range(sizes.size):
+        scale = max(scales[s], 1e-300)
+        for _ in range(sizes[s]):
+            t = np.float64(z[i]) / scale
+            if abs(t) > threshold:
+                positions[o] = i
+                o += 1
+                i += 1
+                continue
+            h = np.int64(_hash(key_h, i) >> drop) if shared_bits > 0 else 0
+            bits = _hash(key_private, i)
+            u_grid = np.float64(bits >> np.uint64(32)) * 2.0**-32
+            u_msg = np.float64(bits & low32) * 2.0**-32
+            pos = (t - a0) / delta
+            cell = min(max(np.floor(pos), 0.0), np.float64(m - 2))
+            frac = min(max(pos - cell, 0.0), 1.0)
+            g = np.int64(cell) + (1 if u_grid < frac else 0)
+            c = g * n_h + h
+            messages[j] = lo[c] + (1 if u_msg < up[c] else 0)
+            j += 1
+            i += 1
+    return j, o
+
+
+_quantize_numba = numba.njit(cache=True)(_quantize_py) if numba is not None else None
+
+
 def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, scales,
                    receiver, key, shared_bits, weight):  # pragma: no cover - numba-compiled
     """out += weight * (this client's rotated-domain estimate), in one pass.
@@ -309,26 +356,52 @@ class QuicFL(Codec):
         seed = check_seed(seed)
         k = resolve_rotations(self.rotations, flat, "scalar")
         z = rotate(flat, self.rotation_seed(seed), k)
-        n, device = z.numel(), z.device
-        tables = self.tables.to(device)
         scales = [float(torch.linalg.vector_norm(z[s.offset: s.offset + s.size]
                                                  .to(torch.float64))) / math.sqrt(s.size)
                   for s in slice_layout(flat.numel())]
-        scale = _slice_scales(scales, flat.numel(), device)
+        if z.device.type == "cpu" and _quantize_numba is not None:
+            messages, positions = self._quantize_cpu(z, scales, seed, flat.numel())
+        else:
+            messages, positions = self.quantize(z, scales, seed, flat.numel())
+        sections = {
+            "q": Section.from_ints("q", messages, self.bits),
+            "outlier_values": Section.from_raw("outlier_values", z[positions].float()),
+        }
+        where = position_section(positions, z.numel())
+        sections[where.name] = where
+        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales), sections=sections)
+
+    def quantize(self, z: torch.Tensor, scales: Sequence[float], seed: int,
+                 d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(messages of the inliers in order, outlier positions) for the rotated z of a
+        d-coordinate input with slice scales ||x_slice|| / sqrt(size) (plain torch)."""
+        n, device = z.numel(), z.device
+        tables = self.tables.to(device)
+        scale = _slice_scales(scales, d, device)
         t = z.to(torch.float64) / scale.clamp(min=1e-300)  # all-zero slice: t = 0
         outlier = t.abs() > tables.threshold
         positions = torch.nonzero(outlier).reshape(-1)
         inlier = ~outlier
         h = fqr.integers(seed, fqr.Purpose.SHARED_INDEX, n, tables.shared_levels, device)
         u_grid, u_msg = _private_uniforms(seed, n, device)
-        messages = tables.sample(t[inlier], h[inlier], u_grid[inlier], u_msg[inlier])
-        sections = {
-            "q": Section.from_ints("q", messages, self.bits),
-            "outlier_values": Section.from_raw("outlier_values", z[positions].float()),
-        }
-        where = position_section(positions, n)
-        sections[where.name] = where
-        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales), sections=sections)
+        return tables.sample(t[inlier], h[inlier], u_grid[inlier], u_msg[inlier]), positions
+
+    def _quantize_cpu(self, z: torch.Tensor, scales: Sequence[float], seed: int,
+                      d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`quantize` in one numba pass (same numbers, bit for bit)."""
+        tables = self.tables
+        sizes = np.array([s.size for s in slice_layout(d)], dtype=np.int64)
+        messages = np.empty(z.numel(), dtype=np.int64)
+        positions = np.empty(z.numel(), dtype=np.int64)
+        grid = tables.grid.numpy()
+        n_msg, n_out = _quantize_numba(
+            z.numpy(), np.array(scales, dtype=np.float64), sizes, tables.threshold,
+            float(grid[0]), float(grid[1] - grid[0]), grid.size,
+            tables.lo.numpy().reshape(-1), tables.up.numpy().reshape(-1), self.shared_bits,
+            np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX)),
+            np.uint64(fqr.stream_key(seed, fqr.Purpose.PRIVATE)), messages, positions)
+        return (torch.from_numpy(messages[:n_msg].copy()),
+                torch.from_numpy(positions[:n_out].copy()))
 
     # ---- wire checks ---------------------------------------------------------------------
     def validate(self, enc: Encoded) -> None:
