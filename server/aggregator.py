@@ -111,12 +111,13 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     def Push(self, request_iterator, context):  # noqa: N802
         started = time.perf_counter()
         outcome = "OK"
+        where: dict = {}  # round and client, once the header is read (for the logs)
         try:
-            return self._receive_and_aggregate(request_iterator, context)
+            return self._receive_and_aggregate(request_iterator, context, where)
         except AggregationError as e:
             outcome = e.status
-            log.warning("push_rejected", extra={"fields": {"status": e.status,
-                                                           "reason": str(e)}})
+            log.warning("push_rejected", extra={"fields": {
+                **where, "status": e.status, "reason": str(e), "peer": context.peer()}})
             if e.digest:
                 context.set_trailing_metadata((("fedquant-sha256", e.digest),))
             context.abort(getattr(grpc.StatusCode, e.status), str(e))
@@ -124,12 +125,13 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             self.metrics.add("fedquant_pushes_total", label=f'status="{outcome}"')
             self.metrics.add("fedquant_push_seconds_total", time.perf_counter() - started)
 
-    def _receive_and_aggregate(self, chunks, context) -> pb.PushAck:
+    def _receive_and_aggregate(self, chunks, context, where: dict) -> pb.PushAck:
         self.auth.principal(context)  # UNAUTHENTICATED before reading anything
         first = next(chunks, None)
         if first is None or not first.HasField("header"):
             raise AggregationError("INVALID_ARGUMENT", "the first chunk must carry the header")
         header = first.header
+        where.update(round=header.round_id[:128], client=header.client_id)
         _check_header(header)
         self.auth.require_client(context, header.client_id)
         rnd = self.book.get(header.round_id)
@@ -164,7 +166,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             self._decode_and_accept, rnd, header, payload, digest, enc).result()
         self.metrics.add("fedquant_push_bytes_total", len(payload))
         self.metrics.add("fedquant_decode_seconds_total", decode_s)
-        log.debug("push_accepted", extra={"fields": {
+        log.info("push_accepted", extra={"fields": {
             "round": rnd.round_id, "client": header.client_id, "bytes": len(payload)}})
         return pb.PushAck(round_id=rnd.round_id, client_id=header.client_id,
                           bytes_received=len(payload), sha256=digest, num_pushes=pushes,
