@@ -1,0 +1,114 @@
+"""fedquant dme: config validation, a tiny end-to-end run through the real wire, the CLI."""
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import fedquant as fq
+from simulations.cli import app
+from simulations.dme import DEFAULT_CONFIG, expand_codecs, load_config, run_dme
+
+TINY = {
+    "d": 512, "clients": 3, "trials": 1, "seed": 4,
+    "inputs": ["normal", "two-spikes"], "rotations": ["auto", 1],
+    "codecs": [{"codec": "eden", "bits": [1, 2]}, {"codec": "fp16"},
+               {"codec": "dither", "bits": 2}],
+    "studies": False,
+}
+
+
+def test_default_config_loads_and_is_valid():
+    cfg = load_config(DEFAULT_CONFIG)
+    assert cfg["codecs"] == "default" and cfg["clients"] == 10
+    assert set(cfg["rotations"]) == {"auto", 1, 2, 3}
+    names = {name for name, _ in expand_codecs("default", ["auto"])}
+    assert names == set(fq.available_codecs())
+
+
+@pytest.mark.parametrize("config,key", [
+    ({"dimension": 10}, "dimension"),
+    ({"quick": {"trails": 1}}, "trails"),
+    ({"inputs": ["gaussian"]}, "inputs"),
+    ({"rotations": [4]}, "rotations"),
+    ({"rotations": "auto"}, "rotations"),
+    ({"d": 0}, "'d'"),
+    ({"clients": 1.5}, "clients"),
+    ({"seed": -1}, "seed"),
+    ({"studies": "yes"}, "studies"),
+    ({"codecs": [{"codec": "nope"}]}, "nope"),
+    ({"codecs": [{"codec": "eden", "colour": "red"}]}, "colour"),
+    ({"codecs": [{"codec": "eden", "bits": [1, 12]}]}, "bits"),
+    ({"codecs": "all"}, "codecs"),
+])
+def test_bad_config_raises_value_error_naming_the_key(tmp_path, config, key):
+    path = tmp_path / "bad.toml"
+    lines = []
+    for k, v in config.items():
+        if k == "quick":
+            continue
+        lines.append(f"{k} = {json.dumps(v)}" if not isinstance(v, list) or not v
+                     or not isinstance(v[0], dict) else
+                     f"{k} = [" + ", ".join("{" + ", ".join(f"{a} = {json.dumps(b)}"
+                                                          for a, b in e.items()) + "}"
+                                            for e in v) + "]")
+    if "quick" in config:
+        lines += ["[quick]", *[f"{k} = {json.dumps(v)}" for k, v in config["quick"].items()]]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=key):
+        load_config(path)
+    with pytest.raises(ValueError, match=key):
+        run_dme(config, tmp_path / "out", progress=False)
+
+
+def test_unknown_key_message_lists_allowed_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"allowed keys: \['clients', 'codecs'"):
+        run_dme({"dimension": 3}, tmp_path, progress=False)
+
+
+def test_tiny_end_to_end_run(tmp_path):
+    rows = run_dme(TINY, tmp_path, progress=False)
+    # 2 inputs x (eden 2 bits x 2 rotation specs + dither x 2 + fp16)
+    assert len(rows) == 2 * (2 * 2 + 2 + 1)
+    for name in ("rows.csv", "rows.json", "vnmse_vs_bits.png", "report.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    with open(tmp_path / "rows.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert json.loads((tmp_path / "rows.json").read_text())[0]["input"] == "normal"
+    by = {(r["input"], r["label"], r["rotations"]): r for r in rows}
+    for r in rows:  # measured, not formula: 8 * bytes / d, headers included
+        assert r["bits_per_coord"] == pytest.approx(8 * r["bytes"] / 512)
+    one, two = (by[("normal", f"eden bits={b}", "auto")]["bits_per_coord"] for b in (1, 2))
+    assert 1 < one < 3  # d = 512: the header and scales are a visible overhead
+    assert two - one == pytest.approx(1.0, abs=0.05)  # one more packed bit (+ varints)
+    assert by[("normal", "fp16", "-")]["vnmse"] < 1e-6
+    # one RHT fails on two spikes, auto picks two
+    assert by[("two-spikes", "eden bits=1", "1")]["vnmse"] > 0.95
+    assert by[("two-spikes", "eden bits=1", "auto")]["rotations_used"] == 2
+    assert by[("two-spikes", "eden bits=1", "auto")]["vnmse"] < 0.75
+    report = (tmp_path / "report.md").read_text()
+    assert "## two-spikes (rotations=auto)" in report and "eden bits=2" in report
+
+
+def test_runs_are_reproducible(tmp_path):
+    cfg = {**TINY, "codecs": [{"codec": "stochastic", "bits": 1}], "inputs": ["lognormal"]}
+    a = run_dme(cfg, tmp_path / "a", progress=False)
+    b = run_dme(cfg, tmp_path / "b", progress=False)
+    assert [r["vnmse"] for r in a] == [r["vnmse"] for r in b]
+    assert [r["nmse"] for r in a] == [r["nmse"] for r in b]
+
+
+def test_cli_runs_a_config_and_rejects_a_bad_one(tmp_path):
+    good = tmp_path / "tiny.toml"
+    good.write_text('d = 256\nclients = 2\ntrials = 1\ninputs = ["normal"]\n'
+                    'rotations = ["auto"]\nstudies = false\n'
+                    'codecs = [{codec = "drive"}, {codec = "fp32"}]\n')
+    result = CliRunner().invoke(app, ["dme", "--config", str(good), "--out",
+                                      str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert "drive" in result.output and (tmp_path / "out" / "rows.csv").exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text("trials = 1\nbogus = 3\n")
+    result = CliRunner().invoke(app, ["dme", "--config", str(bad)])
+    assert result.exit_code != 0 and "bogus" in result.output
