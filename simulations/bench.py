@@ -314,6 +314,7 @@ def print_summary(rows: list[dict]) -> None:
                       f"{r['torch_rht_ms']:.2f}", f"{r['encode_x_rw']:.1f}",
                       f"{r['torch_rht_x_encode']:.1f}", _fmt(r["torch_encode_x_encode"]))
     console = Console()
+    console.width = max(console.width, 132)  # the table's columns, unwrapped
     console.print(table)
     for t in targets(rows):
         console.print(f"{t['target']}: {t['value']:.2f} -> "
@@ -369,7 +370,7 @@ def bench_command(
         return
     try:
         cfg = resolve_config(load_config(config), quick)
-        extra = [c for c in (codec or [])]
+        extra = list(codec or [])
         for c in extra:
             parse_codec_spec(c)
     except (ValueError, OSError) as e:
