@@ -201,6 +201,12 @@ def quantized_sgd(problem: Problem, quantizers: dict[str, Any], steps: int, batc
     ``steps`` (the checkpoints) and ``w_bar`` (repeats x d final averaged iterates).
     The data stream depends only on `seed`, so configurations are paired.
     """
+    with single_thread():
+        return _quantized_sgd(problem, quantizers, steps, batch, lr, repeats, seed)
+
+
+def _quantized_sgd(problem: Problem, quantizers: dict[str, Any], steps: int, batch: int,
+                   lr: float, repeats: int, seed: int) -> dict[str, torch.Tensor]:
     q = {p: quantizers.get(p, Exact()) for p in PLACES}
     device = problem.eigenvalues.device
     data_gen = torch.Generator(device=device).manual_seed(seed)

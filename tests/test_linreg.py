@@ -66,21 +66,6 @@ def test_paired_runs_share_the_data_stream():
     assert float(a["risk"][-1].mean()) < 0.5 * float(problem.excess_risk(0 * problem.w_star))
 
 
-def test_activation_penalty_shrinks_like_one_over_batch():
-    """Claim 1 on its own, B in {1, 4, 16}; tolerance from the bootstrap over repeats."""
-    problem = linreg.make_problem(48, 1.5, 0.5, seed=2)
-    lr = 0.25 / float(problem.eigenvalues.sum())
-    quant = {"activations": Additive(0.5)}
-    pen = {}
-    for b in (1, 4, 16):
-        fp = linreg.quantized_sgd(problem, {}, 120, b, lr, 16, seed=7)
-        q = linreg.quantized_sgd(problem, quant, 120, b, lr, 16, seed=7)
-        pen[b] = linreg.paired_penalty(problem, {"w_bar": q["w_bar"]}, {"w_bar": fp["w_bar"]},
-                                       "activations")
-    slope, se = linreg.batch_penalty_slopes(pen, seed=0)
-    assert abs(slope + 1) <= max(0.2, 3 * se), (slope, se)
-
-
 def test_spectrum_additive_lifts_tail_multiplicative_keeps_shape():
     """Claim 2 on its own."""
     problem = linreg.make_problem(48, 1.5, 0.5, seed=3)
@@ -139,7 +124,7 @@ def test_unknown_config_key_is_named(tmp_path):
     path.write_text(linreg.DEFAULT_CONFIG.read_text().replace("decay =", "decayy ="))
     with pytest.raises(ValueError, match="decayy.*allowed"):
         linreg.load_config(path)
-    path.write_text(linreg.DEFAULT_CONFIG.read_text().replace("batch_steps = 150", "stepz = 3"))
+    path.write_text(linreg.DEFAULT_CONFIG.read_text().replace("batch_steps = 100", "stepz = 3"))
     with pytest.raises(ValueError, match="stepz"):
         linreg.load_config(path)
     path.write_text(linreg.DEFAULT_CONFIG.read_text().replace("dim = 512", 'dim = "x"'))
