@@ -10,6 +10,8 @@
 * ``two-spikes``: two equal entries (1, 1) at random distinct positions of the first
   power-of-two slice (so that one RHT sees both): H D x then has half its coordinates exactly
   zero, and one RHT fails (EDEN b = 1 vNMSE about 1.0 instead of 0.571; seed 003).
+* ``digits-grad``: real minibatch gradients of an MLP on scikit-learn's bundled digits
+  (simulations.gradients): structured, heavy-tailed, with many exact zeros.
 * ``block8``: a block of 8 equal entries (1) at random distinct positions of the first
   power-of-two slice, the rest zero. After one RHT each coordinate is a sum of 8 random
   signs over sqrt(d), so EDEN b = 1 gets 8 / E|S_8|^2 - 1 = 0.672 (E|S_8| = 35/16),
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import torch
 
-INPUTS = ("normal", "lognormal", "onehot", "two-spikes", "block8")
+from simulations.gradients import digits_gradient
+
+INPUTS = ("normal", "lognormal", "digits-grad", "onehot", "two-spikes", "block8")
 
 
 def _first_slice(d: int) -> int:
@@ -41,6 +45,8 @@ def make_input(name: str, d: int, seed: int) -> torch.Tensor:
         raise ValueError(f"d must be a positive integer, got {d!r}")
     if name == "two-spikes" and d < 2 or name == "block8" and d < 8:
         raise ValueError(f"input {name!r} needs d >= {2 if name == 'two-spikes' else 8}")
+    if name == "digits-grad":
+        return digits_gradient(d, int(seed))
     g = torch.Generator().manual_seed(int(seed) % 2**63)
     if name == "normal":
         return torch.randn(d, generator=g)

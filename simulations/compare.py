@@ -1,0 +1,232 @@
+"""`fedquant compare`: which compressor should I use, and what does it cost me?
+
+One command runs three measurements on the embedded default (no download, no flags) and
+writes one report a person wants to read:
+
+1. DME: vNMSE and NMSE(n = 10) against measured bits per coordinate for every codec and bit
+   budget, on N(0,1), LogNormal(0,1), a real gradient of the digits model and adversarial
+   inputs, with 1, 2, 3 and auto RHTs (``simulations.dme``).
+2. Federated training: digits, 10 clients, Dirichlet(0.5), accuracy against rounds and
+   against cumulative uplink megabytes (``simulations.fl``).
+3. Speed: encode and decode of each codec at d = 2^20 with a read+write pass of the same
+   array as the baseline of the same run (``simulations.bench``).
+
+``--quick`` runs a small version in about a minute, ``--full`` the long one (and the seed
+studies). ``--config my.toml`` runs a user's own comparison; a config's ``plugins`` list
+names modules to import first, so codecs registered there with ``fq.register_codec`` take
+part (see ``simulations/examples/``).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import platform
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import fedquant as fq
+
+DEFAULT_CONFIG = Path(__file__).with_name("configs") / "compare.toml"
+TOP_KEYS = {"name", "seed", "plugins", "dme", "fl", "speed", "studies", "quick", "full"}
+SPEED_KEYS = {"d", "repeats", "codecs"}
+BUDGETS = (1, 2, 3, 4, 8)
+
+
+class ConfigError(ValueError):
+    """A bad compare config; the message names the key and the allowed values."""
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Path | None = None, mode: str = "default") -> dict[str, Any]:
+    """Read a compare TOML (default: the embedded one) and apply its [quick]/[full] overrides.
+
+    User configs are layered on the embedded default, so they name only what they change.
+    """
+    if mode not in ("default", "quick", "full"):
+        raise ConfigError(f"mode must be 'default', 'quick' or 'full', got {mode!r}")
+    cfg = tomllib.loads(DEFAULT_CONFIG.read_text())
+    if path is not None:
+        try:
+            user = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config {path}: {e}") from None
+        _check_keys("", user, TOP_KEYS)
+        cfg = _merge(cfg, user)
+    if mode != "default":
+        cfg = _merge(cfg, cfg.get(mode, {}))
+    import_plugins(cfg)
+    validate_config(cfg)
+    return cfg
+
+
+def import_plugins(cfg: dict[str, Any]) -> None:
+    """Import the config's `plugins` modules, where users register their own codecs."""
+    plugins = cfg.get("plugins", [])
+    if not isinstance(plugins, list) or not all(isinstance(p, str) for p in plugins):
+        raise ConfigError(f"plugins must be a list of module names, got {plugins!r}")
+    for mod in plugins:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise ConfigError(f"plugins: cannot import {mod!r}: {e}") from None
+
+
+def _check_keys(where: str, table: dict, allowed: set[str]) -> None:
+    for key in table:
+        if key not in allowed:
+            raise ConfigError(f"unknown key '{where}{key}'; allowed: {sorted(allowed)}")
+
+
+def validate_config(cfg: dict[str, Any]) -> None:
+    """Check every key and value before any work starts."""
+    _check_keys("", cfg, TOP_KEYS)
+    if not isinstance(cfg.get("seed"), int) or cfg["seed"] < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {cfg.get('seed')!r}")
+    speed = cfg.get("speed", {})
+    _check_keys("speed.", speed, SPEED_KEYS)
+    d = speed.get("d", 2**20)
+    if not isinstance(d, int) or d < 1:
+        raise ConfigError(f"speed.d must be a positive integer, got {d!r}")
+    for section in ("dme", "fl", "speed"):
+        for i, spec in enumerate(cfg.get(section, {}).get("codecs", [])):
+            codec_spec(spec, f"{section}.codecs[{i}]")
+    studies = cfg.get("studies", [])
+    allowed_studies = {"linreg", "innerprod", "lplr", "ptq"}
+    for s in studies:
+        if s not in allowed_studies:
+            raise ConfigError(f"studies: unknown study {s!r}; allowed: {sorted(allowed_studies)}")
+
+
+def codec_spec(spec: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """A codec entry of the config, {codec = "eden", bits = 2, ...}, as (name, params)."""
+    if not isinstance(spec, dict) or "codec" not in spec:
+        raise ConfigError(f"{where}: expected a table with a 'codec' key, got {spec!r}")
+    params = {k: v for k, v in spec.items() if k != "codec"}
+    name = spec["codec"]
+    if name not in fq.available_codecs():
+        raise ConfigError(f"{where}.codec: unknown codec {name!r}; "
+                          f"allowed: {fq.available_codecs()}")
+    try:
+        fq.get_codec(name, **params)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return name, params
+
+
+def label(name: str, params: dict[str, Any]) -> str:
+    """A short human name for a codec setting: eden b=2, drive, topk fraction=0.01."""
+    shown = {k: v for k, v in params.items() if k not in ("rotations",)}
+    if not shown:
+        return name
+    return name + " " + " ".join(
+        f"b={v}" if k == "bits" else f"{k}={v}" for k, v in shown.items())
+
+
+# ---- the recommendation ---------------------------------------------------------------
+def best_per_budget(dme_rows: list[dict], input_name: str = "normal") -> list[dict]:
+    """For each bit budget, the codec with the lowest NMSE within that many bits/coord."""
+    out = []
+    rows = [r for r in dme_rows if r.get("input") == input_name and r.get("nmse") is not None]
+    for b in BUDGETS:
+        fits = [r for r in rows if r["bits_per_coord"] <= b * 1.05]
+        if fits:
+            best = min(fits, key=lambda r: r["nmse"])
+            out.append({"budget": b, "codec": best["label"], "bits_per_coord":
+                        best["bits_per_coord"], "nmse": best["nmse"], "vnmse": best["vnmse"]})
+    return out
+
+
+def cheapest_within(fl_rows: list[dict], points: float = 1.0, tail: int = 3) -> dict | None:
+    """The codec with the fewest uplink bytes whose final accuracy (mean of the last
+    `tail` rounds) is within `points` accuracy points of fp32's."""
+    finals: dict[str, dict] = {}
+    for lab in {r["label"] for r in fl_rows}:
+        runs = sorted((r for r in fl_rows if r["label"] == lab), key=lambda r: r["round"])
+        last = runs[-tail:]
+        finals[lab] = {"label": lab, "accuracy": sum(r["accuracy"] for r in last) / len(last),
+                       "uplink_mb": runs[-1]["cum_uplink_bytes"] / 1e6}
+    ref = next((f for lab, f in finals.items() if lab.startswith("fp32")), None)
+    if ref is None:
+        return None
+    ok = [f for f in finals.values() if f["accuracy"] >= ref["accuracy"] - points / 100]
+    best = min(ok, key=lambda f: f["uplink_mb"])
+    return {**best, "fp32_accuracy": ref["accuracy"], "fp32_uplink_mb": ref["uplink_mb"]}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("fedquant", "torch", "numpy", "numba", "flwr", "grpc", "sklearn"):
+        try:
+            out[mod] = importlib.import_module(mod).__version__
+        except (ImportError, AttributeError):
+            out[mod] = "not installed"
+    return out
+
+
+def run_compare(cfg: dict[str, Any], out_dir: Path, progress: bool = True,
+                log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the three sections and write report.md, CSV/JSON and PNG plots into out_dir."""
+    from simulations import compare_report, compare_sections
+
+    import_plugins(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"config": cfg, "versions": versions(), "timings_s": {}}
+    for section in ("dme", "fl", "speed"):
+        t0 = time.perf_counter()
+        log(f"[bold]== {section} ==[/bold]")
+        results[section] = getattr(compare_sections, f"run_{section}")(cfg, out_dir, progress)
+        results["timings_s"][section] = round(time.perf_counter() - t0, 1)
+    results["studies"] = compare_sections.run_studies(cfg, out_dir, progress)
+    results["best_per_budget"] = best_per_budget(results["dme"])
+    results["cheapest_within_1pt"] = cheapest_within(results["fl"])
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    compare_report.write_report(results, out_dir)
+    return results
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def compare(
+        config: Annotated[Path | None, typer.Option(
+            help="TOML config; default: the embedded one.")] = None,
+        quick: Annotated[bool, typer.Option(help="Small version, about a minute.")] = False,
+        full: Annotated[bool, typer.Option(help="Long version, plus seed studies.")] = False,
+        out: Annotated[Path | None, typer.Option(
+            help="Output folder; default results/<name>.")] = None,
+    ) -> None:
+        """Compare compression schemes end to end: DME error, FL accuracy, bytes, speed."""
+        from rich.console import Console
+
+        from simulations import compare_report
+
+        console = Console()
+        if quick and full:
+            raise typer.BadParameter("choose at most one of --quick and --full")
+        try:
+            cfg = load_config(config, "quick" if quick else "full" if full else "default")
+        except ConfigError as e:
+            console.print(f"[red]config error:[/red] {e}")
+            raise typer.Exit(2) from None
+        out_dir = out or Path("results") / cfg.get("name", "compare")
+        t0 = time.perf_counter()
+        results = run_compare(cfg, out_dir, progress=True, log=console.print)
+        compare_report.print_summary(results, console)
+        console.print(f"done in {time.perf_counter() - t0:.0f} s; report: "
+                      f"{out_dir / 'report.md'}")
+
+
+__all__ = ["ConfigError", "best_per_budget", "cheapest_within", "codec_spec", "label",
+           "load_config", "run_compare", "validate_config"]

@@ -1,0 +1,69 @@
+"""The sections of `fedquant compare`, each a thin call into the experiment that owns it.
+
+Each ``run_<section>(cfg, out_dir, progress)`` turns the compare config's table into that
+experiment's own config, runs it with its raw files in ``out_dir/<section>/``, and returns
+rows with the keys ``simulations.compare_report`` reads.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from simulations.compare import codec_spec, label
+
+
+def run_dme(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
+    """DME sweep (simulations.dme) over the configured codecs, inputs and rotations."""
+    from simulations import dme
+
+    table = cfg["dme"]
+    dme_cfg = {
+        "d": table["d"], "clients": table["clients"], "trials": table["trials"],
+        "seed": cfg["seed"], "inputs": table["inputs"], "rotations": table["rotations"],
+        "codecs": table["codecs"], "studies": False,
+    }
+    return dme.run_dme(dme_cfg, out_dir / "dme", progress=progress)
+
+
+def run_fl(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
+    """Federated training (simulations.fl, in-process engine) for each configured codec."""
+    from simulations import fl
+
+    table = cfg["fl"]
+    codecs = []
+    for i, spec in enumerate(table["codecs"]):
+        name, params = codec_spec(spec, f"fl.codecs[{i}]")
+        codecs.append({"label": label(name, params), "name": name, "params": params})
+    fl_cfg = {"name": "compare-fl", "seed": cfg["seed"], "codecs": codecs,
+              "num_clients": table["clients"], "rounds": table["rounds"],
+              **{k: table[k] for k in ("dataset", "model", "alpha") if k in table}}
+    return fl.run_fl(fl_cfg, out_dir / "fl", progress=progress)
+
+
+def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
+    """Encode/decode time at speed.d with a read+write pass baseline (simulations.bench)."""
+    from simulations import bench
+
+    table = cfg["speed"]
+    specs = [codec_spec(s, f"speed.codecs[{i}]") for i, s in enumerate(table["codecs"])]
+    return bench.bench_codecs(specs, [table["d"]], table["repeats"], seed=cfg["seed"])
+
+
+STUDIES = {"linreg": ("simulations.linreg", "run_linreg"),
+           "innerprod": ("simulations.innerprod", "run_innerprod"),
+           "lplr": ("simulations.lplr", "run_lplr"),
+           "ptq": ("simulations.ptq", "run_ptq")}
+
+
+def run_studies(cfg: dict[str, Any], out_dir: Path, progress: bool) -> dict[str, dict]:
+    """The seed studies named in `studies` (``--full``), each with its own default config."""
+    out = {}
+    for name in cfg.get("studies", []):
+        module, func = STUDIES[name]
+        mod = importlib.import_module(module)
+        study_dir = out_dir / name
+        getattr(mod, func)(mod.load_config(), study_dir, progress=progress)
+        out[name] = {"report": str(Path(name) / "report.md")}
+    return out
