@@ -9,7 +9,9 @@ reference these kernels are tested against:
 * :func:`eden_quantize` - EDEN's per-slice work (seed 003 section 4): the float64 norm,
   t = z * sqrt(n) / ||z||, the nearest Lloyd-Max centroid (``torch.bucketize`` on the
   midpoints: the index is the number of midpoints strictly below t) and the float64
-  <z, c> of the unbiased / least-squares scale, in three passes, indices as uint8.
+  <z, c> of the unbiased / least-squares scale, in three passes, indices as uint8;
+* :func:`eden_dequantize` - EDEN's receiver: unpack the b-bit indices and look up
+  float32(centroid * scale) per slice in one pass, no int64 / float64 temporaries.
 """
 
 from __future__ import annotations
@@ -81,6 +83,17 @@ if AVAILABLE:
                     hi = mid
             out[i] = lo
 
+    @nb.njit(cache=True)
+    def _dequantize(data, bits, start, table, out):
+        """out[j] = table[value start + j of the b-bit stream `data`] (fedquant.packing's
+        layout; `data` ends with one extra zero byte for the 16-bit window)."""
+        mask = (1 << bits) - 1
+        for j in range(out.size):
+            p = (start + j) * bits
+            lo = p >> 3
+            window = np.int64(data[lo]) | (np.int64(data[lo + 1]) << 8)
+            out[j] = table[(window >> (p & 7)) & mask]
+
     # fastmath "reassoc" only lets the float64 sums vectorize (a different summation
     # order, as torch's own blocked sums have); no other float semantics change.
     @nb.njit(cache=True, fastmath={"reassoc"})
@@ -115,3 +128,21 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor,
         _quantize_bisect(z, factor, mids, idx)
     dot = _dot_centroids(z, idx, c64)
     return norm, dot
+
+
+def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,
+                    slices: list[tuple[int, int, float]], total: int) -> torch.Tensor:
+    """float32 values[offset + j] = float32(centroids[q] * scale) for each (offset, size,
+    scale) slice, q the b-bit indices packed in `data` (``total`` of them)."""
+    if len(data) != (total * bits + 7) // 8 or any(
+            o < 0 or s < 0 or o + s > total for o, s, _ in slices):
+        raise ValueError(f"packed indices: {len(data)} bytes do not hold {total} values "
+                         f"of {bits} bits, or a slice lies outside them")  # no OOB reads
+    padded = np.zeros(len(data) + 1, dtype=np.uint8)
+    padded[:-1] = np.frombuffer(data, dtype=np.uint8)
+    c64 = centroids.to(torch.float64).cpu().numpy()
+    out = np.empty(total, dtype=np.float32)
+    for offset, size, scale in slices:
+        table = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
+        _dequantize(padded, bits, offset, table, out[offset: offset + size])
+    return torch.from_numpy(out)

@@ -80,3 +80,23 @@ def test_check_input_rejects_nonfinite_but_accepts_huge_finite_values():
         x[17] = bad
         with pytest.raises(ValueError, match="NaN or Inf"):
             check_input(x)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 8])
+def test_eden_dequantize_matches_torch_lookup(bits):
+    x = _x(5000, seed=bits)  # two slices of different sizes
+    codec = fq.get_codec("eden", bits=bits)
+    enc = codec.encode(x, seed=1)
+    got = codec.decode_rotated(enc)
+    values = lloyd_max_centroids(bits)[enc.section("q").ints()]
+    scale = torch.empty_like(values)
+    for s, sc in zip(slice_layout(5000), enc.scales, strict=True):
+        scale[s.offset: s.offset + s.size] = sc
+    assert torch.equal(got, (values * scale).to(torch.float32))
+
+
+def test_eden_dequantize_rejects_inconsistent_sizes():
+    with pytest.raises(ValueError, match="bytes"):
+        cpu_kernels.eden_dequantize(b"\x00" * 3, 2, lloyd_max_centroids(2), [(0, 16, 1.0)], 16)
+    with pytest.raises(ValueError, match="slice"):
+        cpu_kernels.eden_dequantize(b"\x00" * 4, 2, lloyd_max_centroids(2), [(8, 16, 1.0)], 16)
