@@ -188,3 +188,60 @@ def test_model_update_policy_sends_matrices_as_factors_and_vectors_with_eden():
     assert len({e.seed for e in encs.values()}) == 3
     for k, t in update.items():
         assert fq.decode(fq.Encoded.from_bytes(encs[k].to_bytes())).shape == t.shape
+
+
+def _write_config(tmp_path, text):
+    path = tmp_path / "cfg.toml"
+    path.write_text(text)
+    return path
+
+
+_TINY_LPLR = """
+name = "t"
+seed = 0
+trials = 1
+sources = ["synthetic"]
+bits_naive = [1]
+bits_factors = [8]
+[synthetic]
+n = 64
+d = 48
+spectra = ["lowrank"]
+[mlp]
+hidden = [16]
+[fl]
+rounds = 1
+clients = 2
+local_steps = 1
+lr = 0.02
+runs = []
+"""
+
+
+def test_lplr_experiment_writes_outputs_and_finds_the_low_rank_win(tmp_path):
+    from simulations.digits_mlp import load_config
+    from simulations.lplr import SCHEMA, run_lplr
+
+    cfg = load_config(_write_config(tmp_path, _TINY_LPLR), SCHEMA, quick=False)
+    summary = run_lplr(cfg, tmp_path / "out")
+    for name in ("matrices.csv", "fl.csv", "summary.json", "report.md",
+                 "error_vs_bits_synthetic.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    (verdict,) = summary["verdicts"]
+    assert verdict["lplr_beats_naive"] and verdict["lplr"] < 0.5 * verdict["naive"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("sources = [\"synthetic\"]", "sources = [\"synthetic\", \"images\"]"), "allowed values"),
+    (("trials = 1", "trails = 1"), "unknown config key 'trails'"),
+    (("n = 64", "n = \"64\""), "synthetic.n"),
+    (("runs = []", "runs = [{ label = \"x\", matrix = \"lplr\", vector = \"edem\" }]"),
+     "unknown codec 'edem'"),
+])
+def test_lplr_experiment_rejects_bad_config(tmp_path, edit, message):
+    from simulations.digits_mlp import load_config
+    from simulations.lplr import SCHEMA, run_lplr
+
+    with pytest.raises(ValueError, match=message):
+        cfg = load_config(_write_config(tmp_path, _TINY_LPLR.replace(*edit)), SCHEMA, False)
+        run_lplr(cfg, tmp_path / "out")

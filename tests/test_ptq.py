@@ -119,3 +119,40 @@ def test_bad_arguments_are_rejected(digits):
         quantize_model(model, x, 4, order=0)
     with pytest.raises(ValueError, match="nn.Sequential"):
         quantize_model(nn.Linear(64, 10), x, 4)
+
+
+_TINY_PTQ = """
+name = "t"
+seed = 0
+trials = 1
+hidden = [16]
+bits = [4]
+calib_m = 48
+validation = 100
+cs = [1.0]
+m_values = [32]
+m_bits = [4]
+variants = [{ label = "SPFQ", method = "spfq" }, { label = "MSQ", method = "msq" }]
+[fl]
+rounds = 2
+clients = 2
+local_steps = 2
+lr = 0.02
+"""
+
+
+def test_ptq_experiment_writes_outputs(tmp_path):
+    from simulations.digits_mlp import load_config
+    from simulations.ptq import SCHEMA, run_ptq
+
+    path = tmp_path / "cfg.toml"
+    path.write_text(_TINY_PTQ)
+    summary = run_ptq(load_config(path, SCHEMA, quick=False), tmp_path / "out")
+    for name in ("accuracy_vs_bits.csv", "accuracy_vs_m.csv", "summary.json", "report.md",
+                 "ptq.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    rows = {r["variant"]: r for r in summary["by_bits"]}
+    assert rows["SPFQ"]["size_bytes"] == rows["MSQ"]["size_bytes"] < summary["fp32_bytes"] / 7
+    with pytest.raises(ValueError, match="allowed values"):
+        path.write_text(_TINY_PTQ.replace('method = "msq"', 'method = "round"'))
+        run_ptq(load_config(path, SCHEMA, quick=False), tmp_path / "out")
