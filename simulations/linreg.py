@@ -198,7 +198,8 @@ def quantized_sgd(problem: Problem, quantizers: dict[str, Any], steps: int, batc
     """`repeats` independent one-pass SGD chains with Polyak-Ruppert averaging.
 
     Returns ``risk`` (checkpoints x repeats excess risk of the averaged iterate),
-    ``steps`` (the checkpoints) and ``w_bar`` (repeats x d final averaged iterates).
+    ``steps`` (the checkpoints), ``w_bars`` (checkpoints x repeats x d averaged iterates)
+    and ``w_bar`` (repeats x d, the final ones).
     The data stream depends only on `seed`, so configurations are paired.
     """
     with single_thread():
@@ -213,7 +214,7 @@ def _quantized_sgd(problem: Problem, quantizers: dict[str, Any], steps: int, bat
     quant_gen = torch.Generator(device=device).manual_seed(seed + 1)
     w = torch.zeros(repeats, problem.w_star.numel(), device=device)
     w_sum = torch.zeros_like(w)
-    marks, risks = checkpoints(steps), []
+    marks, risks, w_bars = checkpoints(steps), [], []
     for t in range(1, steps + 1):
         x, y = problem.sample((repeats, batch), data_gen)
         xq = q["data"](x, quant_gen)
@@ -224,8 +225,10 @@ def _quantized_sgd(problem: Problem, quantizers: dict[str, Any], steps: int, bat
         w = w - (lr / batch) * torch.einsum("rb,rbd->rd", residual, xq)
         w_sum += w
         if t == marks[len(risks)]:
-            risks.append(problem.excess_risk(w_sum / t))
-    return {"risk": torch.stack(risks), "steps": torch.tensor(marks), "w_bar": w_sum / steps}
+            w_bars.append(w_sum / t)
+            risks.append(problem.excess_risk(w_bars[-1]))
+    return {"risk": torch.stack(risks), "steps": torch.tensor(marks), "w_bar": w_sum / steps,
+            "w_bars": torch.stack(w_bars)}
 
 
 def variants(qconf: dict) -> dict[str, dict[str, Any]]:
@@ -408,6 +411,7 @@ def _run_linreg(config: dict, out_dir: Path, quick: bool, progress: bool) -> lis
                 res = quantized_sgd(problem, quants, sc["batch_steps"], b, lr, sc["repeats"],
                                     seed + 20)
                 by_batch[label][b] = {"risk": res["risk"][-1], "w_bar": res["w_bar"]}
+                del res
                 bar.advance(task)
         # spectrum of the quantized data covariance
         bar.update(task, description="spectrum")
@@ -565,10 +569,17 @@ def write_outputs(out_dir: Path, cfg: dict, problem: Problem, by_steps: dict, by
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps_rows = [{"config": label, "step": int(t), "excess_risk_mean": float(r.mean()),
-                   "excess_risk_se": float(r.std() / math.sqrt(r.numel()))}
-                  for label, res in by_steps.items()
-                  for t, r in zip(res["steps"], res["risk"], strict=True)]
+    steps_rows = []
+    for label, res in by_steps.items():
+        fp_res = by_steps["fp"]
+        for i, t in enumerate(res["steps"].tolist()):
+            pen = paired_penalty(problem, {"risk": res["risk"][i], "w_bar": res["w_bars"][i]},
+                                 {"risk": fp_res["risk"][i], "w_bar": fp_res["w_bars"][i]},
+                                 label.split("/")[0])
+            r = res["risk"][i]
+            steps_rows.append({"config": label, "step": t, "excess_risk_mean": float(r.mean()),
+                               "excess_risk_se": float(r.std() / math.sqrt(r.numel())),
+                               "penalty_mean": float(pen.mean())})
     batch_rows = []
     for label, per_b in by_batch.items():
         place = label.split("/")[0]
@@ -592,15 +603,25 @@ def write_outputs(out_dir: Path, cfg: dict, problem: Problem, by_steps: dict, by
     write_json(out_dir / "results.json", {"config": cfg, "quick": quick, "lr": lr,
                                           "checks": checks, "skipped_codecs": skipped})
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, model in zip(axes, MODELS, strict=True):
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9), sharex=True)
+    fp_res = by_steps["fp"]
+    for col, model in enumerate(MODELS):
         for label in ["fp"] + [f"{p}/{model}" for p in PLACES]:
             res = by_steps[label]
-            ax.loglog(res["steps"].numpy(), res["risk"].mean(1).cpu().numpy(), label=label,
-                      ls="--" if label == "fp" else "-")
-        ax.set(title=f"{model} quantization", xlabel="SGD steps",
-               ylabel="excess risk of averaged iterate")
-        ax.legend(fontsize=8)
+            steps = res["steps"].numpy()
+            axes[0, col].loglog(steps, res["risk"].mean(1).cpu().numpy(), label=label,
+                                ls="--" if label == "fp" else "-")
+            if label != "fp":
+                pen = [float(paired_penalty(problem, {"risk": r, "w_bar": w},
+                                            {"risk": rf, "w_bar": wf},
+                                            label.split("/")[0]).mean())
+                       for r, w, rf, wf in zip(res["risk"], res["w_bars"], fp_res["risk"],
+                                               fp_res["w_bars"], strict=True)]
+                axes[1, col].loglog(steps, [max(v, 1e-12) for v in pen], label=label)
+        axes[0, col].set(title=f"{model} quantization", ylabel="excess risk of averaged iterate")
+        axes[1, col].set(xlabel="SGD steps", ylabel="penalty over paired full precision")
+        axes[0, col].legend(fontsize=8)
+        axes[1, col].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out_dir / "risk_vs_steps.png", dpi=120)
     plt.close(fig)
@@ -611,12 +632,12 @@ def write_outputs(out_dir: Path, cfg: dict, problem: Problem, by_steps: dict, by
         for place in PLACES:
             pen = [float(paired_penalty(problem, by_batch[f"{place}/{model}"][b],
                                         by_batch["fp"][b], place).mean()) for b in batches]
-            ax.plot(batches, pen, marker="o", label=place)
+            ax.plot(batches, [max(v, 1e-12) for v in pen], marker="o", label=place)
             if place == "activations":
                 ax.plot(batches, [pen[0] * batches[0] / b for b in batches], "k:",
                         label="1/B through activations' first point")
         ax.set_xscale("log")
-        ax.set_yscale("symlog", linthresh=1e-6)
+        ax.set_yscale("log")
         ax.set(title=f"{model}: penalty over full precision", xlabel="batch size B",
                ylabel="excess risk penalty")
         ax.legend(fontsize=8)
