@@ -277,7 +277,7 @@ def codec_specs(cfg: dict) -> tuple[list[tuple[str, fq.Codec, int]], list[str]]:
     for spec in cfg["codecs"]:
         name = spec.get("name")
         params = {k: v for k, v in spec.items() if k not in ("name", "bits")}
-        label = name + "".join(f" {v}" for v in params.values())
+        label = name + (f"({', '.join(f'{k}={v}' for k, v in params.items())})" if params else "")
         if name not in fq.available_codecs():
             notes.append(f"{label}: not registered in this build, skipped")
             continue
