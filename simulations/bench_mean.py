@@ -52,7 +52,10 @@ def _codec_spec(text: str) -> tuple[str, dict[str, str]]:
         if not eq:
             raise ValueError(f"config key 'codec': expected name:key=value,..., got {text!r}")
         params[key.strip()] = value.strip()
-    codec_class(name).from_params(params)  # ValueError naming the codec or parameter
+    try:
+        codec_class(name).from_params(params)
+    except ValueError as e:
+        raise ValueError(f"config key 'codec' = {text!r}: {e}") from None
     return name, params
 
 

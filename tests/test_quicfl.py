@@ -349,3 +349,19 @@ def test_fuzz_outlier_sections(gaps: bytes, values: int, bitmap: bool, bits: byt
     pos = quicfl.outlier_positions(parsed, n, values)
     assert bool((pos.diff() > 0).all()) and (pos.numel() == 0 or int(pos.max()) < n)
     assert y.shape == parsed.shape
+
+
+# ---- fedquant bench mean (its --quick path, smaller still) ----------------------------------
+def test_bench_mean_writes_outputs_and_means_agree(tmp_path) -> None:
+    from simulations import bench_mean
+
+    cfg = {**bench_mean.DEFAULTS, "d": 4096, "clients": [1, 4], "repeats": 1, "distinct": 2}
+    rows = bench_mean.run_bench_mean(cfg, tmp_path, progress=False)
+    assert [r["n"] for r in rows] == [1, 4]
+    assert all(r["max_abs_diff"] < 1e-4 for r in rows)
+    for name in ("rows.csv", "rows.json", "bench_mean.png", "report.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    with pytest.raises(ValueError, match="clientz"):
+        bench_mean.validate_config({"clientz": [1]})
+    with pytest.raises(ValueError, match="config key 'codec'.*bits"):
+        bench_mean.validate_config({"codec": "quic-fl:bits=9"})

@@ -433,7 +433,11 @@ class QuicFL(Codec):
     def accumulate(self, out: torch.Tensor, enc: Encoded, weight: float = 1.0) -> None:
         """out += weight * the client's estimate in the rotated domain (before the inverse
         RHTs); out is float64 of the padded length, on the decoding device."""
+        self.validate(enc)  # the kernel trusts counts and bits: check even unparsed encodings
         n = padded_size(enc.numel)
+        if out.shape != (n,) or out.dtype != torch.float64:
+            raise ValueError(f"out must be float64 of shape ({n},), got {out.dtype} "
+                             f"{tuple(out.shape)}")
         values = enc.section("outlier_values").raw("float").to(torch.float64)
         positions = outlier_positions(enc, n, values.numel())
         messages = enc.section("q").ints()
