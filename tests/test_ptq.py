@@ -61,11 +61,14 @@ def test_spfq_output_error_lower_than_msq_at_4_bits(digits):
     data, model = digits
     calib, test_x = data.x_train[:256], data.x_test
     errs = {}
-    for method in ("msq", "gpfq", "spfq"):
+    for method in ("gpfq", "spfq"):
         q_model, _ = quantize_model(model, calib, 4, method, c=1.0)
-        errs[method] = layer_output_errors(model, q_model, test_x)
-    assert errs["spfq"][-1] < errs["msq"][-1], errs
-    assert errs["gpfq"][-1] < errs["msq"][-1], errs
+        errs[method] = layer_output_errors(model, q_model, test_x)[-1]
+    # MSQ gets its best step of eq (86) on the test set itself: SPFQ still wins
+    errs["msq"] = min(layer_output_errors(model, quantize_model(model, calib, 4, "msq", c=c)[0],
+                                          test_x)[-1] for c in (0.75, 1.0, 1.5, 2.0, 3.0))
+    assert errs["spfq"] < errs["msq"], errs
+    assert errs["gpfq"] < errs["msq"], errs
     q_model, _ = quantize_model(model, calib, 4, "spfq", c=1.0)
     base = accuracy(model, data.x_test, data.y_test)
     assert accuracy(q_model, data.x_test, data.y_test) > base - 0.05

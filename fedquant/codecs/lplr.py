@@ -148,8 +148,9 @@ class _LowRank(Codec):
         left = dithered_dequantize(enc.section("L").ints(device), enc.scales[0], self.bits)
         right = dithered_dequantize(enc.section("R").ints(device), enc.scales[1],
                                     self.bits_right)
-        return (left.reshape(n, self.rank) @ right.reshape(self.rank, d)).reshape(-1).to(
-            torch.float32)
+        # the product in float32: the n x d output is the only large allocation of a decode
+        left, right = left.to(torch.float32), right.to(torch.float32)
+        return (left.reshape(n, self.rank) @ right.reshape(self.rank, d)).reshape(-1)
 
 
 @register_codec
