@@ -204,7 +204,7 @@ def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
     return torch.from_numpy(positions)
 
 
-# ---- receiver: the CPU kernel ------------------------------------------------------------
+# ---- CPU kernels (numba): sender and receiver in one pass each ----------------------------
 _GAMMA, _MIX1, _MIX2 = (np.uint64(v) for v in (fqr.GOLDEN_GAMMA, fqr._MIX1, fqr._MIX2))
 _S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 
@@ -274,13 +274,7 @@ def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, sca
                 out[i] += weight * outlier_vals[o]
                 o += 1
                 continue
-            h = 0
-            if shared_bits > 0:
-                z = key + np.uint64(i + 1) * _GAMMA
-                z = (z ^ (z >> _S30)) * _MIX1
-                z = (z ^ (z >> _S27)) * _MIX2
-                z = z ^ (z >> _S31)
-                h = np.int64(z >> drop)
+            h = np.int64(_hash(key, i) >> drop) if shared_bits > 0 else 0
             out[i] += scale * receiver[messages[j], h]
             j += 1
 
