@@ -36,7 +36,7 @@ import fedquant as fq
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "compare.toml"
 TOP_KEYS = {"name", "seed", "plugins", "dme", "fl", "speed", "studies", "quick", "full"}
 SPEED_KEYS = {"d", "repeats", "codecs"}
-BUDGETS = (1, 2, 3, 4, 8)
+BUDGETS = (1, 2, 3, 4)
 
 
 class ConfigError(ValueError):
@@ -149,21 +149,28 @@ def best_per_budget(dme_rows: list[dict], input_name: str = "normal") -> list[di
     return out
 
 
-def cheapest_within(fl_rows: list[dict], points: float = 1.0, tail: int = 3) -> dict | None:
-    """The codec with the fewest uplink bytes whose final accuracy (mean of the last
-    `tail` rounds) is within `points` accuracy points of fp32's."""
-    finals: dict[str, dict] = {}
-    for lab in {r["label"] for r in fl_rows}:
-        runs = sorted((r for r in fl_rows if r["label"] == lab), key=lambda r: r["round"])
-        last = runs[-tail:]
-        finals[lab] = {"label": lab, "accuracy": sum(r["accuracy"] for r in last) / len(last),
-                       "uplink_mb": runs[-1]["cum_uplink_bytes"] / 1e6}
-    ref = next((f for lab, f in finals.items() if lab.startswith("fp32")), None)
+def fl_finals(fl_rows: list[dict], tail: int = 3) -> list[dict]:
+    """Per codec: final accuracy, mean accuracy of the last `tail` rounds (damps the
+    round-to-round noise), total uplink MB; sorted by uplink."""
+    out = []
+    for lab in dict.fromkeys(r["label"] for r in fl_rows):
+        rs = sorted((r for r in fl_rows if r["label"] == lab), key=lambda r: r["round"])
+        last = rs[-tail:]
+        out.append({"label": lab, "accuracy": rs[-1]["accuracy"],
+                    "tail_accuracy": sum(r["accuracy"] for r in last) / len(last),
+                    "uplink_mb": rs[-1]["cum_uplink_bytes"] / 1e6, "rounds": rs[-1]["round"]})
+    return sorted(out, key=lambda f: f["uplink_mb"])
+
+
+def cheapest_within(fl_rows: list[dict], points: float = 1.0) -> dict | None:
+    """The codec with the fewest uplink bytes whose last-3-rounds accuracy is within
+    `points` accuracy points of fp32's."""
+    finals = fl_finals(fl_rows)
+    ref = next((f for f in finals if f["label"].startswith("fp32")), None)
     if ref is None:
         return None
-    ok = [f for f in finals.values() if f["accuracy"] >= ref["accuracy"] - points / 100]
-    best = min(ok, key=lambda f: f["uplink_mb"])
-    return {**best, "fp32_accuracy": ref["accuracy"], "fp32_uplink_mb": ref["uplink_mb"]}
+    best = next(f for f in finals if f["tail_accuracy"] >= ref["tail_accuracy"] - points / 100)
+    return {**best, "fp32_accuracy": ref["tail_accuracy"], "fp32_uplink_mb": ref["uplink_mb"]}
 
 
 def versions() -> dict[str, str]:
@@ -228,5 +235,5 @@ def register(app: typer.Typer) -> None:
                       f"{out_dir / 'report.md'}")
 
 
-__all__ = ["ConfigError", "best_per_budget", "cheapest_within", "codec_spec", "label",
+__all__ = ["ConfigError", "best_per_budget", "cheapest_within", "fl_finals", "codec_spec", "label",
            "load_config", "run_compare", "validate_config"]

@@ -8,6 +8,7 @@ rows with the keys ``simulations.compare_report`` reads.
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ def run_dme(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
         "seed": cfg["seed"], "inputs": table["inputs"], "rotations": table["rotations"],
         "codecs": table["codecs"], "studies": False,
     }
-    return dme.run_dme(dme_cfg, out_dir / "dme", progress=progress)
+    rows = dme.run_dme(dme_cfg, out_dir / "dme", progress=progress)
+    for r in rows:  # one naming scheme across the report's sections
+        r["label"] = label(r["codec"], json.loads(r["params"]))
+    return rows
 
 
 def run_fl(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
@@ -48,7 +52,10 @@ def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
 
     table = cfg["speed"]
     specs = [codec_spec(s, f"speed.codecs[{i}]") for i, s in enumerate(table["codecs"])]
-    return bench.bench_codecs(specs, [table["d"]], table["repeats"], seed=cfg["seed"])
+    rows = bench.bench_codecs(specs, [table["d"]], table["repeats"], seed=cfg["seed"])
+    for r in rows:
+        r["label"] = label(r["codec"], r["params"])
+    return rows
 
 
 STUDIES = {"linreg": ("simulations.linreg", "run_linreg"),

@@ -57,7 +57,7 @@ def test_dme_numbers_match_the_library_on_the_same_seeds(quick_run):
     from simulations import dme
 
     cfg, _, results = quick_run
-    row = next(r for r in results["dme"] if r["label"] == "eden bits=2"
+    row = next(r for r in results["dme"] if r["label"] == "eden b=2"
                and r["input"] == "normal" and r["rotations"] == "auto")
     codec = fq.get_codec("eden", bits=2, rotations="auto")
     d, n = cfg["dme"]["d"], cfg["dme"]["clients"]
