@@ -60,6 +60,7 @@ class ServerConfig:
     tls_client_ca: str | None = None
     tokens_file: str | None = None
     max_push_bytes: int = 256 * 1024 * 1024
+    push_timeout_s: float = 600.0
     workers: int = 32
     decode_slots: int = max(1, min(8, os.cpu_count() or 1))
     metrics_port: int | None = None
@@ -71,9 +72,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     """The Aggregator service over a :class:`RoundBook`."""
 
     def __init__(self, book: RoundBook, auth: Authenticator, metrics: Metrics,
-                 max_push_bytes: int, decode_slots: int):
+                 max_push_bytes: int, decode_slots: int, push_timeout_s: float = 600.0):
         self.book, self.auth, self.metrics = book, auth, metrics
-        self.max_push_bytes = max_push_bytes
+        self.max_push_bytes, self.push_timeout_s = max_push_bytes, push_timeout_s
         self.decoder = futures.ThreadPoolExecutor(decode_slots, thread_name_prefix="decode")
 
     # ---- operator calls ----------------------------------------------------------------
@@ -112,8 +113,16 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         started = time.perf_counter()
         outcome = "OK"
         where: dict = {}  # round and client, once the header is read (for the logs)
+        # A client that stalls mid-stream would hold a worker thread for ever: cancel it.
+        watchdog = threading.Timer(self.push_timeout_s, context.cancel)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            return self._receive_and_aggregate(request_iterator, context, where)
+            return self._receive_and_aggregate(request_iterator, context, where, watchdog)
+        except grpc.RpcError:  # the stream broke: cancelled by the client or the watchdog
+            outcome = "CANCELLED"
+            log.warning("push_cancelled", extra={"fields": {**where, "peer": context.peer()}})
+            return None
         except AggregationError as e:
             outcome = e.status
             log.warning("push_rejected", extra={"fields": {
@@ -122,10 +131,12 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 context.set_trailing_metadata((("fedquant-sha256", e.digest),))
             context.abort(getattr(grpc.StatusCode, e.status), str(e))
         finally:
+            watchdog.cancel()
             self.metrics.add("fedquant_pushes_total", label=f'status="{outcome}"')
             self.metrics.add("fedquant_push_seconds_total", time.perf_counter() - started)
 
-    def _receive_and_aggregate(self, chunks, context, where: dict) -> pb.PushAck:
+    def _receive_and_aggregate(self, chunks, context, where: dict,
+                               watchdog: threading.Timer) -> pb.PushAck:
         self.auth.principal(context)  # UNAUTHENTICATED before reading anything
         first = next(chunks, None)
         if first is None or not first.HasField("header"):
@@ -149,6 +160,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 raise AggregationError("INVALID_ARGUMENT", f"more bytes than the declared "
                                        f"total_bytes {header.total_bytes}")
             payload += chunk.data  # bounded: total_bytes <= max_push_bytes was checked above
+        watchdog.cancel()  # all bytes are in: decoding time does not count
         if len(payload) != header.total_bytes:
             raise AggregationError("INVALID_ARGUMENT", f"received {len(payload)} bytes, "
                                    f"declared total_bytes {header.total_bytes}")
@@ -298,7 +310,8 @@ def start_server(cfg: ServerConfig) -> RunningServer:
         except AggregationError:
             book.open(config)
     metrics = Metrics()
-    servicer = AggregatorServicer(book, auth, metrics, cfg.max_push_bytes, cfg.decode_slots)
+    servicer = AggregatorServicer(book, auth, metrics, cfg.max_push_bytes, cfg.decode_slots,
+                                  cfg.push_timeout_s)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])

@@ -80,6 +80,8 @@ def serve(
         help="TOML file of [[round]] tables to open at start-up.")] = None,
     max_push_bytes: Annotated[int, typer.Option(help="Cap on one push's bytes.")]
     = 256 * 1024 * 1024,
+    push_timeout_s: Annotated[float, typer.Option(
+        help="Cancel a push still streaming after this many seconds.")] = 600.0,
     workers: Annotated[int, typer.Option(help="gRPC worker threads.")] = 32,
     decode_slots: Annotated[int, typer.Option(help="Concurrent decodes (bounds memory).")]
     = ServerConfig.decode_slots,
@@ -92,7 +94,7 @@ def serve(
     """Run the gRPC aggregation server (clients push encoded updates, it averages them)."""
     configure_logging(log_level)
     for name, value in (("workers", workers), ("decode-slots", decode_slots),
-                        ("max-push-bytes", max_push_bytes)):
+                        ("max-push-bytes", max_push_bytes), ("push-timeout-s", push_timeout_s)):
         if value < 1:
             raise typer.BadParameter(f"--{name} must be >= 1, got {value}")
     try:
@@ -100,6 +102,7 @@ def serve(
             data_dir=str(data_dir), host=host, port=port, insecure=insecure,
             tls_cert=_opt(tls_cert), tls_key=_opt(tls_key), tls_client_ca=_opt(tls_client_ca),
             tokens_file=_opt(tokens), max_push_bytes=max_push_bytes, workers=workers,
+            push_timeout_s=push_timeout_s,
             decode_slots=decode_slots, metrics_port=metrics_port, device=device,
             rounds=load_rounds(rounds) if rounds else [])
         running = start_server(cfg)

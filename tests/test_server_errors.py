@@ -22,6 +22,7 @@ from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
 
 CAP = 1024 * 1024  # --max-push-bytes of this server
+STALL_S = 4.0  # --push-timeout-s of this server
 OPERATOR = "operator-token-0"
 TOKENS = {"operator": OPERATOR, **{str(i): f"client-token-{i}" for i in range(40)}}
 S = grpc.StatusCode
@@ -32,7 +33,7 @@ def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("errors")
     (data / "tokens.json").write_text(json.dumps(TOKENS))
     proc = ServerProcess(data, "--insecure", "--tokens", str(data / "tokens.json"),
-                         "--max-push-bytes", str(CAP))
+                         "--max-push-bytes", str(CAP), "--push-timeout-s", str(STALL_S))
     yield proc
     proc.stop()
 
@@ -244,3 +245,24 @@ def test_fuzz_push_fields_and_chunks(server, operator, stub):
     # The server still serves: an honest push is acknowledged.
     with client_for(server, 39) as c:
         assert c.push_tensor("fuzz", 39, torch.randn(d)).nbytes > 0
+
+
+def test_a_stalled_push_is_cancelled_and_frees_its_worker(server, operator, stub):
+    operator.open_round("stall", "eden", {"bits": 2}, round_seed=4, shape=[64])
+    blob = operator.encode("stall", 7, torch.randn(64)).to_bytes()
+    release = threading.Event()
+
+    def stalled():  # the header and half the bytes, then nothing
+        yield pb.PushChunk(header=header("stall", 7, total_bytes=len(blob)),
+                           data=blob[: len(blob) // 2])
+        release.wait(60)
+
+    try:
+        metadata = (("authorization", f"Bearer {TOKENS['7']}"),)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Push(stalled(), timeout=60, metadata=metadata)
+        assert err.value.code() == S.CANCELLED
+    finally:
+        release.set()
+    with client_for(server, 7) as c:  # the client may push again, and nothing was recorded
+        assert not c.push("stall", 7, blob).already_recorded
