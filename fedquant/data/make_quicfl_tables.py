@@ -41,6 +41,12 @@ the probability up[i, h] of sending lo + 1 instead (R columns sorted ascending).
 ``expected_vnmse`` is the design vNMSE: the integral over |z| <= T of the variance,
 with the Gaussian density (coordinates beyond T are sent exactly and cost nothing).
 
+Checked: the shipped tables are unbiased to about 1e-15 at every grid point, hence (by the
+linear interpolation) for every z (tests/test_quicfl.py evaluates E[R | z] = z to 1e-6 with
+the codec's own sampling rule). Design vNMSE at p = 2^-9 (REFERENCE.md in brackets):
+l = 6/5/4/4: 1.4751 (1.467), 0.2139 (0.2149), 0.04267 (0.0431), 0.00954 (0.00968);
+l = 0: 8.597 (8.60), 0.574 (0.573), 0.0927 (0.093), 0.01949 (0.0195). About two minutes.
+
     python -m fedquant.data.make_quicfl_tables
 """
 
