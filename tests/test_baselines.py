@@ -24,7 +24,7 @@ CODECS = {
     "topk": {"fraction": 0.05},
     "topk-fp16": {"count": 7, "values": "fp16"},
     "randk": {"fraction": 0.1},
-    "sketch": {"ratio": 0.5},
+    "sketch": {"ratio": 0.1},
     "timeshare": {"bits": 2.0, "inner_bits": 4},
     "qsgd": {"levels": 1},
     "qsgd-linf": {"levels": 7, "norm": "linf"},
@@ -70,7 +70,7 @@ def test_unbiased_codecs_average_out(key):
     codec = _codec(key)
     assert codec.is_unbiased
     x = _x(64 if key == "sketch" else 256, seed=1)  # sketch work grows like d^2
-    n = 150
+    n = 60 if key == "sketch" else 150
     err_mean, vnmse = _mean_of_decodes(codec, x, n)
     assert err_mean < 3 * vnmse / n, (err_mean, vnmse / n)
     assert err_mean > vnmse / n / 3  # and the decodes really were independent
@@ -157,7 +157,7 @@ def test_randk_positions_come_from_the_seed():
     out = fq.decode(enc)
     kept = torch.nonzero(out).reshape(-1)
     assert torch.equal(kept, fq.random.random_subset(5, fq.random.Purpose.SUBSET, 100, 10))
-    torch.testing.assert_close(out[kept], x[kept] * 10)
+    assert torch.allclose(out[kept], x[kept] * 10)
 
 
 def test_bad_parameters_are_rejected():

@@ -13,6 +13,7 @@ from fedquant.codecs import (
     sparse,  # noqa: F401
     stochastic,  # noqa: F401
     timeshare,  # noqa: F401
+    vq,  # noqa: F401
 )
 from fedquant.codecs.base import (
     Codec,

@@ -3,9 +3,11 @@
 Seed 000 section 3 ("Failure of sketching"): the sender sends y = S x for an m x d matrix S
 of i.i.d. N(0, 1) entries that the receiver regenerates from the shared seed
 (``fedquant.random.normals``, ``Purpose.SKETCH``, entry (i, j) at counter i * d + j); the
-receiver returns x_hat = S^T y / m. Since E[S^T S] = m I, the estimate is unbiased, but its
-variance is about (d + 1) / m times ||x||^2 (seed 000 Proposition 2 with m sketches): a
-sketch needs m comparable to d to be useful, which is the point the seed makes.
+receiver returns x_hat = S^T y / m. Since E[S^T S] = m I, the estimate is unbiased, but
+E||x_hat - x||^2 = (d + 1) / m * ||x||^2: a sketch needs m comparable to d to be useful,
+which is the point the seed makes. (The seed's Proposition 2 formula was lost in conversion;
+this vector form is rebuilt from one row s: E[(s.x)^2 ||s||^2] = (d + 2) ||x||^2, so each
+row contributes (d + 1) ||x||^2 of variance; tests/test_baselines.py measures it.)
 
 S is generated in row chunks of at most _CHUNK_ENTRIES entries, so memory stays O(d + m)
 beyond one chunk; m * d is capped at MAX_ENTRIES (ValueError when encoding, WireError when
