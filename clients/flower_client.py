@@ -28,7 +28,7 @@ app = ClientApp()
 
 #: keys of the reply: the ConfigRecord holding the payload and the MetricRecord
 UPDATE_KEY, PAYLOAD_KEY, METRICS_KEY = "update", "payload", "metrics"
-_RESIDUAL_KEY = "fedquant-residual"
+_RESIDUAL_KEY, _PARTITION_KEY = "fedquant-residual", "fedquant-partition"
 
 
 def _setting(msg_config: ConfigRecord, context: Context, key: str, default):
@@ -39,13 +39,22 @@ def _setting(msg_config: ConfigRecord, context: Context, key: str, default):
 
 
 def _partition(context: Context) -> tuple[fl_task.Task, torch.Tensor, torch.Tensor]:
+    """The node's partition; its row indices are kept in context.state, so later rounds
+    (a fresh ClientApp process each under process isolation) skip the partitioner."""
     rc = context.run_config
     task = fl_task.load_task(str(rc.get("dataset", "digits")), int(rc.get("data-seed", 0)))
-    x, y = fl_task.client_data(
-        task, str(rc.get("partitioning", "dirichlet")),
-        int(context.node_config.get("num-partitions", rc.get("num-partitions", 2))),
-        float(rc.get("alpha", 0.5)), int(context.node_config.get("partition-id", 0)),
-        int(rc.get("data-seed", 0)))
+    args = (str(rc.get("partitioning", "dirichlet")),
+            int(context.node_config.get("num-partitions", rc.get("num-partitions", 2))),
+            float(rc.get("alpha", 0.5)), int(context.node_config.get("partition-id", 0)),
+            int(rc.get("data-seed", 0)))
+    key = f"{task.name}|{args}"
+    kept = context.state.array_records.get(_PARTITION_KEY)
+    if kept is not None and kept.get(key) is not None:
+        rows = kept[key].numpy()
+    else:
+        rows = fl_task.partition_rows(task, *args)
+        context.state[_PARTITION_KEY] = ArrayRecord({key: Array(rows)})
+    x, y = fl_task.rows_data(task, rows)
     return task, x, y
 
 

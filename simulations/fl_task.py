@@ -22,9 +22,11 @@ Example::
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,11 +70,20 @@ def _split(name: str, kind: str, x: np.ndarray, y: np.ndarray, seed: int, num_cl
 
 
 def _digits(seed: int) -> Task:
-    from sklearn.datasets import load_digits
+    """scikit-learn's bundled digits (1797 8x8 images), read from the file load_digits
+    reads, without importing scikit-learn: every Flower ClientApp process loads it, and
+    importing sklearn costs seconds there."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path.exists():
+        table = np.loadtxt(path, delimiter=",")
+        data, target = table[:, :-1], table[:, -1]
+    else:  # a future layout: fall back to the public API
+        from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    x = (bunch.data / 16.0).astype(np.float32)  # pixel intensities 0..16 -> [0, 1]
-    return _split("digits", "classification", x, bunch.target.astype(np.int64), seed, 10,
+        data, target = load_digits(return_X_y=True)
+    x = (data / 16.0).astype(np.float32)  # pixel intensities 0..16 -> [0, 1]
+    return _split("digits", "classification", x, target.astype(np.int64), seed, 10,
                   image_shape=(1, 8, 8))
 
 
@@ -147,18 +158,29 @@ def _partitioner(dataset: str, seed: int, partitioning: str, num_partitions: int
     return part
 
 
-def client_data(task: Task, partitioning: str, num_partitions: int, alpha: float,
-                partition_id: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training examples of partition `partition_id` as (x, y) tensors."""
+def partition_rows(task: Task, partitioning: str, num_partitions: int, alpha: float,
+                   partition_id: int, seed: int = 0) -> np.ndarray:
+    """Indices into the training pool of partition `partition_id` (flwr-datasets)."""
     if not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id must be an int in 0..{num_partitions - 1}, "
                          f"got {partition_id!r}")
     part = _partitioner(task.name if task.name in DATASETS else f"hf:{task.name}", seed,
                         partitioning, num_partitions, alpha)
-    rows = np.asarray(part.load_partition(partition_id)["row"], dtype=np.int64)
+    return np.asarray(part.load_partition(partition_id)["row"], dtype=np.int64)
+
+
+def rows_data(task: Task, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training examples `rows` as (x, y) tensors."""
     y_dtype = torch.int64 if task.kind == "classification" else torch.float32
     return (torch.as_tensor(task.train_x[rows], dtype=torch.float32),
             torch.as_tensor(task.train_y[rows], dtype=y_dtype))
+
+
+def client_data(task: Task, partitioning: str, num_partitions: int, alpha: float,
+                partition_id: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training examples of partition `partition_id` as (x, y) tensors."""
+    return rows_data(task, partition_rows(task, partitioning, num_partitions, alpha,
+                                          partition_id, seed))
 
 
 # ---- models ---------------------------------------------------------------------------

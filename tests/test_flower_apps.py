@@ -105,7 +105,8 @@ def _initial_flat() -> torch.Tensor:
 def test_client_app_replies_with_a_decodable_payload_of_the_configured_codec():
     flat, round_seed = _initial_flat(), 12345
     msg = _train_message(NODES[1], flat, round_seed, codec="eden", **{"codec-params": "bits=1"})
-    reply = flower_client.app(msg, _context(NODES[1], 1))
+    ctx = _context(NODES[1], 1)
+    reply = flower_client.app(msg, ctx)
     blob = reply.content.config_records["update"]["payload"]
     metrics = reply.content.metric_records["metrics"]
     enc = fq.Encoded.from_bytes(blob)
@@ -116,6 +117,10 @@ def test_client_app_replies_with_a_decodable_payload_of_the_configured_codec():
     assert metrics["num-examples"] == len(x)
     delta = fq.decode(enc)
     assert torch.isfinite(delta).all() and delta.norm() > 0  # training moved the model
+    # the partition's rows are kept for the next rounds' (fresh) ClientApp processes
+    kept = next(iter(ctx.state["fedquant-partition"].values())).numpy()
+    task = fl_task.load_task("digits", 0)
+    np.testing.assert_array_equal(kept, fl_task.partition_rows(task, "iid", 2, 0.5, 1))
 
 
 def test_client_app_error_feedback_keeps_the_residual_in_context_state():

@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 
 import fedquant as fq
 from scripts import local_deployment as dep
@@ -23,11 +24,12 @@ def _check_rounds(rows: list[dict]) -> None:
     assert rows[2]["accuracy"] > rows[0]["accuracy"] + 0.2  # learned from compressed updates
     task = fl_task.load_task("digits", 0)
     d = task.num_features * task.num_classes + task.num_classes
-    one = fq.get_codec("eden", bits=2).encode(fl_task.get_flat(fl_task.make_model(task, "logreg")))
+    size = fq.get_codec("eden", bits=2).encode(torch.randn(d), seed=2**64 - 1).nbytes
     for r in rows[1:]:
         assert (r["replied"], r["failed"], r["dropped"]) == (2, 0, 0)
-        # two payloads per round, each the size of one eden b=2 encoding of d parameters
-        assert r["uplink_bytes"] == 2 * one.nbytes < 2 * 4 * d / 8
+        # two payloads per round, each one eden b=2 encoding of the d parameters (up to
+        # 9 bytes shorter with a shorter varint seed): about 16x less than fp32
+        assert 2 * (size - 9) <= r["uplink_bytes"] <= 2 * size < 2 * 4 * d / 8
         assert r["downlink_bytes"] >= 2 * 4 * d
 
 
