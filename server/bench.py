@@ -41,7 +41,6 @@ import fedquant as fq
 from clients.grpc_client import AggregatorClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "simulations" / "configs" / "bench_server.toml"
 
 
 @dataclass(frozen=True)
@@ -269,7 +268,8 @@ def bench_server(
         help="Second, smaller client count (RSS must not grow with N).")] = None,
     dim: Annotated[int | None, typer.Option(help="Update size d (default 2^20).")] = None,
     bits: Annotated[int | None, typer.Option(help="EDEN bits (default 2).")] = None,
-    config: Annotated[pathlib.Path | None, typer.Option(help="TOML with a [bench] table.")]
+    config: Annotated[pathlib.Path | None, typer.Option(
+        help="TOML with a \\[bench] table, e.g. simulations/configs/bench_server.toml.")]
     = None,
     out: Annotated[str | None, typer.Option(help="Output directory.")] = None,
     quick: Annotated[bool, typer.Option(help="A run of seconds (8 clients, d=2^14).")]
