@@ -123,10 +123,16 @@ class RoundConfig:
         for key in ("id", "codec", "shape"):
             if key not in spec:
                 raise ValueError(f"round key '{key}' is required")
-        return cls.build(spec["id"], spec["codec"], spec.get("params", {}),
-                         spec.get("round_seed", 0), spec["shape"], spec.get("cohort", ()),
-                         spec.get("expected", 0), spec.get("quorum", 0),
-                         float(spec.get("deadline_s", 0.0)))
+        try:
+            return cls.build(spec["id"], spec["codec"], dict(spec.get("params", {})),
+                             spec.get("round_seed", 0), list(spec["shape"]),
+                             list(spec.get("cohort", ())), int(spec.get("expected", 0)),
+                             int(spec.get("quorum", 0)), float(spec.get("deadline_s", 0.0)))
+        except TypeError as e:
+            raise ValueError(f"round {spec.get('id')!r}: a value has the wrong type ({e}); "
+                             "expected id, codec: str; params: table; round_seed, expected, "
+                             "quorum: int; shape, cohort: lists of int; deadline_s: "
+                             "number") from None
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -8,6 +8,8 @@ import sqlite3
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fedquant as fq
 from server.aggregator import ServerConfig, start_server
@@ -141,3 +143,33 @@ def test_shared_rotation_rounds_sum_in_the_rotated_domain(tmp_path):
     assert again.state == "closed" and not again.rotated_sums
     torch.testing.assert_close(replayed.mean(again), fq.decode_mean(encs, weights),
                                rtol=1e-5, atol=1e-6)
+
+
+_TOML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "codec", "params", "round_seed", "shape",
+                                        "cohort", "expected", "quorum", "deadline_s", "x"]),
+                       _TOML_VALUES | st.just("eden") | st.just([4]), max_size=9))
+def test_fuzz_round_specs_raise_only_value_error(spec):
+    try:
+        cfg = RoundConfig.from_dict(spec)
+    except ValueError:
+        return
+    assert cfg.numel >= 1 and cfg.round_id == spec["id"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(_TOML_VALUES)
+def test_fuzz_tokens_files_raise_only_value_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("tok") / "tokens.json"
+    path.write_text(json.dumps(data))
+    try:
+        tokens = load_tokens(path)
+    except ValueError:
+        return
+    assert all(len(t) >= 8 for t in tokens)
