@@ -201,13 +201,12 @@ class RoundBook:
         for logged in store.rounds():
             rnd = Round(RoundConfig.from_json(logged.config), logged.state, logged.close_reason)
             for push in store.pushes(rnd.round_id, with_payload=logged.state == "open"):
-                rnd.pushes[push.client_id] = PushRecord(push.weight, len(push.payload),
-                                                        push.sha256)
+                rnd.pushes[push.client_id] = PushRecord(push.weight, push.nbytes, push.sha256)
                 rnd.total_weight += push.weight
+                rnd.bytes_received += push.nbytes
                 if logged.state == "open":
                     enc = fq.Encoded.from_bytes(push.payload)
                     self._add(rnd, self.decode(rnd, enc, push.weight))
-                    rnd.bytes_received += len(push.payload)
             if rnd.state == "closed":
                 rnd.closed.set()
             self._rounds[rnd.round_id] = rnd

@@ -13,6 +13,7 @@ anyway, and every write is a single short transaction.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import pathlib
 import sqlite3
@@ -47,7 +48,8 @@ class LoggedPush:
     client_id: int
     weight: float
     sha256: str
-    payload: bytes
+    nbytes: int
+    payload: bytes  # b"" when read without payloads
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,18 @@ class LoggedRound:
 class Store:
     """The SQLite log under ``data_dir/fedquant.sqlite3``."""
 
-    __slots__ = ("path", "_db", "_lock")
+    __slots__ = ("path", "_db", "_lock", "_owner")
 
     def __init__(self, data_dir: str | pathlib.Path):
         data_dir = pathlib.Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
+        # One server per data directory; the kernel drops the lock when the process dies.
+        self._owner = open(data_dir / "lock", "a")  # noqa: SIM115 (held until close)
+        try:
+            fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._owner.close()
+            raise RuntimeError(f"{data_dir} is in use by another fedquant server") from None
         self.path = data_dir / "fedquant.sqlite3"
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one short transaction each.
@@ -82,6 +91,7 @@ class Store:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._owner.close()
 
     def _write(self, sql: str, args: tuple) -> None:
         with self._lock:
@@ -122,16 +132,16 @@ class Store:
         """The round's pushes in arrival order (payloads read one at a time)."""
         with self._lock:
             keys = self._db.execute(
-                "SELECT client_id, weight, sha256 FROM pushes WHERE round_id = ? ORDER BY seq",
-                (round_id,)).fetchall()
-        for client_id, weight, sha256 in keys:
+                "SELECT client_id, weight, sha256, length(payload) FROM pushes "
+                "WHERE round_id = ? ORDER BY seq", (round_id,)).fetchall()
+        for client_id, weight, sha256, nbytes in keys:
             payload = b""
             if with_payload:
                 with self._lock:
                     payload = self._db.execute(
                         "SELECT payload FROM pushes WHERE round_id = ? AND client_id = ?",
                         (round_id, client_id)).fetchone()[0]
-            yield LoggedPush(int(client_id), weight, sha256, payload)
+            yield LoggedPush(int(client_id), weight, sha256, nbytes, payload)
 
     def mean(self, round_id: str) -> bytes | None:
         with self._lock:

@@ -101,10 +101,15 @@ def test_store_replay_rebuilds_the_running_sum_and_refuses_duplicates(tmp_path):
     mean = replayed.mean(again)
     torch.testing.assert_close(mean, fq.decode_mean(encs, [1.0, 2.5]))
     replayed.store.close()
-    closed = RoundBook(Store(tmp_path)).get("r")  # a closed round keeps its stored mean
+    final = RoundBook(Store(tmp_path))  # a closed round keeps its stored mean
+    closed = final.get("r")
     assert closed.state == "closed" and closed.close_reason == "operator"
     assert closed.running_sum is None
-    torch.testing.assert_close(RoundBook(Store(tmp_path)).mean(closed), mean, rtol=0, atol=0)
+    assert closed.bytes_received == sum(e.nbytes for e in encs)
+    torch.testing.assert_close(final.mean(closed), mean, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="in use"):  # one server per data directory
+        Store(tmp_path)
+    final.store.close()
 
 
 def test_bench_config_and_quick_run(tmp_path):
