@@ -209,8 +209,24 @@ def _run_codec_inprocess(cfg: dict, spec: dict, task: fl_task.Task, data: list, 
     return rows
 
 
+def _local_deployment():
+    """scripts/local_deployment.py (not an installed package; loaded from the checkout)."""
+    import importlib.util
+    import sys
+
+    if "scripts.local_deployment" in sys.modules:
+        return sys.modules["scripts.local_deployment"]
+    path = Path(__file__).resolve().parents[1] / "scripts" / "local_deployment.py"
+    if not path.exists():
+        raise RuntimeError(f"engine = 'flower' needs {path} (run from a fedquant checkout)")
+    spec = importlib.util.spec_from_file_location("fedquant_local_deployment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance) -> list[dict]:
-    from scripts import local_deployment  # starts processes: only for engine = "flower"
+    local_deployment = _local_deployment()
 
     run_config = {
         "num-server-rounds": cfg["rounds"], "dataset": cfg["dataset"], "model": cfg["model"],

@@ -93,3 +93,11 @@ def test_fl_command_quick(tmp_path):
     assert "fedquant fl" in result.output and (tmp_path / "report.md").exists()
     bad = CliRunner().invoke(app, ["fl", "--quick", "--engine", "ray"])
     assert bad.exit_code != 0 and "engine" in bad.output
+
+
+def test_flower_engine_finds_the_local_deployment_runner_without_the_repo_on_sys_path():
+    # the console script runs without the checkout on sys.path; `--engine flower` loads
+    # scripts/local_deployment.py by file (the runner itself is tested in
+    # test_flower_runtime.py)
+    module = fl._local_deployment()
+    assert callable(module.run_app) and module.FLWR_VERSION == "1.41.0"
