@@ -50,14 +50,14 @@ SCHEMA: dict[str, Any] = {
     "bits": list, "calib_m": int, "validation": int, "cs": list,
     "m_values": list, "m_bits": list, "variants": list,
 }
-VARIANT_KEYS = {"label", "method", "alignment", "order"}
+VARIANT_KEYS = {"label", "method", "alignment", "order", "calib_m", "m_sweep"}
 
 
 def _check_variants(variants: list) -> None:
     for i, v in enumerate(variants):
         if not isinstance(v, dict) or not {"label", "method"} <= set(v):
             raise ValueError(f"config key 'variants[{i}]' must be a table with label and "
-                             "method (and optional alignment, order)")
+                             "method (and optional alignment, order, calib_m, m_sweep)")
         unknown = set(v) - VARIANT_KEYS
         if unknown:
             raise ValueError(f"unknown config key(s) {sorted(unknown)} in 'variants[{i}]'; "
@@ -95,13 +95,16 @@ def run_ptq(cfg: dict, out_dir: Path) -> dict:
     trials = {v["label"]: (cfg["trials"] if v["method"] == "spfq" else 1)
               for v in cfg["variants"]}
     bits_rows, m_rows, best_c = [], [], {}
-    total = len(cfg["variants"]) * (len(cfg["bits"]) + len(cfg["m_values"]) * len(cfg["m_bits"]))
+    sweeps = sum(v.get("m_sweep", True) for v in cfg["variants"])
+    total = len(cfg["variants"]) * len(cfg["bits"]) + sweeps * len(cfg["m_values"]) * len(
+        cfg["m_bits"])
     with Progress() as progress:
         task = progress.add_task("ptq", total=total)
         for v in cfg["variants"]:
             for bits in cfg["bits"]:
                 progress.update(task, description=f"{v['label']} b={bits}")
-                calib = pool[: cfg["calib_m"]]
+                m = v.get("calib_m", cfg["calib_m"])
+                calib = pool[:m]
                 c, _ = grid_search_c(model, calib, val_x, val_y, bits, v["method"],
                                      cs=cfg["cs"], alignment=v.get("alignment", "approximate"),
                                      order=v.get("order", 1), seed=seed)
@@ -111,7 +114,7 @@ def run_ptq(cfg: dict, out_dir: Path) -> dict:
                     q_model, size = _quantize(model, calib, bits, v, c, seed + t)
                     accs.append(accuracy(q_model, data.x_test, data.y_test))
                     errs.append(layer_output_errors(model, q_model, data.x_test))
-                row = {"variant": v["label"], "bits": bits, "m": cfg["calib_m"], "C": c,
+                row = {"variant": v["label"], "bits": bits, "m": m, "C": c,
                        "accuracy": sum(accs) / len(accs), "accuracy_drop":
                        base_acc - sum(accs) / len(accs), "size_bytes": size,
                        "fp32_bytes": fp32_bytes}
@@ -119,7 +122,7 @@ def run_ptq(cfg: dict, out_dir: Path) -> dict:
                     row[f"layer{i + 1}_rel_err"] = sum(e[i] for e in errs) / len(errs)
                 bits_rows.append(row)
                 progress.advance(task)
-            for bits in cfg["m_bits"]:
+            for bits in cfg["m_bits"] if v.get("m_sweep", True) else []:
                 c = best_c.get((v["label"], bits), 1.0)
                 for m in cfg["m_values"]:
                     progress.update(task, description=f"{v['label']} b={bits} m={m}")
@@ -175,11 +178,13 @@ def _report(bits_rows, m_rows, base_acc, fp32_bytes, cfg) -> str:
              f"{fp32_bytes} bytes of fp32 weights. C by grid search over {cfg['cs']} on "
              f"{cfg['validation']} held-out training digits; SPFQ rows average "
              f"{cfg['trials']} seeds. Plot: `ptq.png`.", "",
-             f"## Accuracy and per-layer output error against bits (m = {cfg['calib_m']})", "",
-             "| variant | bits | C | accuracy | drop | size bytes | "
-             + " | ".join(layer_cols) + " |", "|---" * (6 + len(layer_cols)) + "|"]
+             f"## Accuracy and per-layer output error against bits (m = {cfg['calib_m']} "
+             "unless stated)", "",
+             "| variant | bits | m | C | accuracy | drop | size bytes | "
+             + " | ".join(layer_cols) + " |", "|---" * (7 + len(layer_cols)) + "|"]
     for r in bits_rows:
-        lines.append(f"| {r['variant']} | {r['bits']} | {r['C']} | {r['accuracy']:.4f} | "
+        lines.append(f"| {r['variant']} | {r['bits']} | {r['m']} | {r['C']} | "
+                     f"{r['accuracy']:.4f} | "
                      f"{r['accuracy_drop']:+.4f} | {r['size_bytes']} | "
                      + " | ".join(f"{r[k]:.4f}" for k in layer_cols) + " |")
     lines += ["", "## Accuracy against the calibration batch m", "",
