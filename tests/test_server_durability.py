@@ -5,6 +5,7 @@ test_server_units.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -15,6 +16,7 @@ from helpers_server import ServerProcess
 import fedquant as fq
 from clients.grpc_client import AggregatorClient
 from fedquant._proto import aggregator_pb2 as pb
+from fedquant._proto import aggregator_pb2_grpc as pb_grpc
 
 
 def test_kill_9_during_a_round_then_restart(tmp_path):
@@ -38,11 +40,29 @@ def test_kill_9_during_a_round_then_restart(tmp_path):
                 except grpc.RpcError:
                     pass
 
+        # Client 9's push is certainly in flight: half its bytes are sent, then it waits.
+        blob, sent, release = encs[9].to_bytes(), threading.Event(), threading.Event()
+
+        def stalled_chunks():
+            yield pb.PushChunk(header=pb.PushHeader(round_id="durable", client_id=9,
+                                                    weight=weights[9], total_bytes=len(blob)),
+                               data=blob[: len(blob) // 2])
+            sent.set()
+            release.wait(30)
+
+        def stalled_push():
+            with grpc.insecure_channel(server.target) as channel:
+                with contextlib.suppress(grpc.RpcError):
+                    pb_grpc.AggregatorStub(channel).Push(stalled_chunks(), timeout=30)
+
         threads = [threading.Thread(target=push, args=(i,)) for i in (6, 7, 8)]
+        threads.append(threading.Thread(target=stalled_push))
         for t in threads:
             t.start()
-        time.sleep(0.02)
+        assert sent.wait(30)
+        time.sleep(0.1)  # let the chunk reach the server
         server.kill()
+        release.set()
         for t in threads:
             t.join(60)
     finally:
@@ -56,6 +76,7 @@ def test_kill_9_during_a_round_then_restart(tmp_path):
             assert len(recorded) == len(set(recorded))  # none twice
             assert acked <= set(recorded)  # none lost
             assert status.state == pb.OPEN
+            assert 9 not in recorded  # never acknowledged, never counted
             for i in (6, 7, 8):  # retried: a push recorded before the kill counts as success
                 result = c.push("durable", i, encs[i], weights[i])
                 assert result.already_recorded == (i in recorded)
