@@ -155,6 +155,8 @@ class AggregatorClient:
                     raise PushConflict(f"round {round_id!r} already holds a different push "
                                        f"from client {client_id}: {e.details()}") from e
                 return PushResult(round_id, client_id, len(payload), digest, True)
+            if ack.sha256 != digest:  # the server recorded other bytes than we sent
+                raise PushConflict(f"server acknowledged sha256 {ack.sha256}, sent {digest}")
             return PushResult(ack.round_id, ack.client_id, ack.bytes_received, ack.sha256)
 
         return self._retry(attempt)
@@ -179,6 +181,8 @@ class AggregatorClient:
                     shape = tuple(chunk.shape)
                 if chunk.offset != expected_offset or len(chunk.data) % 4:
                     raise ValueError(f"GetMean: bad chunk at offset {chunk.offset}")
+                if expected_offset + len(chunk.data) // 4 > math.prod(shape):
+                    raise ValueError(f"GetMean: more values than the shape {list(shape)}")
                 parts.append(chunk.data)
                 expected_offset += len(chunk.data) // 4
             if shape is None or expected_offset != math.prod(shape):
