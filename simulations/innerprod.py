@@ -526,7 +526,9 @@ def write_outputs(out_dir: Path, cfg: dict, rows: list[dict], checks: list[dict]
               f"point ({cfg['codec_trials']} for project codecs), rates {cfg['rates']}. "
               "Plots: `mse_vs_rate.png`, `mse_vs_n.png`; every number in `innerprod.csv`. "
               "R of dither is its index's measured entropy; R of project codecs is "
-              "8 * len(bytes) / n.\n\n")
+              "8 * len(bytes) / n, fitted to the budget with the longest seed; a codec whose "
+              "size depends on the input (QUIC-FL's exact outliers) can overshoot it by a few "
+              "bytes.\n\n")
     if notes:
         header += "Notes:\n\n" + "".join(f"- {note}\n" for note in notes) + "\n"
     summary = "| claim | measured | result |\n|---|---|---|\n" + "".join(
