@@ -609,15 +609,18 @@ def write_outputs(out_dir: Path, cfg: dict, problem: Problem, by_steps: dict, by
         for label in ["fp"] + [f"{p}/{model}" for p in PLACES]:
             res = by_steps[label]
             steps = res["steps"].numpy()
+            # one colour per place in both panels (C0 is full precision)
+            color = "C0" if label == "fp" else f"C{PLACES.index(label.split('/')[0]) + 1}"
             axes[0, col].loglog(steps, res["risk"].mean(1).cpu().numpy(), label=label,
-                                ls="--" if label == "fp" else "-")
+                                ls="--" if label == "fp" else "-", color=color)
             if label != "fp":
                 pen = [float(paired_penalty(problem, {"risk": r, "w_bar": w},
                                             {"risk": rf, "w_bar": wf},
                                             label.split("/")[0]).mean())
                        for r, w, rf, wf in zip(res["risk"], res["w_bars"], fp_res["risk"],
                                                fp_res["w_bars"], strict=True)]
-                axes[1, col].loglog(steps, [max(v, 1e-12) for v in pen], label=label)
+                axes[1, col].loglog(steps, [max(v, 1e-12) for v in pen], label=label,
+                                    color=color)
         axes[0, col].set(title=f"{model} quantization", ylabel="excess risk of averaged iterate")
         axes[1, col].set(xlabel="SGD steps", ylabel="penalty over paired full precision")
         axes[0, col].legend(fontsize=8)
