@@ -120,6 +120,13 @@ def _unpack_torch(raw: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 
 
 # ---- public API ----------------------------------------------------------------------------
+def _check_backend(backend: str) -> None:
+    if backend not in ("auto", "numba", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    if backend == "numba" and not NUMBA_AVAILABLE:
+        raise ValueError("backend='numba' needs numba installed; use 'auto' or 'torch'")
+
+
 def _numba_dtype_ok(v: torch.Tensor) -> bool:
     return v.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -130,8 +137,7 @@ def pack(values: torch.Tensor, bits: int, backend: str = "auto") -> bytes:
     backend: "auto" (numba for CPU integer tensors, else torch), "numba" or "torch".
     """
     _check_bits(bits)
-    if backend not in ("auto", "numba", "torch"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    _check_backend(backend)
     v = values.detach().reshape(-1)
     if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
         raise ValueError(f"values to pack must be an integer tensor, got {v.dtype}")
@@ -157,8 +163,7 @@ def unpack(
     backend: "auto" (numba when the result lives on the CPU, else torch), "numba", "torch".
     """
     _check_bits(bits)
-    if backend not in ("auto", "numba", "torch"):
-        raise ValueError(f"backend must be 'auto', 'numba' or 'torch', got {backend!r}")
+    _check_backend(backend)
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
     if len(data) != packed_len(count, bits):
