@@ -14,8 +14,11 @@ passes over memory:
    in cache: the first three (strides 1, 2, 4) as one radix-8 butterfly in registers, the
    rest as radix-8/4/2 stages whose inner loops run over contiguous strides (SIMD);
 2. *columns*: groups of W columns are gathered into a small contiguous buffer (R x W,
-   512 KiB, in L2), transformed by the same radix-8 stages, and written back
+   at most 512 KiB, in L2), transformed by the same radix-8 stages, and written back
    (multiplied by the signs for the inverse).
+
+Every inner loop runs from 0 over an array view: numba's negative-index wraparound check
+on ``a[j]`` with a loop starting elsewhere blocks vectorization (about 15x slower stages).
 
 Slices of n <= B need only pass 1. The signs use the same SplitMix64 as fedquant.random
 in uint64 arithmetic; along a row the counter advances by the golden gamma, so each sign
