@@ -273,16 +273,19 @@ def grid_search_c(model: nn.Module, calib_x: torch.Tensor, val_x: torch.Tensor,
                   **kwargs) -> tuple[float, dict[float, float]]:
     """Seed 004 App. H's grid search for C: the C with the best top-1 accuracy on (val_x, val_y).
 
-    Returns (best C, {C: accuracy}); ties go to the smaller C.
+    Accuracy on a small validation set ties often; ties go to the C whose network output is
+    closest to the original's (relative error of the last layer). Returns (best C,
+    {C: accuracy}).
     """
     if not cs:
         raise ValueError("cs must list at least one value of C")
-    scores = {}
+    scores, output_errors = {}, {}
     for c in cs:
         q_model, _ = quantize_model(model, calib_x, bits, method, c=c, **kwargs)
         with torch.no_grad():
             scores[c] = float((q_model(val_x).argmax(dim=1) == val_y).float().mean())
-    best = max(scores, key=lambda c: (scores[c], -c))
+        output_errors[c] = layer_output_errors(model, q_model, val_x)[-1]
+    best = max(scores, key=lambda c: (scores[c], -output_errors[c]))
     return best, scores
 
 
