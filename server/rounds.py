@@ -144,11 +144,12 @@ class RoundConfig:
 
 @dataclass(frozen=True)
 class Contribution:
-    """One push's weighted estimate, float64: flat, or in the rotated domain of `rotation`
+    """One push's estimate times `weight`: flat, or in the rotated domain of `rotation`
     (rotation seed, number of RHTs) and padded, to be unrotated once at close."""
 
     values: torch.Tensor
     rotation: tuple[int, int] | None = None
+    weight: float = 1.0  # still to multiply by, as the values are added to the sum
 
 
 def shares_rotation(codec: fq.Codec) -> bool:
@@ -294,6 +295,11 @@ class RoundBook:
                                   device=self.device)
             codec.accumulate(rotated, enc, weight)
             return Contribution(rotated, (codec.rotation_seed(enc.seed), enc.rotations))
+        if type(codec).decode_sum is fq.Codec.decode_sum:
+            # The generic decode_sum of one push is decode() with two float64 round trips;
+            # skip them: the weight is applied as the float32 values are added in float64.
+            part = codec.decode(enc, self.device)
+            return Contribution(part.reshape(-1)[: rnd.config.numel], weight=weight)
         part = codec.decode_sum([enc], [weight], self.device)
         return Contribution(part.reshape(-1)[: rnd.config.numel].to(torch.float64))
 
@@ -319,13 +325,12 @@ class RoundBook:
         key, values = contribution.rotation, contribution.values
         total = rnd.running_sum if key is None else rnd.rotated_sums.get(key)
         if total is None:
-            total = values.clone()
+            total = torch.zeros_like(values, dtype=torch.float64)
             if key is None:
                 rnd.running_sum = total
             else:
                 rnd.rotated_sums[key] = total
-        else:
-            total.add_(values)
+        total.add_(values, alpha=contribution.weight)  # in float64, whatever values' dtype
 
     # ---- closing -----------------------------------------------------------------------
     def close(self, rnd: Round, reason: str) -> None:
