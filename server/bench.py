@@ -3,9 +3,9 @@
 N concurrent clients push d = 2^20 EDEN updates at 2 bits (issue 4) over loopback to a real
 server subprocess. Reported per client count: updates/s, MB/s, p50/p99 push latency and the
 server's peak RSS (``VmHWM`` of /proc/<pid>/status); and, in the same run, the baseline: the
-codec's own decode throughput on the same payloads (``from_bytes`` + ``decode_sum`` in this
-process). Targets: server updates/s >= 0.5 x the codec's, and peak RSS flat in N (the run is
-repeated at two client counts).
+codec's own decode throughput on the same payloads (``from_bytes`` + ``decode``, one after
+another in this process). Targets: server updates/s >= 0.5 x the codec's, and peak RSS
+flat in N (the run is repeated at two client counts).
 
     fedquant bench server --clients 100          # also: python -m server.bench --quick
     fedquant bench server --config simulations/configs/bench_server.toml
@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, fields
 from typing import Annotated
 
 import numpy as np
-import torch
 import typer
 from rich.console import Console
 from rich.progress import Progress
@@ -103,15 +102,14 @@ def _rss_kib(pid: int, field: str) -> int:
 
 
 def codec_decode_rate(payloads: list[bytes]) -> float:
-    """Updates per second of parse + the codec's decode_sum, one after another, in-process."""
+    """Updates per second of parse + the codec's decode alone (no sum), one after another,
+    in-process: the baseline the server's whole path (gRPC, log, sum) is compared with."""
     enc = fq.Encoded.from_bytes(payloads[0])
-    fq.codecs.codec_for(enc).decode_sum([enc], [1.0])  # warm-up: compiles the kernels
-    total = None
+    codec = fq.codecs.codec_for(enc)
+    codec.decode(enc)  # warm-up: compiles the kernels
     started = time.perf_counter()
     for blob in payloads:
-        enc = fq.Encoded.from_bytes(blob)
-        part = fq.codecs.codec_for(enc).decode_sum([enc], [1.0]).to(torch.float64)
-        total = part if total is None else total.add_(part)
+        codec.decode(fq.Encoded.from_bytes(blob))
     return len(payloads) / (time.perf_counter() - started)
 
 
@@ -235,7 +233,7 @@ def _write(cfg: BenchConfig, rows: list[dict]) -> None:
     lines = ["# fedquant bench server", "",
              f"EDEN b={cfg.bits}, d={cfg.dim}, concurrent clients over loopback, "
              f"{os.cpu_count()} CPUs. Baseline: the codec's own decode throughput "
-             "(parse + decode_sum, in-process) on the same payloads.", "",
+             "(parse + decode, sequential, in-process) on the same payloads.", "",
              "| clients | updates/s | MB/s | p50 ms | p99 ms | peak RSS MiB | codec updates/s "
              "| server/codec |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
