@@ -20,7 +20,8 @@ passes over memory:
 Every inner loop runs from 0 over an array view: numba's negative-index wraparound check
 on ``a[j]`` with a loop starting elsewhere blocks vectorization (about 15x slower stages).
 
-Slices of n <= B need only pass 1. The signs use the same SplitMix64 as fedquant.random
+Slices of n <= B need only pass 1; slices that fit in L2 (n <= 2^17) run the column
+stages in place, without the gather buffer. The signs use the same SplitMix64 as fedquant.random
 in uint64 arithmetic; along a row the counter advances by the golden gamma, so each sign
 costs two 64-bit multiplies. ``parallel=True`` runs blocks and column groups over numba
 threads (prange): about 2x on two idle cores at d >= 2^20, but much slower when the cores
@@ -50,6 +51,7 @@ MAX_ROWS = 1 << 9  # ... and at most 2^9 rows, so column groups stay wide (see _
 MAX_BLOCK = 1 << 16  # 256 KiB: pass 1 still runs in L2
 BUFFER_FLOATS = 1 << 17  # pass-2 column-group buffer: 512 KiB, half of a 1 MiB L2
 MIN_WIDTH = 16  # 64 bytes: at least one cache line per row of a column group
+IN_PLACE_MAX = 1 << 17  # slices up to 512 KiB run pass 2 in place (no gather buffer)
 
 _GAMMA = np.uint64(fqr.GOLDEN_GAMMA)
 _MIX1 = np.uint64(fqr._MIX1)
@@ -206,7 +208,8 @@ def _rht_serial(x, y, key, start, scale, forward, block, rows, width):
         lo = b * block
         _row_block(x[lo:lo + block], y[lo:lo + block], key, start + np.uint64(lo), scale,
                    forward)
-    if rows == 1:
+    if rows * block <= IN_PLACE_MAX:  # the whole slice is in L2: column stages in place
+        _stages(y, block)
         if not forward:
             _signed_scaled_copy(y, y, _counter(key, start), np.float32(1.0))
         return
@@ -221,7 +224,8 @@ def _rht_parallel(x, y, key, start, scale, forward, block, rows, width):
         lo = b * block
         _row_block(x[lo:lo + block], y[lo:lo + block], key, start + np.uint64(lo), scale,
                    forward)
-    if rows == 1:
+    if rows * block <= IN_PLACE_MAX:
+        _stages(y, block)
         if not forward:
             _signed_scaled_copy(y, y, _counter(key, start), np.float32(1.0))
         return
