@@ -121,7 +121,8 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor,
     """
     z = zs.detach().contiguous().numpy()
     norm = math.sqrt(_sum_squares(z))
-    factor = np.float32(math.sqrt(z.size) / max(norm, 1e-300))
+    # an all-zero slice quantizes to any index (its scale is 0); avoid an inf factor
+    factor = np.float32(math.sqrt(z.size) / norm if norm > 0 else 0.0)
     c64 = centroids.to(torch.float64).cpu().contiguous().numpy()
     mids = ((c64[1:] + c64[:-1]) / 2).astype(np.float32)
     idx = out.numpy()

@@ -30,6 +30,8 @@ MAX_PARAMS = 32
 MAX_PARAM_LEN = 64
 MAX_SCALES = 4096
 MAX_SECTIONS = 16
+# Larger scales overflow the float32 reconstruction (float32 max is about 2^128).
+MAX_SCALE = 2.0**126
 RAW_BITS = (16, 32, 64)
 
 DTYPES = {torch.float32: update_pb2.FLOAT32, torch.float16: update_pb2.FLOAT16,
@@ -172,6 +174,9 @@ class Encoded:
             raise WireError(f"scales: at most {MAX_SCALES}, got {len(msg.scales)}")
         if not all(math.isfinite(s) for s in msg.scales):
             raise WireError("scales: NaN or Inf scale")
+        if any(abs(s) > MAX_SCALE for s in msg.scales):
+            raise WireError(f"scales: a scale beyond +-2^126 would overflow the float32 "
+                            f"reconstruction")
         if len(msg.sections) > MAX_SECTIONS:
             raise WireError(f"sections: at most {MAX_SECTIONS}, got {len(msg.sections)}")
         sections: dict[str, Section] = {}
