@@ -175,8 +175,8 @@ class Encoded:
         if not all(math.isfinite(s) for s in msg.scales):
             raise WireError("scales: NaN or Inf scale")
         if any(abs(s) > MAX_SCALE for s in msg.scales):
-            raise WireError(f"scales: a scale beyond +-2^126 would overflow the float32 "
-                            f"reconstruction")
+            raise WireError("scales: a scale beyond +-2^126 would overflow the float32 "
+                            "reconstruction")
         if len(msg.sections) > MAX_SECTIONS:
             raise WireError(f"sections: at most {MAX_SECTIONS}, got {len(msg.sections)}")
         sections: dict[str, Section] = {}
