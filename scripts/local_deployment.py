@@ -307,7 +307,8 @@ def run_app(run_dir: Path, run_config: dict, *, num_supernodes: int = 2,
         if proc.returncode != 0:
             raise RuntimeError(f"flwr run exited with {proc.returncode}; see "
                                f"{run_dir / 'logs' / 'flwr_run.log'}")
-        while len(read_metrics(metrics)) < rounds + 1:  # the stream may end before the file
+        lines = rounds + 1 + (int(run_config.get("final-ptq-bits", 0)) > 0)  # + final PTQ
+        while len(read_metrics(metrics)) < lines:  # the stream may end before the file
             if time.monotonic() > deadline:
                 raise TimeoutError(f"run did not finish {rounds} rounds in {timeout:.0f}s; "
                                    f"see {run_dir / 'logs'}")

@@ -9,6 +9,12 @@ applies global += server_lr * mean. The aggregation itself is
 Per round the ServerApp evaluates the global model centrally on the held-out split and
 appends one JSON line to ``metrics-path``: round, loss, accuracy, uplink_bytes (sum of
 payload sizes as received), downlink_bytes, clients sent/replied/failed/dropped, wall_s.
+
+With ``final-ptq-bits`` > 0 (2..8) the server then quantizes the final global model with
+``fedquant.ptq`` (SPFQ, seed 004 Algorithm 1; or ``final-ptq-method`` gpfq / msq) on
+``final-ptq-calib`` rows of the training pool, and appends one last JSON line (key
+``final_ptq``): accuracy before and after, the drop, fp32_bytes and ptq_bytes
+(:func:`simulations.fl_task.quantize_final`).
 """
 
 from __future__ import annotations
@@ -52,6 +58,12 @@ class FedQuantAvg(FedAvg):
         global += server_learning_rate * decoded weighted mean delta.
     run_seed : int (default: 0)
         Seed from which every round seed is derived.
+    final_ptq_bits : int (default: 0)
+        0: off; 2..8: :meth:`quantize_final` quantizes the final model to this many bits.
+    final_ptq_method : str (default: "spfq")
+        "spfq", "gpfq" or "msq" (``fedquant.ptq``).
+    final_ptq_calib : int (default: 256)
+        Calibration batch size (rows of the training pool, never of the test split).
     **fedavg_kwargs
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (fraction_train, min_train_nodes,
         min_available_nodes, ...).
@@ -60,10 +72,13 @@ class FedQuantAvg(FedAvg):
     def __init__(self, codec: str = "eden", codec_params: str = "bits=2",
                  rotations: str = "", seed_policy: str = "per-client",
                  error_feedback: bool = False, server_learning_rate: float = 1.0,
-                 run_seed: int = 0, **fedavg_kwargs) -> None:
+                 run_seed: int = 0, final_ptq_bits: int = 0, final_ptq_method: str = "spfq",
+                 final_ptq_calib: int = 256, **fedavg_kwargs) -> None:
         super().__init__(**fedavg_kwargs)
         fl_task.make_codec(codec, codec_params, rotations)  # ValueError now, not in round 1
         fl_task.client_seed(0, 0, seed_policy)
+        fl_task.check_ptq(final_ptq_bits, final_ptq_method, final_ptq_calib)
+        self.final_ptq = (final_ptq_bits, final_ptq_method, final_ptq_calib)
         self.codec, self.codec_params, self.rotations = codec, codec_params, rotations
         self.seed_policy, self.error_feedback = seed_policy, bool(error_feedback)
         self.server_learning_rate, self.run_seed = float(server_learning_rate), int(run_seed)
@@ -76,6 +91,23 @@ class FedQuantAvg(FedAvg):
             "%s, server lr %s", self.codec, self.codec_params, self.rotations,
             self.seed_policy, self.error_feedback, self.server_learning_rate)
         super().summary()
+
+    def quantize_final(self, task: fl_task.Task, model: torch.nn.Module,
+                       arrays: ArrayRecord) -> dict | None:
+        """The final step: PTQ of the global model `arrays` (None when final-ptq-bits is 0).
+
+        `model` (the task's architecture) is loaded with the arrays; the result is
+        :func:`simulations.fl_task.quantize_final`'s, seeded by the run seed.
+        """
+        bits, method, calib = self.final_ptq
+        if not bits:
+            return None
+        flat = torch.from_numpy(np.ascontiguousarray(arrays["flat"].numpy(), dtype=np.float32))
+        result = fl_task.quantize_final(task, model, flat, bits, method, calib, self.run_seed)
+        log(INFO, "final PTQ (%s, %d bits): accuracy %.4f -> %.4f, %d -> %d bytes", method,
+            bits, result["accuracy_before"], result["accuracy_after"], result["fp32_bytes"],
+            result["ptq_bytes"])
+        return result
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -162,8 +194,12 @@ def main(grid: Grid, context: Context) -> None:
         seed_policy=str(rc.get("seed-policy", "per-client")),
         error_feedback=bool(rc.get("error-feedback", False)),
         server_learning_rate=float(rc.get("server-lr", 1.0)), run_seed=int(rc.get("seed", 0)),
+        final_ptq_bits=int(rc.get("final-ptq-bits", 0)),
+        final_ptq_method=str(rc.get("final-ptq-method", "spfq")),
+        final_ptq_calib=int(rc.get("final-ptq-calib", 256)),
         fraction_train=float(rc.get("fraction-train", 1.0)), fraction_evaluate=0.0,
         min_train_nodes=min_nodes, min_available_nodes=min_nodes)
+    fl_task.check_ptq(*strategy.final_ptq, model=str(rc.get("model", "mlp")))  # before round 1
     out = _metrics_path(context)
     out.write_text("")
     run_start = time.perf_counter()
@@ -182,12 +218,16 @@ def main(grid: Grid, context: Context) -> None:
             f.write(json.dumps(row) + "\n")
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 
-    strategy.start(grid=grid, initial_arrays=ArrayRecord({"flat": Array(
-                       fl_task.get_flat(model).numpy())}),
-                   num_rounds=int(rc.get("num-server-rounds", 3)),
-                   timeout=float(rc.get("round-timeout", 600.0)),
-                   train_config=ConfigRecord({
-                       "local-epochs": int(rc.get("local-epochs", 1)),
-                       "batch-size": int(rc.get("batch-size", 32)),
-                       "lr": float(rc.get("lr", 0.1))}),
-                   evaluate_fn=central_evaluate)
+    initial = ArrayRecord({"flat": Array(fl_task.get_flat(model).numpy())})
+    result = strategy.start(grid=grid, initial_arrays=initial,
+                            num_rounds=int(rc.get("num-server-rounds", 3)),
+                            timeout=float(rc.get("round-timeout", 600.0)),
+                            train_config=ConfigRecord({
+                                "local-epochs": int(rc.get("local-epochs", 1)),
+                                "batch-size": int(rc.get("batch-size", 32)),
+                                "lr": float(rc.get("lr", 0.1))}),
+                            evaluate_fn=central_evaluate)
+    ptq = strategy.quantize_final(task, model, result.arrays)
+    if ptq is not None:
+        with out.open("a") as f:
+            f.write(json.dumps(ptq) + "\n")

@@ -15,6 +15,13 @@ Two engines run the same rounds:
 * ``flower``: ``flwr run`` of the Flower app on Flower's simulation engine, one run per
   compressor (``scripts/local_deployment.py``); downlink is the serialized model array.
 
+With ``final_ptq_bits`` > 0 (2..8), after the last round the final global model of each
+compressor is quantized with ``fedquant.ptq`` (``final_ptq_method``: spfq, seed 004
+Algorithm 1; gpfq; msq) on ``final_ptq_calib`` rows of the training pool, and the accuracy
+before and after, the drop and the model's size in bytes (fp32 vs quantized) go to
+final_ptq.csv, rows.json, report.md and the printed summary
+(:func:`simulations.fl_task.quantize_final`, which the ServerApp calls too).
+
 It writes rows.csv, rows.json, accuracy_vs_rounds.png, accuracy_vs_uplink.png and
 report.md, and prints a summary table. ``run_fl`` is the function behind the command
 (``fedquant compare`` calls it); ``load_config`` reads and validates the TOML config.
@@ -48,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "partitioning": "dirichlet", "alpha": 0.5, "rounds": 30, "fraction_train": 1.0,
     "local_epochs": 1, "batch_size": 32, "lr": 0.1, "server_lr": 1.0, "seed": 0,
     "rotations": "", "seed_policy": "per-client", "engine": "inprocess",
+    "final_ptq_bits": 0, "final_ptq_method": "spfq", "final_ptq_calib": 256,
     "codecs": [{"label": "fp32", "name": "fp32"},
                {"label": "eden b=2", "name": "eden", "params": {"bits": 2}}],
 }
@@ -57,6 +65,8 @@ QUICK_KEYS = ("rounds", "num_clients", "codecs", "local_epochs")
 ENGINES = ("inprocess", "flower")
 COLUMNS = ("label", "codec", "params", "round", "accuracy", "loss", "uplink_bytes",
            "cum_uplink_bytes", "downlink_bytes", "clients", "dropped", "wall_s")
+PTQ_COLUMNS = ("label", "final_ptq", "bits", "calib_size", "accuracy_before", "accuracy_after",
+               "accuracy_drop", "loss_before", "loss_after", "fp32_bytes", "ptq_bytes")
 
 
 # ---- configuration --------------------------------------------------------------------
@@ -103,6 +113,11 @@ def validate(config: dict) -> dict:
         _check(key, cfg[key], int)
         if cfg[key] < (0 if key == "seed" else 1):
             raise ValueError(f"config key '{key}' must be >= 1, got {cfg[key]!r}")
+    try:
+        fl_task.check_ptq(cfg["final_ptq_bits"], cfg["final_ptq_method"],
+                          cfg["final_ptq_calib"], cfg["model"], sep="_")
+    except ValueError as err:
+        raise ValueError(f"config key {err}") from None
     for key in ("alpha", "lr", "server_lr", "fraction_train"):
         _check(key, cfg[key], (int, float))
         if not (math.isfinite(cfg[key]) and cfg[key] > 0) or (
@@ -206,7 +221,12 @@ def _run_codec_inprocess(cfg: dict, spec: dict, task: fl_task.Task, data: list, 
                      "clients": len(result.accepted), "dropped": len(result.rejected),
                      "wall_s": time.perf_counter() - start})
         advance()
-    return rows
+    ptq = None
+    if cfg["final_ptq_bits"]:
+        ptq = {"label": spec["label"], **fl_task.quantize_final(
+            task, model, global_flat, cfg["final_ptq_bits"], cfg["final_ptq_method"],
+            cfg["final_ptq_calib"], cfg["seed"])}
+    return rows, ptq
 
 
 def _local_deployment():
@@ -225,7 +245,7 @@ def _local_deployment():
     return module
 
 
-def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance) -> list[dict]:
+def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
     local_deployment = _local_deployment()
 
     run_config = {
@@ -237,12 +257,16 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance) -> list[dic
         "fraction-train": float(cfg["fraction_train"]), "codec": spec["name"],
         "codec-params": ",".join(f"{k}={v}" for k, v in spec["params"].items()),
         "rotations": str(cfg["rotations"]), "seed-policy": cfg["seed_policy"],
-        "error-feedback": spec["error_feedback"]}
+        "error-feedback": spec["error_feedback"], "final-ptq-bits": cfg["final_ptq_bits"],
+        "final-ptq-method": cfg["final_ptq_method"], "final-ptq-calib": cfg["final_ptq_calib"]}
     safe = "".join(ch if ch.isalnum() else "_" for ch in spec["label"])
     raw = local_deployment.run_app(out_dir / "flower" / safe, run_config,
                                    num_supernodes=cfg["num_clients"], simulation=True)
-    rows, cum = [], 0
+    rows, cum, ptq = [], 0, None
     for r in raw:
+        if "final_ptq" in r:  # the ServerApp's last line
+            ptq = {"label": spec["label"], **r}
+            continue
         cum += r["uplink_bytes"]
         rows.append({"label": spec["label"], "codec": spec["name"],
                      "params": run_config["codec-params"], "round": r["round"],
@@ -251,7 +275,7 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance) -> list[dic
                      "downlink_bytes": r["downlink_bytes"], "clients": r["replied"],
                      "dropped": r["dropped"] + r["failed"], "wall_s": r["wall_s"]})
     advance(cfg["rounds"])
-    return rows
+    return rows, ptq
 
 
 def run_fl(config: dict, out_dir: Path, quick: bool = False, progress: bool = True,
@@ -261,6 +285,13 @@ def run_fl(config: dict, out_dir: Path, quick: bool = False, progress: bool = Tr
     Rows: label, codec, params, round (0 = initial model), accuracy, loss, uplink_bytes,
     cum_uplink_bytes, downlink_bytes, clients, dropped, wall_s.
     """
+    return run_fl_with_ptq(config, out_dir, quick, progress)[0]
+
+
+def run_fl_with_ptq(config: dict, out_dir: Path, quick: bool = False, progress: bool = True,
+                    ) -> tuple[list[dict], list[dict]]:
+    """:func:`run_fl`, also returning one final-PTQ result per compressor (PTQ_COLUMNS;
+    empty when final_ptq_bits is 0)."""
     from rich.progress import Progress
 
     cfg = validate({k: v for k, v in config.items()})
@@ -270,6 +301,7 @@ def run_fl(config: dict, out_dir: Path, quick: bool = False, progress: bool = Tr
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    ptqs: list[dict] = []
     with Progress(disable=not progress, transient=True) as bar, _torch_threads(1):
         job = bar.add_task("fedquant fl", total=len(specs) * cfg["rounds"])
         advance = lambda n=1: bar.advance(job, n)  # noqa: E731
@@ -281,11 +313,13 @@ def run_fl(config: dict, out_dir: Path, quick: bool = False, progress: bool = Tr
         for spec in specs:
             bar.update(job, description=f"fl {spec['label']}")
             if cfg["engine"] == "inprocess":
-                rows += _run_codec_inprocess(cfg, spec, task, data, advance)
+                more, ptq = _run_codec_inprocess(cfg, spec, task, data, advance)
             else:
-                rows += _run_codec_flower(cfg, spec, out_dir, advance)
-    _write_results(cfg, rows, out_dir, quick)
-    return rows
+                more, ptq = _run_codec_flower(cfg, spec, out_dir, advance)
+            rows += more
+            ptqs += [ptq] if ptq is not None else []
+    _write_results(cfg, rows, out_dir, quick, ptqs)
+    return rows, ptqs
 
 
 # ---- results --------------------------------------------------------------------------
@@ -344,15 +378,40 @@ def _plots(rows: list[dict], out_dir: Path) -> None:
         plt.close(fig)
 
 
-def _write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool) -> None:
+def _ptq_lines(ptqs: list[dict]) -> list[str]:
+    """report.md's final-PTQ table (none when final_ptq_bits is 0)."""
+    if not ptqs:
+        return []
+    p0 = ptqs[0]
+    lines = ["", f"Final global model quantized after training with {p0['final_ptq']} at "
+             f"{p0['bits']} bits per weight (fedquant.ptq, seed 004), calibration batch of "
+             f"{p0['calib_size']} training rows; accuracy on the held-out split.", "",
+             "| compressor | accuracy fp32 | accuracy PTQ | drop (points) | fp32 bytes | "
+             "PTQ bytes | fp32 / PTQ |", "|---|---|---|---|---|---|---|"]
+    for p in ptqs:
+        lines.append(f"| {p['label']} | {100 * p['accuracy_before']:.2f}% | "
+                     f"{100 * p['accuracy_after']:.2f}% | {100 * p['accuracy_drop']:+.2f} | "
+                     f"{p['fp32_bytes']} | {p['ptq_bytes']} | "
+                     f"{p['fp32_bytes'] / p['ptq_bytes']:.2f} |")
+    return lines
+
+
+def _write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool,
+                   ptqs: list[dict] = ()) -> None:
     with (out_dir / "rows.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    if ptqs:
+        with (out_dir / "final_ptq.csv").open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=PTQ_COLUMNS)
+            writer.writeheader()
+            writer.writerows(ptqs)
     summary = summarize(rows)
     config = {k: v for k, v in cfg.items() if k != "quick"}
     (out_dir / "rows.json").write_text(json.dumps(
-        {"config": config, "quick": quick, "summary": summary, "rows": rows}, indent=1))
+        {"config": config, "quick": quick, "summary": summary, "rows": rows,
+         "final_ptq": list(ptqs)}, indent=1))
     _plots(rows, out_dir)
     lines = [f"# fedquant fl: {cfg['name']}{' (quick)' if quick else ''}", "",
              f"{cfg['dataset']} / {cfg['model']}, {cfg['num_clients']} clients, "
@@ -367,12 +426,13 @@ def _write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool) -> N
                      f"{100 * s['accuracy_vs_fp32']:+.2f} | {s['uplink_mb']:.3f} | "
                      f"{s['uplink_vs_fp32']:.4f} |")
     check = target_check(summary)
+    lines += _ptq_lines(list(ptqs))
     lines += ["", check or "", "", "![accuracy vs rounds](accuracy_vs_rounds.png)",
               "![accuracy vs uplink](accuracy_vs_uplink.png)", ""]
     (out_dir / "report.md").write_text("\n".join(lines))
 
 
-def print_summary(rows: list[dict]) -> None:
+def print_summary(rows: list[dict], ptqs: list[dict] = ()) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -386,6 +446,17 @@ def print_summary(rows: list[dict]) -> None:
                       f"{s['uplink_vs_fp32']:.4f}", f"{s['wall_s']:.1f}")
     console = Console()
     console.print(table)
+    if ptqs:
+        ptq_table = Table(title=f"final model PTQ ({ptqs[0]['final_ptq']}, "
+                                f"{ptqs[0]['bits']} bits)")
+        for col in ("compressor", "acc fp32", "acc PTQ", "drop", "fp32 bytes", "PTQ bytes"):
+            ptq_table.add_column(col, justify="left" if col == "compressor" else "right")
+        for p in ptqs:
+            ptq_table.add_row(p["label"], f"{100 * p['accuracy_before']:.2f}%",
+                              f"{100 * p['accuracy_after']:.2f}%",
+                              f"{100 * p['accuracy_drop']:+.2f}", str(p["fp32_bytes"]),
+                              str(p["ptq_bytes"]))
+        console.print(ptq_table)
     check = target_check(summary)
     if check:
         console.print(check)
@@ -409,6 +480,6 @@ def register(app: typer.Typer) -> None:
         except (ValueError, OSError, tomllib.TOMLDecodeError) as err:
             raise typer.BadParameter(str(err)) from err
         out_dir = out or Path("results") / (cfg["name"] + ("-quick" if quick else ""))
-        rows = run_fl(cfg, out_dir, quick=quick)
-        print_summary(rows)
+        rows, ptqs = run_fl_with_ptq(cfg, out_dir, quick=quick)
+        print_summary(rows, ptqs)
         typer.echo(f"wrote {out_dir}/rows.csv, rows.json, report.md and plots")

@@ -426,3 +426,64 @@ def aggregate_payloads(global_flat: torch.Tensor, payloads: Sequence[Payload],
             result.rejected.update({n: "decoded mean is not finite" for n in result.accepted})
             result.accepted = []
     return result
+
+
+# ---- post-training quantization of the final model --------------------------------------
+PTQ_METHODS = ("spfq", "gpfq", "msq")  # fedquant.ptq.METHODS, without importing scipy here
+
+
+def check_ptq(bits: int, method: str, calib_size: int, model: str | None = None,
+              sep: str = "-") -> None:
+    """ValueError naming the bad final-PTQ setting (bits 0 = off, else 2..8); the keys are
+    spelled final-ptq-* (run config) or, with sep="_", final_ptq_* (TOML config)."""
+    def key(name: str) -> str:
+        return f"'final{sep}ptq{sep}{name}'"
+
+    if isinstance(bits, bool) or not isinstance(bits, int) or not (bits == 0 or 2 <= bits <= 8):
+        raise ValueError(f"{key('bits')} must be 0 (off) or an integer in 2..8, got {bits!r}")
+    if method not in PTQ_METHODS:
+        raise ValueError(f"{key('method')} must be one of {PTQ_METHODS}, got {method!r}")
+    if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
+        raise ValueError(f"{key('calib')} must be a positive integer, got {calib_size!r}")
+    if bits and model == "cnn":
+        raise ValueError(f"{key('bits')} > 0 needs a model of nn.Linear layers (logreg, mlp, "
+                         "linear); post-training quantization does not apply to model = 'cnn'")
+
+
+def _linear_stack(model: nn.Module) -> nn.Sequential:
+    """The model as the nn.Sequential of Linear layers that fedquant.ptq quantizes."""
+    if isinstance(model, nn.Linear):
+        return nn.Sequential(model)
+    if isinstance(model, nn.Sequential) and all(
+            isinstance(m, nn.Linear | nn.ReLU) for m in model):
+        return model
+    raise ValueError("final PTQ applies to models of nn.Linear layers (logreg, mlp, linear); "
+                     f"got {type(model).__name__}")
+
+
+def quantize_final(task: Task, model: nn.Module, flat: torch.Tensor, bits: int,
+                   method: str = "spfq", calib_size: int = 256, seed: int = 0) -> dict:
+    """Quantize the final global model (parameters `flat`) with fedquant.ptq (seed 004).
+
+    The calibration batch is `calib_size` rows of the training pool (never the test split
+    that accuracy is measured on), chosen by ``fq.random.random_subset``; `model` (of the
+    task's architecture) is loaded with `flat` to evaluate it. Returns the
+    accuracy and loss on the test split before and after, the drop (before - after, as a
+    fraction; R^2 for regression), and the sizes: fp32 (4 bytes per parameter) and the
+    quantized model's packed bytes as ``fedquant.ptq.quantize_model`` counts them.
+    """
+    from fedquant.ptq import quantize_model  # scipy: only where PTQ is asked for
+
+    check_ptq(bits, method, calib_size)
+    set_flat(model, flat)
+    stack = _linear_stack(model)
+    rows = fq.random.random_subset(seed, fq.random.Purpose.PRIVATE, len(task.train_x),
+                                   min(calib_size, len(task.train_x)))
+    calib_x, _ = rows_data(task, rows.numpy())
+    loss, accuracy = evaluate(task, stack)
+    q_model, q_bytes = quantize_model(stack, calib_x.to(flat.device), bits, method, seed=seed)
+    q_loss, q_accuracy = evaluate(task, q_model)
+    return {"final_ptq": method, "bits": bits, "calib_size": len(rows),
+            "accuracy_before": accuracy, "accuracy_after": q_accuracy,
+            "accuracy_drop": accuracy - q_accuracy, "loss_before": loss, "loss_after": q_loss,
+            "fp32_bytes": 4 * flat.numel(), "ptq_bytes": q_bytes}
