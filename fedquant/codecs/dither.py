@@ -126,9 +126,12 @@ def validate_uniform(codec: Codec, enc: Encoded) -> None:
         raise WireError("scales: a grid step (odd entries) is negative")
 
 
-@register_codec
-class Dither(Codec):
-    """Subtractive dithered uniform quantizer (seed 000 section 4, seed 001 section 2.1).
+class UniformGridCodec(Codec):
+    """Shared mechanics of the uniform-grid quantizers (dither, stochastic): optional RHTs,
+    a per-slice grid lo + j * step with 2^bits levels, one rounding rule per subclass.
+
+    Subclasses set `name`, the randomness `purpose` of their rounding uniforms, and
+    implement `round_to_levels` (sender) and `levels_to_positions` (receiver).
 
     Args:
         bits (int, default 2): bits per coordinate, 1..8 (2^bits levels).
@@ -137,8 +140,8 @@ class Dither(Codec):
             dynamic range R > 0 (grid [-R, R], values outside clipped: biased there).
     """
 
-    name = "dither"
     unbiased = True
+    purpose: fqr.Purpose
 
     def __init__(self, bits: int = 2, rotations: str = "auto", range: str = "minmax"):  # noqa: A002
         self.bits = check_bits(bits)
@@ -147,18 +150,24 @@ class Dither(Codec):
         self.dynamic_range = parse_range(range)
         self.range = "minmax" if self.dynamic_range is None else repr(self.dynamic_range)
 
+    def round_to_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Level indices (int64) of grid positions t in [0, 2^bits - 1], given uniforms u."""
+        raise NotImplementedError
+
+    def levels_to_positions(self, q: torch.Tensor, seed: int) -> torch.Tensor:
+        """The receiver's grid positions (float64) of the level indices q."""
+        raise NotImplementedError
+
     def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
         v, k = rotated_input(self, x, seed)
         levels = 1 << self.bits
-        dither = fqr.uniforms(seed, fqr.Purpose.DITHER, v.numel(), device=v.device)
+        u = fqr.uniforms(seed, self.purpose, v.numel(), device=v.device)
         indices = torch.empty(v.numel(), dtype=torch.int64, device=v.device)
         scales: list[float] = []
         for lo_i, hi_i in value_blocks(x.numel(), k):
             lo, step = grid(v[lo_i:hi_i], levels, self.dynamic_range)
             t = grid_positions(v[lo_i:hi_i], lo, step, levels)
-            # t + u >= 0, so the int64 cast (truncation) is the floor; torch.floor on
-            # float32 is pathologically slow with 2 intra-op threads in torch 2.13 CPU.
-            indices[lo_i:hi_i] = (t + dither[lo_i:hi_i]).to(torch.int64).clamp_(0, levels - 1)
+            indices[lo_i:hi_i] = self.round_to_levels(t, u[lo_i:hi_i]).clamp_(0, levels - 1)
             scales += [lo, step]
         return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
                                  sections={"q": Section.from_ints("q", indices, self.bits)})
@@ -167,16 +176,36 @@ class Dither(Codec):
         validate_uniform(self, enc)
 
     def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        q = enc.section("q").ints(device).to(torch.float64)
-        dither = fqr.uniforms(enc.seed, fqr.Purpose.DITHER, q.numel(), device=q.device)
-        values = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
+        positions = self.levels_to_positions(enc.section("q").ints(device), enc.seed)
+        values = torch.empty(positions.numel(), dtype=torch.float32, device=positions.device)
         blocks = value_blocks(enc.numel, enc.rotations)
         for (lo_i, hi_i), lo, step in zip(blocks, enc.scales[0::2], enc.scales[1::2],
                                           strict=True):
-            centered = q[lo_i:hi_i] - dither[lo_i:hi_i].to(torch.float64) + 0.5
-            values[lo_i:hi_i] = (lo + step * centered).to(torch.float32)
+            values[lo_i:hi_i] = (lo + step * positions[lo_i:hi_i]).to(torch.float32)
         return rebuild(enc, values)
 
 
-__all__ = ["Dither", "grid", "grid_positions", "parse_range", "quantized_length",
-           "rebuild", "rotated_input", "validate_uniform", "value_blocks"]
+@register_codec
+class Dither(UniformGridCodec):
+    """Subtractive dithered uniform quantizer (seed 000 section 4, seed 001 section 2.1).
+
+    The sender sends floor(t + u) and the receiver, who regenerates the shared dither u,
+    rebuilds q - u + 1/2: the error is uniform on a step, independent of the input.
+    Parameters as in :class:`UniformGridCodec`.
+    """
+
+    name = "dither"
+    purpose = fqr.Purpose.DITHER
+
+    def round_to_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        # t + u >= 0, so the int64 cast (truncation) is the floor; torch.floor on
+        # float32 is pathologically slow with 2 intra-op threads in torch 2.13 CPU.
+        return (t + u).to(torch.int64)
+
+    def levels_to_positions(self, q: torch.Tensor, seed: int) -> torch.Tensor:
+        dither = fqr.uniforms(seed, self.purpose, q.numel(), device=q.device)
+        return q.to(torch.float64) - dither.to(torch.float64) + 0.5
+
+
+__all__ = ["Dither", "UniformGridCodec", "grid", "grid_positions", "parse_range",
+           "quantized_length", "rebuild", "rotated_input", "validate_uniform", "value_blocks"]

@@ -26,69 +26,27 @@ from __future__ import annotations
 import torch
 
 from fedquant import random as fqr
-from fedquant.codecs.base import Codec, register_codec
-from fedquant.codecs.dither import (
-    check_bits,
-    grid,
-    grid_positions,
-    parse_range,
-    rebuild,
-    rotated_input,
-    validate_uniform,
-    value_blocks,
-)
-from fedquant.rotation import resolve_rotations
-from fedquant.wire import Encoded, Section
+from fedquant.codecs.base import register_codec
+from fedquant.codecs.dither import UniformGridCodec
 
 
 @register_codec
-class Stochastic(Codec):
+class Stochastic(UniformGridCodec):
     """Unbiased stochastic rounding onto 2^bits uniform levels (seed 004's StocQ).
 
-    Args:
-        bits (int, default 2): bits per coordinate, 1..8 (2^bits levels).
-        rotations (int | str, default "auto"): composed RHTs, 0..3 or "auto" (0 = none).
-        range (str | float, default "minmax"): "minmax" (per-slice min-max grid) or a
-            dynamic range R > 0 (grid [-R, R], values outside clipped: biased there).
+    Rounds up with probability equal to the fractional grid position, using the sender's
+    private coins. Parameters as in :class:`fedquant.codecs.dither.UniformGridCodec`.
     """
 
     name = "stochastic"
-    unbiased = True
+    purpose = fqr.Purpose.PRIVATE
 
-    def __init__(self, bits: int = 2, rotations: str = "auto", range: str = "minmax"):  # noqa: A002
-        self.bits = check_bits(bits)
-        resolve_rotations(rotations, torch.ones(1))  # validate early
-        self.rotations = str(rotations)
-        self.dynamic_range = parse_range(range)
-        self.range = "minmax" if self.dynamic_range is None else repr(self.dynamic_range)
+    def round_to_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        down = t.to(torch.int64)  # t >= 0: truncation is the floor
+        return down + (u < t - down)  # P(up) = the fractional part of t
 
-    def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
-        v, k = rotated_input(self, x, seed)
-        levels = 1 << self.bits
-        coins = fqr.uniforms(seed, fqr.Purpose.PRIVATE, v.numel(), device=v.device)
-        indices = torch.empty(v.numel(), dtype=torch.int64, device=v.device)
-        scales: list[float] = []
-        for lo_i, hi_i in value_blocks(x.numel(), k):
-            lo, step = grid(v[lo_i:hi_i], levels, self.dynamic_range)
-            t = grid_positions(v[lo_i:hi_i], lo, step, levels)
-            down = t.to(torch.int64)  # t >= 0: truncation is the floor
-            up = coins[lo_i:hi_i] < t - down  # P(up) = the fractional part of t
-            indices[lo_i:hi_i] = (down + up).clamp_(0, levels - 1)
-            scales += [lo, step]
-        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
-                                 sections={"q": Section.from_ints("q", indices, self.bits)})
-
-    def validate(self, enc: Encoded) -> None:
-        validate_uniform(self, enc)
-
-    def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        q = enc.section("q").ints(device).to(torch.float64)
-        values = torch.empty(q.numel(), dtype=torch.float32, device=q.device)
-        blocks = value_blocks(enc.numel, enc.rotations)
-        for (lo_i, hi_i), lo, step in zip(blocks, enc.scales[0::2], enc.scales[1::2],
-                                          strict=True):
-            values[lo_i:hi_i] = (lo + step * q[lo_i:hi_i]).to(torch.float32)
-        return rebuild(enc, values)
+    def levels_to_positions(self, q: torch.Tensor, seed: int) -> torch.Tensor:
+        return q.to(torch.float64)
 
 
 __all__ = ["Stochastic"]
