@@ -41,8 +41,12 @@ def _port_is_closed(address: str) -> bool:
 
 @pytest.mark.timeout(420)
 def test_flwr_run_on_the_simulation_engine(tmp_path):
-    rows = dep.run_app(tmp_path, RUN_CONFIG, num_supernodes=2, simulation=True, timeout=400)
+    config = {**RUN_CONFIG, "final-ptq-bits": 4}  # + SPFQ of the final model (sub-second)
+    *rows, ptq = dep.run_app(tmp_path, config, num_supernodes=2, simulation=True, timeout=400)
     _check_rounds(rows)
+    assert (ptq["final_ptq"], ptq["bits"]) == ("spfq", 4)
+    assert ptq["accuracy_before"] == rows[-1]["accuracy"] and abs(ptq["accuracy_drop"]) < 0.05
+    assert 0 < 4 * ptq["ptq_bytes"] < ptq["fp32_bytes"]
     assert (tmp_path / "flwr_home" / "config.toml").exists()  # FLWR_HOME inside the run dir
 
 
