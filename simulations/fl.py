@@ -386,7 +386,7 @@ def _ptq_lines(ptqs: list[dict]) -> list[str]:
     lines = ["", f"Final global model quantized after training with {p0['final_ptq']} at "
              f"{p0['bits']} bits per weight (fedquant.ptq, seed 004), calibration batch of "
              f"{p0['calib_size']} training rows; accuracy on the held-out split.", "",
-             "| compressor | accuracy fp32 | accuracy PTQ | drop (points) | fp32 bytes | "
+             "| compressor | accuracy fp32 | accuracy PTQ | drop (points, + = lost) | fp32 bytes | "
              "PTQ bytes | fp32 / PTQ |", "|---|---|---|---|---|---|---|"]
     for p in ptqs:
         lines.append(f"| {p['label']} | {100 * p['accuracy_before']:.2f}% | "
