@@ -15,11 +15,8 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import fedquant as fq
+from simulations.common import check_keys, one_thread
 
 
 @dataclass(frozen=True)
@@ -66,18 +64,6 @@ def make_mlp(hidden: Sequence[int] = (64,), seed: int = 0) -> nn.Sequential:
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread (restored afterwards): these tiny matrices gain nothing from
-    more, a busy machine loses a lot, and the float reduction order stays machine-independent."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> None:
@@ -146,30 +132,6 @@ def train_fedavg(data: DigitsData, encoder: UpdateEncoder, rounds: int = 20,
 
 
 # ---- experiment plumbing shared by `fedquant lplr` and `fedquant ptq` ------------------
-def check_keys(config: dict, schema: dict, where: str = "") -> None:
-    """ValueError naming any unknown or mistyped key, with the allowed keys or type."""
-    for key, value in config.items():
-        path = f"{where}{key}"
-        if key not in schema:
-            raise ValueError(f"unknown config key {path!r}; allowed: {sorted(schema)}")
-        expected = schema[key]
-        if isinstance(expected, dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {path!r} must be a table")
-            check_keys(value, expected, f"{path}.")
-        elif isinstance(expected, tuple):  # allowed values (strings), or a list of them
-            items = value if isinstance(value, list) else [value]
-            bad = [v for v in items if v not in expected]
-            if bad:
-                raise ValueError(f"config key {path!r}: {bad} not allowed; allowed values: "
-                                 f"{list(expected)}")
-        elif expected is float:
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise ValueError(f"config key {path!r} must be a number, got {value!r}")
-        elif not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"config key {path!r} must be {expected.__name__}, got {value!r}")
-
-
 def load_config(path: Path, schema: dict, quick: bool) -> dict[str, Any]:
     """Read a TOML config, check it against `schema` and apply its [quick] overrides."""
     raw = tomllib.loads(Path(path).read_text())
@@ -183,19 +145,6 @@ def load_config(path: Path, schema: dict, quick: bool) -> dict[str, Any]:
             else:
                 raw[key] = value
     return raw
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """One CSV with the union of the rows' keys as columns."""
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
 
 
 def print_table(title: str, rows: list[dict], columns: Sequence[str]) -> None:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from simulations.digits_mlp import load_digits_data, make_mlp, one_thread
+from simulations.common import one_thread
+from simulations.digits_mlp import load_digits_data, make_mlp
 
 
 def digits_gradient(d: int, seed: int, batch: int = 32, lr: float = 0.1) -> torch.Tensor:

@@ -50,6 +50,7 @@ import typer
 import fedquant as fq
 from fedquant.codecs.eden import lloyd_max_centroids, nearest_centroid
 from fedquant.random import Purpose
+from simulations.common import one_thread, write_csv, write_json
 from simulations.linreg import (
     check_row,
     effective,
@@ -57,9 +58,6 @@ from simulations.linreg import (
     loglog_slope,
     print_checks,
     progress_bar,
-    single_thread,
-    write_csv,
-    write_json,
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "innerprod.toml"
@@ -294,7 +292,7 @@ def run_innerprod(config: dict, out_dir: Path, quick: bool = False,
                   progress: bool = True) -> list[dict]:
     """Run the rate sweep and the growth checks, write CSV/JSON/PNG/report.md to `out_dir`,
     and return the claim checks (experiment, claim, measured, result)."""
-    with single_thread():
+    with one_thread():
         return _run_innerprod(config, Path(out_dir), quick, progress)
 
 

@@ -34,9 +34,6 @@ Example::
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import json
 import math
 import tomllib
 from dataclasses import dataclass
@@ -47,6 +44,7 @@ import torch
 import typer
 
 import fedquant as fq
+from simulations.common import check_keys, one_thread, write_csv, write_json
 from simulations.quantizers import Exact, make_quantizer
 
 PLACES = ("data", "labels", "params", "activations", "gradients")
@@ -69,25 +67,6 @@ SCHEMA: dict[str, Any] = {
 
 
 # ---- configuration ----------------------------------------------------------------------
-def check_keys(config: dict, schema: dict, where: str = "") -> None:
-    """ValueError naming any unknown or mistyped key (and the allowed keys)."""
-    for key, value in config.items():
-        path = f"{where}{key}"
-        if key not in schema:
-            raise ValueError(f"unknown config key {path!r}; allowed: {sorted(schema)}")
-        expected = schema[key]
-        if isinstance(expected, dict):
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {path!r} must be a table with keys "
-                                 f"{sorted(expected)}")
-            check_keys(value, expected, f"{path}.")
-        elif expected is float:
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"config key {path!r} must be a number, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, expected):
-            raise ValueError(f"config key {path!r} must be {expected.__name__}, got {value!r}")
-
-
 def merge(base: dict, override: dict) -> dict:
     """`base` with the tables of `override` merged in, recursively."""
     out = dict(base)
@@ -121,18 +100,6 @@ def effective(config: dict, quick: bool) -> dict:
 
 
 # ---- outputs shared with simulations.innerprod ------------------------------------------
-def write_csv(path: Path, rows: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def write_json(path: Path, payload: Any) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=float))
-
-
 def check_row(experiment: str, claim: str, measured: str, passed: bool) -> dict:
     return {"experiment": experiment, "claim": claim, "measured": measured,
             "result": "PASS" if passed else "FAIL"}
@@ -202,7 +169,7 @@ def quantized_sgd(problem: Problem, quantizers: dict[str, Any], steps: int, batc
     and ``w_bar`` (repeats x d, the final ones).
     The data stream depends only on `seed`, so configurations are paired.
     """
-    with single_thread():
+    with one_thread():
         return _quantized_sgd(problem, quantizers, steps, batch, lr, repeats, seed)
 
 
@@ -354,26 +321,11 @@ def codec_label(spec: dict) -> str:
 
 
 # ---- the experiment -------------------------------------------------------------------------
-@contextlib.contextmanager
-def single_thread():
-    """Run torch on one thread, restoring the caller's setting after.
-
-    The tensors here are small: on a busy 2-core machine OpenMP's parallel regions made a
-    4096-element torch.floor take 25 ms instead of 30 us.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run_linreg(config: dict, out_dir: Path, quick: bool = False,
                progress: bool = True) -> list[dict]:
     """Run every part of the study, write CSV/JSON/PNG/report.md to `out_dir`, and return
     the claim checks (one dict per check: experiment, claim, measured, result)."""
-    with single_thread():
+    with one_thread():
         return _run_linreg(config, Path(out_dir), quick, progress)
 
 

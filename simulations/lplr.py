@@ -37,13 +37,12 @@ from sklearn.datasets import load_digits
 import fedquant as fq
 from fedquant.codecs.lplr import encode_model_update, parity_rank
 from fedquant.packing import packed_len
+from simulations.common import write_csv, write_json
 from simulations.digits_mlp import (
     load_config,
     load_digits_data,
     print_table,
     train_fedavg,
-    write_json,
-    write_rows,
 )
 
 matplotlib.use("Agg")
@@ -200,8 +199,8 @@ def run_lplr(cfg: dict, out_dir: Path) -> dict:
     verdicts = lplr_verdicts(matrix_rows)
     summary = {"config": cfg, "seconds": time.time() - start, "verdicts": verdicts,
                "fl_final": [r for r in fl_rows if r["round"] == fl["rounds"]]}
-    write_rows(out_dir / "matrices.csv", matrix_rows)
-    write_rows(out_dir / "fl.csv", fl_rows)
+    write_csv(out_dir / "matrices.csv", matrix_rows)
+    write_csv(out_dir / "fl.csv", fl_rows)
     write_json(out_dir / "summary.json", summary)
     _plot_matrices(matrix_rows, out_dir)
     _plot_fl(fl_rows, out_dir / "fl_accuracy_vs_bytes.png")

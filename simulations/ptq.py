@@ -30,14 +30,13 @@ from rich.progress import Progress
 import fedquant as fq
 from fedquant.codecs.lplr import encode_model_update
 from fedquant.ptq import ALIGNMENTS, METHODS, grid_search_c, layer_output_errors, quantize_model
+from simulations.common import write_csv, write_json
 from simulations.digits_mlp import (
     accuracy,
     load_config,
     load_digits_data,
     print_table,
     train_fedavg,
-    write_json,
-    write_rows,
 )
 
 matplotlib.use("Agg")
@@ -137,8 +136,8 @@ def run_ptq(cfg: dict, out_dir: Path) -> dict:
                     progress.advance(task)
     summary = {"config": cfg, "seconds": time.time() - start, "fp32_accuracy": base_acc,
                "fp32_bytes": fp32_bytes, "by_bits": bits_rows, "by_m": m_rows}
-    write_rows(out_dir / "accuracy_vs_bits.csv", bits_rows)
-    write_rows(out_dir / "accuracy_vs_m.csv", m_rows)
+    write_csv(out_dir / "accuracy_vs_bits.csv", bits_rows)
+    write_csv(out_dir / "accuracy_vs_m.csv", m_rows)
     write_json(out_dir / "summary.json", summary)
     _plot(bits_rows, m_rows, base_acc, out_dir)
     (out_dir / "report.md").write_text(_report(bits_rows, m_rows, base_acc, fp32_bytes, cfg))
