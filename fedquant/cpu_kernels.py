@@ -86,7 +86,7 @@ if AVAILABLE:
             out[i] = pos[i]
 
 
-    @nb.njit(cache=True)
+    @nb.njit(cache=True, nogil=True)  # releases the GIL: concurrent decodes in parallel
     def _dequantize(data, bits, start, table, out):
         """out[j] = table[value start + j of the b-bit stream `data`] (fedquant.packing's
         layout; `data` ends with one extra zero byte for the 16-bit window)."""

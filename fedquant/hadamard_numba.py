@@ -202,7 +202,7 @@ def _layout(n: int) -> tuple[int, int, int]:
     return block, rows, width
 
 
-@_njit(cache=True)
+@_njit(cache=True, nogil=True)  # releases the GIL: concurrent decodes run in parallel
 def _rht_serial(x, y, key, start, scale, forward, block, rows, width):
     for b in range(rows):
         lo = b * block
@@ -218,7 +218,7 @@ def _rht_serial(x, y, key, start, scale, forward, block, rows, width):
         _column_group(y, buf, rows, block, g * width, key, start, forward)
 
 
-@_njit(cache=True, parallel=True)
+@_njit(cache=True, parallel=True, nogil=True)
 def _rht_parallel(x, y, key, start, scale, forward, block, rows, width):
     for b in _prange(rows):
         lo = b * block

@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -177,6 +178,11 @@ class Round:
     state: str = "open"  # "open" or "closed"
     close_reason: str = ""
     pushes: dict[int, PushRecord] = field(default_factory=dict)
+    # Pushes being logged (client -> sha256): the round lock is not held during the fsync,
+    # so that concurrent pushes share one group commit; closing waits until none is left.
+    pending: dict[int, str] = field(default_factory=dict)
+    closing: bool = False  # an operator or deadline close waits for `pending` to drain
+    next_seq: int = 0  # arrival order of the next logged push
     running_sum: torch.Tensor | None = None  # float64, flat; None once closed
     # Rotated-domain sums of codecs with a shared rotation, by (rotation seed, count).
     rotated_sums: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
@@ -186,9 +192,17 @@ class Round:
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: threading.Event = field(default_factory=threading.Event)
 
+    def __post_init__(self) -> None:
+        self.drained = threading.Condition(self.lock)  # notified when a pending push ends
+
     @property
     def round_id(self) -> str:
         return self.config.round_id
+
+    @functools.cached_property
+    def codec(self) -> fq.Codec:
+        """The round's codec (every accepted payload carries exactly its name and params)."""
+        return codec_class(self.config.codec).from_params(dict(self.config.params))
 
 
 class RoundBook:
@@ -205,6 +219,7 @@ class RoundBook:
                 rnd.pushes[push.client_id] = PushRecord(push.weight, push.nbytes, push.sha256)
                 rnd.total_weight += push.weight
                 rnd.bytes_received += push.nbytes
+                rnd.next_seq += 1
                 if logged.state == "open":
                     enc = fq.Encoded.from_bytes(push.payload)
                     self._add(rnd, self.decode(rnd, enc, push.weight))
@@ -266,6 +281,17 @@ class RoundBook:
         if rnd.state != "open":
             raise AggregationError("FAILED_PRECONDITION", f"round {rnd.round_id!r} is closed "
                                    f"({rnd.close_reason})")
+        if rnd.closing:
+            raise AggregationError("FAILED_PRECONDITION", f"round {rnd.round_id!r} is closing")
+        # Not yet durable, so not final: a retry is told to come back (UNAVAILABLE) rather
+        # than counted as done before the push it repeats is in the log.
+        if client_id in rnd.pending:
+            raise AggregationError("UNAVAILABLE", f"client {client_id}'s push to round "
+                                   f"{rnd.round_id!r} is being recorded; retry")
+        quorum = rnd.config.quorum
+        if quorum and len(rnd.pushes) + len(rnd.pending) >= quorum:
+            raise AggregationError("UNAVAILABLE", f"round {rnd.round_id!r} is recording the "
+                                   f"last pushes of its quorum of {quorum}; retry")
 
     def check_payload(self, rnd: Round, client_id: int, enc: fq.Encoded) -> None:
         """FAILED_PRECONDITION unless the payload is what the round expects."""
@@ -289,7 +315,7 @@ class RoundBook:
         the rotated domain, so the round pays one inverse rotation at close instead of one
         per push; every other codec goes through its ``decode_sum`` fast path.
         """
-        codec = fq.codecs.codec_for(enc)
+        codec = rnd.codec  # check_payload made sure enc carries the round's codec and params
         if shares_rotation(codec):
             rotated = torch.zeros(padded_size(enc.numel), dtype=torch.float64,
                                   device=self.device)
@@ -305,12 +331,31 @@ class RoundBook:
 
     def accept(self, rnd: Round, client_id: int, weight: float, payload: bytes, digest: str,
                contribution: Contribution, decode_seconds: float) -> tuple[int, str]:
-        """Durably log the push, then add it to the running sum; returns (pushes, state)."""
+        """Durably log the push, then add it to the running sum; returns (pushes, state).
+
+        The round lock is released while the row is logged, so that concurrent pushes share
+        one group commit (see ``Store.record_push``); the push is marked pending meanwhile,
+        which keeps duplicates and pushes beyond the quorum out, and makes a close wait.
+        """
         with rnd.lock:
             self._check_open_and_new(rnd, client_id)
+            rnd.pending[client_id] = digest
+            seq, rnd.next_seq = rnd.next_seq, rnd.next_seq + 1
+        try:
             # Log first: the push is acknowledged only once it is durable.
-            self.store.record_push(rnd.round_id, client_id, weight, digest, payload,
-                                   len(rnd.pushes))
+            self.store.record_push(rnd.round_id, client_id, weight, digest, payload, seq)
+        except BaseException as e:
+            with rnd.lock:
+                del rnd.pending[client_id]
+                rnd.drained.notify_all()
+            if isinstance(e, sqlite3.IntegrityError):
+                raise AggregationError("ALREADY_EXISTS", f"client {client_id} already pushed "
+                                       f"to round {rnd.round_id!r}") from None
+            if isinstance(e, sqlite3.Error):
+                raise AggregationError("UNAVAILABLE", f"could not log the push: {e}") from None
+            raise
+        with rnd.lock:
+            del rnd.pending[client_id]
             rnd.pushes[client_id] = PushRecord(weight, len(payload), digest)
             self._add(rnd, contribution)
             rnd.total_weight += weight
@@ -318,6 +363,7 @@ class RoundBook:
             rnd.decode_seconds += decode_seconds
             if rnd.config.quorum and len(rnd.pushes) >= rnd.config.quorum:
                 self._close_locked(rnd, "quorum")
+            rnd.drained.notify_all()
             return len(rnd.pushes), rnd.state
 
     @staticmethod
@@ -334,8 +380,15 @@ class RoundBook:
 
     # ---- closing -----------------------------------------------------------------------
     def close(self, rnd: Round, reason: str) -> None:
+        """Close an open round once the pushes being logged are in its sum (no push is
+        logged without being counted); new pushes are refused meanwhile."""
         with rnd.lock:
-            if rnd.state == "open":
+            if rnd.state != "open":
+                return
+            rnd.closing = True
+            while rnd.pending:
+                rnd.drained.wait()
+            if rnd.state == "open":  # the last pending push may have closed it on quorum
                 self._close_locked(rnd, reason)
 
     def close_expired(self, now: float | None = None) -> None:

@@ -8,7 +8,10 @@ pushes; the primary key (round_id, client_id) makes it impossible to count a pus
 Closing a round stores its float32 mean, so a closed round needs no re-decoding.
 
 One connection is shared by the server's threads under a lock; SQLite serializes writers
-anyway, and every write is a single short transaction.
+anyway. Pushes are logged by group commit: concurrent :meth:`Store.record_push` calls queue
+their rows, and whichever caller holds the write lock next inserts every queued row in one
+transaction, so one fsync makes a whole group durable. Each caller returns only once the
+transaction holding its row committed (or raises its own row's error).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import pathlib
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (
@@ -62,10 +65,19 @@ class LoggedRound:
     close_reason: str
 
 
+@dataclass
+class _QueuedPush:
+    """A row waiting for the next group commit; `error` is set if it was not logged."""
+
+    row: tuple
+    committed: bool = False
+    error: BaseException | None = field(default=None, repr=False)
+
+
 class Store:
     """The SQLite log under ``data_dir/fedquant.sqlite3``."""
 
-    __slots__ = ("path", "_db", "_lock", "_owner")
+    __slots__ = ("path", "_db", "_lock", "_owner", "_queue", "_queue_lock")
 
     def __init__(self, data_dir: str | pathlib.Path):
         data_dir = pathlib.Path(data_dir)
@@ -78,7 +90,9 @@ class Store:
             self._owner.close()
             raise RuntimeError(f"{data_dir} is in use by another fedquant server") from None
         self.path = data_dir / "fedquant.sqlite3"
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the connection, and so the single writer
+        self._queue: list[_QueuedPush] = []  # pushes waiting for a group commit
+        self._queue_lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one short transaction each.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -111,10 +125,42 @@ class Store:
 
     def record_push(self, round_id: str, client_id: int, weight: float, sha256: str,
                     payload: bytes, seq: int) -> None:
-        """Durably log one push; sqlite3.IntegrityError if the client already pushed."""
-        self._write("INSERT INTO pushes (round_id, client_id, weight, sha256, payload, seq) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    (round_id, str(client_id), weight, sha256, payload, seq))
+        """Durably log one push; sqlite3.IntegrityError if the client already pushed.
+
+        Group commit: the row is queued; the first caller to get the write lock logs every
+        queued row in one transaction (one fsync) and the others find theirs committed.
+        """
+        mine = _QueuedPush((round_id, str(client_id), weight, sha256, payload, seq))
+        with self._queue_lock:
+            self._queue.append(mine)
+        with self._lock:
+            if not mine.committed and mine.error is None:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit_group(group)
+        if mine.error is not None:
+            raise mine.error
+
+    def _commit_group(self, group: list[_QueuedPush]) -> None:
+        """Insert the rows in one transaction (caller holds the write lock). A row that
+        fails (duplicate key) fails alone; a failed COMMIT fails the whole group."""
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for queued in group:
+                try:
+                    self._db.execute("INSERT INTO pushes (round_id, client_id, weight, sha256, "
+                                     "payload, seq) VALUES (?, ?, ?, ?, ?, ?)", queued.row)
+                except sqlite3.IntegrityError as e:  # this statement alone was undone
+                    queued.error = e
+            self._db.execute("COMMIT")
+        except BaseException as e:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            for queued in group:
+                queued.error = queued.error or e
+            return
+        for queued in group:
+            queued.committed = queued.error is None
 
     def close_round(self, round_id: str, reason: str, mean: bytes | None) -> None:
         """Mark a round closed and store its mean (float32 bytes, None if no pushes)."""
