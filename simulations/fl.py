@@ -38,7 +38,6 @@ import json
 import math
 import time
 import tomllib
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -48,6 +47,7 @@ import typer
 
 import fedquant as fq
 from simulations import fl_task
+from simulations.common import one_thread
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "fl.toml"
 DEFAULTS: dict[str, Any] = {
@@ -169,17 +169,6 @@ def _apply_quick(cfg: dict) -> dict:
 
 
 # ---- the in-process engine ------------------------------------------------------------
-@contextmanager
-def _torch_threads(n: int):
-    """Tiny models train fastest single-threaded; restore the caller's setting after."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(saved)
-
-
 def _run_codec_inprocess(cfg: dict, spec: dict, task: fl_task.Task, data: list, advance):
     codec = fl_task.make_codec(spec["name"], spec["params"], str(cfg["rotations"]))
     model = fl_task.make_model(task, cfg["model"], cfg["hidden"], seed=cfg["seed"])
@@ -302,7 +291,7 @@ def run_fl_with_ptq(config: dict, out_dir: Path, quick: bool = False, progress: 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     ptqs: list[dict] = []
-    with Progress(disable=not progress, transient=True) as bar, _torch_threads(1):
+    with Progress(disable=not progress, transient=True) as bar, one_thread():
         job = bar.add_task("fedquant fl", total=len(specs) * cfg["rounds"])
         advance = lambda n=1: bar.advance(job, n)  # noqa: E731
         if cfg["engine"] == "inprocess":
