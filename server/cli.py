@@ -24,6 +24,8 @@ Also runnable without the other commands: ``python -m server.cli --data-dir data
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
@@ -40,6 +42,22 @@ from server.metrics import configure_logging
 from server.rounds import RoundConfig
 
 log = logging.getLogger("fedquant.server")
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks (below 64 MiB) for reuse instead of handing
+    them back to the kernel. Every decode allocates a few d-sized arrays; with the default
+    settings each is a fresh mmap whose pages fault in again, which cost 3.6 of the 10 ms
+    of an EDEN b=2, d=2^20 decode (kernel time; 4.8 ms with this setting). What is kept is
+    what the busiest moment used, so peak RSS is unchanged (``decode_slots`` bounds it).
+    Returns False where the C library has no ``mallopt`` (non-glibc): nothing changes."""
+    name = ctypes.util.find_library("c")
+    mallopt = getattr(ctypes.CDLL(name), "mallopt", None) if name else None
+    if mallopt is None:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 64 << 20)) and bool(
+        mallopt(m_trim_threshold, 256 << 20))
 
 
 def load_rounds(path: pathlib.Path) -> list[RoundConfig]:
@@ -99,6 +117,7 @@ def serve(
     # Pushes are decoded concurrently on --decode-slots threads; intra-op threads on top of
     # that oversubscribe the cores (a 1M-element add took 15 ms with 2 threads, 3 ms with 1).
     torch.set_num_threads(max(1, torch_threads))
+    reuse_freed_memory()
     for name, value in (("workers", workers), ("decode-slots", decode_slots),
                         ("max-push-bytes", max_push_bytes), ("push-timeout-s", push_timeout_s)):
         if value < 1:

@@ -42,6 +42,7 @@ log = logging.getLogger("fedquant.server")
 
 ROUND_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 MAX_CLIENT_ID = 2**64 - 1
+ADD_BLOCK = 1 << 17  # elements per block when adding a push into the running sum
 _CONFIG_KEYS = ("id", "codec", "params", "round_seed", "shape", "cohort", "expected",
                 "quorum", "deadline_s")
 
@@ -376,7 +377,11 @@ class RoundBook:
                 rnd.running_sum = total
             else:
                 rnd.rotated_sums[key] = total
-        total.add_(values, alpha=contribution.weight)  # in float64, whatever values' dtype
+        # In float64 whatever values' dtype; by blocks, so that the float32 -> float64 cast
+        # torch makes of `values` is a cache-sized temporary, not a d-sized one.
+        weight, step = contribution.weight, ADD_BLOCK
+        for start in range(0, values.numel(), step):
+            total[start: start + step].add_(values[start: start + step], alpha=weight)
 
     # ---- closing -----------------------------------------------------------------------
     def close(self, rnd: Round, reason: str) -> None:
