@@ -409,8 +409,11 @@ class RoundBook:
             part = unrotate(rotated.to(torch.float32), seed, rotations, rnd.config.numel)
             total = part.to(torch.float64) if total is None else total + part
         if total is not None and rnd.total_weight > 0:
-            mean = (total / rnd.total_weight).to(torch.float32)
-            mean = mean.cpu().numpy().astype("<f4").tobytes()
+            mean = torch.empty(total.shape, dtype=torch.float32, device=total.device)
+            for start in range(0, total.numel(), ADD_BLOCK):  # no d-sized float64 temporary
+                block = slice(start, start + ADD_BLOCK)
+                torch.div(total[block], rnd.total_weight, out=mean[block])
+            mean = mean.cpu().numpy().astype("<f4", copy=False).tobytes()
         self.store.close_round(rnd.round_id, reason, mean)
         rnd.state, rnd.close_reason, rnd.running_sum = "closed", reason, None
         rnd.rotated_sums = {}

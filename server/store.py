@@ -5,7 +5,10 @@ with ``synchronous=FULL`` the commit returns after the write-ahead log is fsynce
 acknowledged push survives ``kill -9`` (and a power cut). The payload itself is logged, so
 on restart the server rebuilds every open round's running sum by decoding the logged
 pushes; the primary key (round_id, client_id) makes it impossible to count a push twice.
-Closing a round stores its float32 mean, so a closed round needs no re-decoding.
+Closing a round stores its float32 mean, so a closed round needs no re-decoding: in the file
+``means/<round_id>.f32`` (fsynced before the close commits; a 4 MiB blob cost SQLite
+~20 ms of CPU, a file write ~2 ms), marked in the ``mean`` column by an empty blob (logs
+written before that hold the mean in the column itself).
 
 One connection is shared by the server's threads under a lock; SQLite serializes writers
 anyway. Pushes are logged by group commit: concurrent :meth:`Store.record_push` calls queue
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import pathlib
 import sqlite3
 import threading
@@ -30,7 +34,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     config TEXT NOT NULL,          -- JSON of RoundConfig
     state TEXT NOT NULL,           -- 'open' or 'closed'
     close_reason TEXT NOT NULL DEFAULT '',
-    mean BLOB                      -- little-endian float32, once closed with pushes
+    mean BLOB                      -- b'': in means/<round_id>.f32; older logs: the bytes
 );
 CREATE TABLE IF NOT EXISTS pushes (
     round_id TEXT NOT NULL,
@@ -77,7 +81,7 @@ class _QueuedPush:
 class Store:
     """The SQLite log under ``data_dir/fedquant.sqlite3``."""
 
-    __slots__ = ("path", "_db", "_lock", "_owner", "_queue", "_queue_lock")
+    __slots__ = ("path", "means", "_db", "_lock", "_owner", "_queue", "_queue_lock")
 
     def __init__(self, data_dir: str | pathlib.Path):
         data_dir = pathlib.Path(data_dir)
@@ -90,6 +94,8 @@ class Store:
             self._owner.close()
             raise RuntimeError(f"{data_dir} is in use by another fedquant server") from None
         self.path = data_dir / "fedquant.sqlite3"
+        self.means = data_dir / "means"
+        self.means.mkdir(exist_ok=True)
         self._lock = threading.Lock()  # the connection, and so the single writer
         self._queue: list[_QueuedPush] = []  # pushes waiting for a group commit
         self._queue_lock = threading.Lock()
@@ -163,9 +169,29 @@ class Store:
             queued.committed = queued.error is None
 
     def close_round(self, round_id: str, reason: str, mean: bytes | None) -> None:
-        """Mark a round closed and store its mean (float32 bytes, None if no pushes)."""
+        """Mark a round closed and store its mean (float32 bytes, None if no pushes).
+
+        The mean file is durable (written, fsynced, renamed, directory fsynced) before the
+        close commits; a crash in between leaves the round open and the file overwritten at
+        the next close."""
+        if mean is not None:
+            path = self._mean_path(round_id)
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(mean)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            directory = os.open(self.means, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
         self._write("UPDATE rounds SET state = 'closed', close_reason = ?, mean = ? "
-                    "WHERE round_id = ?", (reason, mean, round_id))
+                    "WHERE round_id = ?", (reason, None if mean is None else b"", round_id))
+
+    def _mean_path(self, round_id: str) -> pathlib.Path:
+        return self.means / f"{round_id}.f32"  # round ids are [A-Za-z0-9_.-]{1,128}
 
     # ---- reads -------------------------------------------------------------------------
     def rounds(self) -> list[LoggedRound]:
@@ -193,4 +219,6 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT mean FROM rounds WHERE round_id = ?",
                                    (round_id,)).fetchone()
-        return None if row is None else row[0]
+        if row is None or row[0] is None:
+            return None
+        return row[0] if len(row[0]) else self._mean_path(round_id).read_bytes()
