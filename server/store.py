@@ -101,6 +101,9 @@ class Store:
         self._queue_lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one short transaction each.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        # 64 KiB pages for a new log (an existing one keeps its own): a 256 KiB payload is
+        # 4 overflow pages instead of 64, which halves the CPU of logging it.
+        self._db.execute("PRAGMA page_size=65536")
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
             raise RuntimeError(f"{self.path}: could not enable WAL mode (got {mode!r})")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
+import time
 
 import pytest
 import torch
@@ -178,3 +180,88 @@ def test_fuzz_tokens_files_raise_only_value_error(tmp_path_factory, data):
     except ValueError:
         return
     assert all(len(t) >= 8 for t in tokens)
+
+
+def _wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def test_group_commit_logs_queued_pushes_in_one_transaction(tmp_path):
+    """Pushes that queue while the writer is busy share one COMMIT; a duplicate among them
+    fails alone and the others are durable."""
+    store = Store(tmp_path)
+    store.add_round("r", {})
+    store.record_push("r", 0, 1.0, "d0", b"first", 0)
+    commits = []
+    store._db.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    errors = {}
+
+    def push(client):
+        try:
+            store.record_push("r", client, 1.0, f"d{client}", b"x" * 1000, client)
+        except sqlite3.IntegrityError as e:
+            errors[client] = e
+
+    with store._lock:  # the writer is busy: the next pushes queue up behind it
+        threads = [threading.Thread(target=push, args=(c,)) for c in (0, 1, 2, 3, 4)]
+        for t in threads:
+            t.start()
+        _wait_until(lambda: len(store._queue) == 5)
+    for t in threads:
+        t.join()
+    assert list(errors) == [0] and len(commits) == 1  # client 0 had pushed already
+    store.close()
+    logged = list(Store(tmp_path).pushes("r"))
+    assert sorted(p.client_id for p in logged) == [0, 1, 2, 3, 4]
+    assert next(p.payload for p in logged if p.client_id == 0) == b"first"
+
+
+def test_a_close_waits_for_pushes_being_logged(tmp_path):
+    """While a push is being logged (the round lock released), its retry is told to come
+    back (UNAVAILABLE) and an operator close waits: no push is logged without being in the
+    mean, and none is counted twice."""
+    book = RoundBook(Store(tmp_path))
+    rnd = book.open(RoundConfig.build("r", "eden", {"bits": 2}, 5, [512], expected_count=3))
+    codec = rnd.codec
+    encs = [codec.encode(torch.randn(512), seed=fq.random.derive_seed(5, c)) for c in range(2)]
+    book.accept(rnd, 0, 1.0, encs[0].to_bytes(), "d0", book.decode(rnd, encs[0], 1.0), 0.0)
+    with book.store._lock:  # hold the log's writer: client 1's push stays pending
+        pusher = threading.Thread(target=book.accept, args=(
+            rnd, 1, 2.0, encs[1].to_bytes(), "d1", book.decode(rnd, encs[1], 2.0), 0.0))
+        pusher.start()
+        _wait_until(lambda: 1 in rnd.pending)
+        with pytest.raises(AggregationError) as retry:
+            book.check_push(rnd, 1)
+        assert retry.value.status == "UNAVAILABLE"
+        closer = threading.Thread(target=book.close, args=(rnd, "operator"))
+        closer.start()
+        _wait_until(lambda: rnd.closing)
+        with pytest.raises(AggregationError, match="closing"):
+            book.check_push(rnd, 2)
+        assert rnd.state == "open"
+    pusher.join()
+    closer.join()
+    assert rnd.state == "closed" and sorted(rnd.pushes) == [0, 1]
+    torch.testing.assert_close(book.mean(rnd), fq.decode_mean(encs, [1.0, 2.0]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_closed_means_live_in_files_and_old_logs_still_read(tmp_path):
+    store = Store(tmp_path)
+    for round_id in ("new", "old", "empty"):
+        store.add_round(round_id, {})
+    mean = torch.arange(6, dtype=torch.float32).numpy().tobytes()
+    store.close_round("new", "quorum", mean)
+    store.close_round("empty", "deadline", None)
+    store._write("UPDATE rounds SET state = 'closed', mean = ? WHERE round_id = 'old'",
+                 (mean[::-1],))  # a log written before means moved to files
+    assert (tmp_path / "means" / "new.f32").read_bytes() == mean
+    assert not list((tmp_path / "means").glob("*.tmp"))
+    store.close()
+    store = Store(tmp_path)
+    assert store.mean("new") == mean and store.mean("old") == mean[::-1]
+    assert store.mean("empty") is None and store.mean("missing") is None
+    store.close()
