@@ -224,6 +224,9 @@ class RoundBook:
                 if logged.state == "open":
                     enc = fq.Encoded.from_bytes(push.payload)
                     self._add(rnd, self.decode(rnd, enc, push.weight))
+            if rnd.state == "open" and rnd.config.quorum and len(rnd.pushes) >= rnd.config.quorum:
+                # The server died between logging the quorum's last push and the close.
+                self._close_locked(rnd, "quorum")
             if rnd.state == "closed":
                 rnd.closed.set()
             self._rounds[rnd.round_id] = rnd

@@ -265,3 +265,21 @@ def test_closed_means_live_in_files_and_old_logs_still_read(tmp_path):
     assert store.mean("new") == mean and store.mean("old") == mean[::-1]
     assert store.mean("empty") is None and store.mean("missing") is None
     store.close()
+
+
+def test_a_round_logged_up_to_its_quorum_closes_on_replay(tmp_path):
+    """A crash between logging the quorum's last push and the close: the restart closes
+    the round (with every logged push) instead of leaving it open for good."""
+    book = RoundBook(Store(tmp_path))
+    rnd = book.open(RoundConfig.build("r", "eden", {"bits": 2}, 5, [300], expected_count=2))
+    encs = [rnd.codec.encode(torch.randn(300), seed=fq.random.derive_seed(5, c))
+            for c in range(2)]
+    book.accept(rnd, 0, 1.0, encs[0].to_bytes(), "d0", book.decode(rnd, encs[0], 1.0), 0.0)
+    book.store.record_push("r", 1, 3.0, "d1", encs[1].to_bytes(), 1)  # then kill -9
+    book.store.close()
+    replayed = RoundBook(Store(tmp_path))
+    again = replayed.get("r")
+    assert again.state == "closed" and again.close_reason == "quorum" and again.closed.is_set()
+    torch.testing.assert_close(replayed.mean(again), fq.decode_mean(encs, [1.0, 3.0]),
+                               rtol=1e-5, atol=1e-6)
+    replayed.store.close()
