@@ -44,7 +44,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default; pushes larger than this are chunked
 MEAN_CHUNK_BYTES = 1024 * 1024
 MAX_WAIT_S = 300.0
-_STATES = {"open": pb.OPEN, "closed": pb.CLOSED}
+_STATES = {"open": pb.OPEN, "closing": pb.CLOSED, "closed": pb.CLOSED}  # closing: final
 
 
 @dataclass
@@ -193,8 +193,16 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             raise AggregationError("INVALID_ARGUMENT", f"cannot decode payload: {e}") from None
         decode_s = time.perf_counter() - started
         pushes, state = self.book.accept(rnd, header.client_id, header.weight, payload, digest,
-                                         contribution, decode_s)
+                                         contribution, decode_s, close_on_quorum=False)
+        if state == "closing":  # this push completed the quorum: close after acknowledging
+            self.decoder.submit(self._close_on_quorum, rnd)
         return pushes, state, decode_s
+
+    def _close_on_quorum(self, rnd: Round) -> None:
+        try:
+            self.book.close(rnd, "quorum")
+        except Exception:  # the round stays open in the log; a restart closes it
+            log.exception("close_failed", extra={"fields": {"round": rnd.round_id}})
 
     def GetMean(self, request, context):  # noqa: N802
         try:

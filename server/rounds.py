@@ -334,8 +334,14 @@ class RoundBook:
         return Contribution(part.reshape(-1)[: rnd.config.numel].to(torch.float64))
 
     def accept(self, rnd: Round, client_id: int, weight: float, payload: bytes, digest: str,
-               contribution: Contribution, decode_seconds: float) -> tuple[int, str]:
+               contribution: Contribution, decode_seconds: float,
+               close_on_quorum: bool = True) -> tuple[int, str]:
         """Durably log the push, then add it to the running sum; returns (pushes, state).
+
+        With ``close_on_quorum=False`` the push that completes the quorum leaves the round
+        "closing" (no push can join any more) and the caller closes it with :meth:`close`,
+        e.g. after acknowledging the push: that push is durable already, the close (mean
+        file, its fsync) need not delay its acknowledgment.
 
         The round lock is released while the row is logged, so that concurrent pushes share
         one group commit (see ``Store.record_push``); the push is marked pending meanwhile,
@@ -366,9 +372,12 @@ class RoundBook:
             rnd.bytes_received += len(payload)
             rnd.decode_seconds += decode_seconds
             if rnd.config.quorum and len(rnd.pushes) >= rnd.config.quorum:
-                self._close_locked(rnd, "quorum")
+                if close_on_quorum:
+                    self._close_locked(rnd, "quorum")
+                else:
+                    rnd.closing = True
             rnd.drained.notify_all()
-            return len(rnd.pushes), rnd.state
+            return len(rnd.pushes), "closing" if rnd.closing else rnd.state
 
     @staticmethod
     def _add(rnd: Round, contribution: Contribution) -> None:

@@ -283,3 +283,20 @@ def test_a_round_logged_up_to_its_quorum_closes_on_replay(tmp_path):
     torch.testing.assert_close(replayed.mean(again), fq.decode_mean(encs, [1.0, 3.0]),
                                rtol=1e-5, atol=1e-6)
     replayed.store.close()
+
+
+def test_the_quorum_push_can_leave_the_close_to_its_caller(tmp_path):
+    """close_on_quorum=False (the servicer acknowledges first, then closes): the round is
+    closing, takes no more pushes, and closes with the quorum's mean."""
+    book = RoundBook(Store(tmp_path))
+    rnd = book.open(RoundConfig.build("r", "eden", {"bits": 2}, 5, [300], expected_count=1))
+    enc = rnd.codec.encode(torch.randn(300), seed=fq.random.derive_seed(5, 0))
+    assert book.accept(rnd, 0, 1.0, enc.to_bytes(), "d0", book.decode(rnd, enc, 1.0), 0.0,
+                       close_on_quorum=False) == (1, "closing")
+    with pytest.raises(AggregationError, match="closing") as late:
+        book.check_push(rnd, 1)
+    assert late.value.status == "FAILED_PRECONDITION" and not rnd.closed.is_set()
+    book.close(rnd, "quorum")
+    assert rnd.state == "closed" and rnd.close_reason == "quorum" and rnd.closed.is_set()
+    torch.testing.assert_close(book.mean(rnd), fq.decode(enc), rtol=1e-6, atol=1e-6)
+    book.store.close()
