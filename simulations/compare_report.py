@@ -176,8 +176,8 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
                         [[f["label"], f"{100 * f['accuracy']:.1f}%",
                           f"{100 * f['tail_accuracy']:.1f}%", _fmt(f["uplink_mb"]), f["rounds"]]
                          for f in fl_finals(fl)]))
-    parts += ["", "## 3. Speed", "", "Median times; the baseline is one read+write pass of the "
-              "same array, measured in the same run.", "", "![speed](speed.png)", ""]
+    parts += ["", "## 3. Speed", "", "Median times on one thread; the baseline is one read+write "
+              "pass of the same array, measured in the same run.", "", "![speed](speed.png)", ""]
     parts.append(_table(["codec", "d", "encode ms", "decode ms", "read+write ms",
                          "encode / rw", "decode / rw"],
                         [[r["label"], r["d"], _fmt(r["encode_ms"]), _fmt(r["decode_ms"]),

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from simulations.common import one_thread
 from simulations.compare import codec_spec, label
 
 
@@ -47,12 +48,14 @@ def run_fl(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
 
 
 def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
-    """Encode/decode time at speed.d with a read+write pass baseline (simulations.bench)."""
+    """Encode/decode time at speed.d, one thread, with a read+write pass of the same array
+    measured in the same run as the baseline (simulations.bench)."""
     from simulations import bench
 
     table = cfg["speed"]
     specs = [codec_spec(s, f"speed.codecs[{i}]") for i, s in enumerate(table["codecs"])]
-    rows = bench.bench_codecs(specs, [table["d"]], table["repeats"], seed=cfg["seed"])
+    with one_thread():  # REFERENCE.md's speeds are one-thread figures; so is the baseline
+        rows = bench.bench_codecs(specs, [table["d"]], table["repeats"], seed=cfg["seed"])
     for r in rows:
         r["label"] = label(r["codec"], r["params"])
     return rows
