@@ -29,22 +29,25 @@ def _by_label(rows: list[dict]) -> dict[str, list[dict]]:
 
 
 def plot_dme(rows: list[dict], path: Path, input_name: str = "normal") -> None:
-    """vNMSE against measured bits per coordinate (log-log), one marker per setting."""
+    """vNMSE against measured bits per coordinate (log-log), one line per codec family,
+    at auto (or no) rotations; the 16/32-bit baselines are left out to keep the scale."""
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    pts = [r for r in rows if r["input"] == input_name and r["rotations"] in ("auto", "2")]
     families: dict[str, list[dict]] = {}
-    for r in pts:
-        families.setdefault(r["label"].split(" ")[0] + (" biased" if "biased" in r["label"]
-                                                        and "unbiased" not in r["label"]
-                                                        else ""), []).append(r)
-    for fam, rs in sorted(families.items()):
+    for r in rows:
+        if r["input"] == input_name and r["rotations"] in ("auto", "-") \
+                and r["bits_per_coord"] <= 8:
+            biased = json.loads(r["params"]).get("scale") == "biased"
+            families.setdefault(r["codec"] + (" biased" if biased else ""), []).append(r)
+    colors = plt.get_cmap("tab20").colors  # 20 distinct colours, markers vary too
+    for i, (fam, rs) in enumerate(sorted(families.items())):
         rs = sorted(rs, key=lambda r: r["bits_per_coord"])
-        ax.plot([r["bits_per_coord"] for r in rs], [r["vnmse"] for r in rs], "o-", label=fam)
+        ax.plot([r["bits_per_coord"] for r in rs], [r["vnmse"] for r in rs], "-",
+                marker="osD^v<>"[i % 7], color=colors[i % 20], label=fam)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("measured bits per coordinate (8 * len(bytes) / d)")
     ax.set_ylabel("vNMSE")
-    ax.set_title(f"Error vs bandwidth, input {input_name}")
+    ax.set_title(f"Error vs bandwidth, input {input_name}, auto rotations")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
