@@ -7,7 +7,6 @@ rows with the keys ``simulations.compare_report`` reads.
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -61,19 +60,35 @@ def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
     return rows
 
 
-STUDIES = {"linreg": ("simulations.linreg", "run_linreg"),
-           "innerprod": ("simulations.innerprod", "run_innerprod"),
-           "lplr": ("simulations.lplr", "run_lplr"),
-           "ptq": ("simulations.ptq", "run_ptq")}
+def _linreg(out_dir: Path, quick: bool, progress: bool) -> None:
+    from simulations import linreg
+    linreg.run_linreg(linreg.load_config(), out_dir, quick=quick, progress=progress)
 
 
-def run_studies(cfg: dict[str, Any], out_dir: Path, progress: bool) -> dict[str, dict]:
-    """The seed studies named in `studies` (``--full``), each with its own default config."""
+def _innerprod(out_dir: Path, quick: bool, progress: bool) -> None:
+    from simulations import innerprod
+    innerprod.run_innerprod(innerprod.load_config(), out_dir, quick=quick, progress=progress)
+
+
+def _lplr(out_dir: Path, quick: bool, progress: bool) -> None:
+    from simulations import digits_mlp, lplr
+    lplr.run_lplr(digits_mlp.load_config(lplr.DEFAULT_CONFIG, lplr.SCHEMA, quick), out_dir)
+
+
+def _ptq(out_dir: Path, quick: bool, progress: bool) -> None:
+    from simulations import digits_mlp, ptq
+    ptq.run_ptq(digits_mlp.load_config(ptq.DEFAULT_CONFIG, ptq.SCHEMA, quick), out_dir)
+
+
+STUDIES = {"linreg": _linreg, "innerprod": _innerprod, "lplr": _lplr, "ptq": _ptq}
+
+
+def run_studies(cfg: dict[str, Any], out_dir: Path, progress: bool,
+                quick: bool = False) -> dict[str, dict]:
+    """The seed studies named in `studies` (``--full``), each with its own default config
+    (``quick``: their quick versions), written to out_dir/<study>/."""
     out = {}
     for name in cfg.get("studies", []):
-        module, func = STUDIES[name]
-        mod = importlib.import_module(module)
-        study_dir = out_dir / name
-        getattr(mod, func)(mod.load_config(), study_dir, progress=progress)
+        STUDIES[name](out_dir / name, quick, progress)
         out[name] = {"report": str(Path(name) / "report.md")}
     return out

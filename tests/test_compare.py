@@ -140,3 +140,14 @@ def test_best_per_budget_and_cheapest_within_on_known_rows():
     cheap = compare.cheapest_within(fl_rows)
     assert cheap["label"] == "eden b=2"
     assert torch.isclose(torch.tensor(cheap["uplink_mb"]), torch.tensor(21e-6))
+
+
+def test_full_mode_seed_studies_run_and_write_reports(tmp_path):
+    """--full adds the four seed studies; their quick versions run through the same path."""
+    from simulations import compare_sections
+
+    cfg = compare.load_config(None, "full")
+    assert sorted(cfg["studies"]) == ["innerprod", "linreg", "lplr", "ptq"]
+    out = compare_sections.run_studies(cfg, tmp_path, progress=False, quick=True)
+    for name, study in out.items():
+        assert (tmp_path / study["report"]).stat().st_size > 0, name
