@@ -58,6 +58,7 @@ from simulations.linreg import (
     loglog_slope,
     print_checks,
     progress_bar,
+    write_claims_report,
 )
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "innerprod.toml"
@@ -529,9 +530,7 @@ def write_outputs(out_dir: Path, cfg: dict, rows: list[dict], checks: list[dict]
               "bytes.\n\n")
     if notes:
         header += "Notes:\n\n" + "".join(f"- {note}\n" for note in notes) + "\n"
-    summary = "| claim | measured | result |\n|---|---|---|\n" + "".join(
-        f"| {c['claim']} | {c['measured']} | {c['result']} |\n" for c in checks)
-    (out_dir / "report.md").write_text(header + summary + "\n" + "\n".join(sections))
+    write_claims_report(out_dir / "report.md", header, checks, sections)
 
 
 def register(app: typer.Typer) -> None:

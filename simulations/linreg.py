@@ -111,6 +111,14 @@ def progress_bar(enabled: bool):
                     disable=not enabled, transient=True)
 
 
+def write_claims_report(path: Path, header: str, checks: list[dict],
+                        sections: list[str]) -> None:
+    """report.md: the header, one PASS/FAIL line per claim, then the sections."""
+    summary = "| claim | measured | result |\n|---|---|---|\n" + "".join(
+        f"| {c['claim']} | {c['measured']} | {c['result']} |\n" for c in checks)
+    path.write_text(header + summary + "\n" + "\n".join(sections))
+
+
 def print_checks(title: str, checks: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -632,9 +640,7 @@ def write_outputs(out_dir: Path, cfg: dict, problem: Problem, by_steps: dict, by
               f"mantissa bits. Plot `risk_vs_steps.png` shows every place and model.\n\n")
     if skipped:
         header += f"Codecs not registered in this build (skipped): {', '.join(skipped)}.\n\n"
-    summary = "| claim | measured | result |\n|---|---|---|\n" + "".join(
-        f"| {c['claim']} | {c['measured']} | {c['result']} |\n" for c in checks)
-    (out_dir / "report.md").write_text(header + summary + "\n" + "\n".join(sections))
+    write_claims_report(out_dir / "report.md", header, checks, sections)
 
 
 def register(app: typer.Typer) -> None:
