@@ -20,9 +20,9 @@ from typing import Annotated
 import numpy as np
 import torch
 import typer
+from fedquant.clients.grpc_client import AggregatorClient
 
 import fedquant as fq
-from clients.grpc_client import AggregatorClient
 
 
 def load_tensor(path: pathlib.Path) -> torch.Tensor:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from fedquant.simulations import fl_task
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
-from simulations import fl_task
 
 app = ClientApp()
 

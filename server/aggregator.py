@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from fedquant.server.metrics import Metrics, serve_metrics
+from fedquant.server.rounds import ROUND_ID, AggregationError, Round, RoundBook, RoundConfig
+from fedquant.server.security import Authenticator, load_tokens, server_credentials
+from fedquant.server.store import Store
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import fedquant as fq
 from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
-from server.metrics import Metrics, serve_metrics
-from server.rounds import ROUND_ID, AggregationError, Round, RoundBook, RoundConfig
-from server.security import Authenticator, load_tokens, server_credentials
-from server.store import Store
 
 log = logging.getLogger("fedquant.server")
 

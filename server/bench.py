@@ -32,13 +32,13 @@ from typing import Annotated
 
 import numpy as np
 import typer
+from fedquant.clients.grpc_client import AggregatorClient
+from fedquant.server.cli import reuse_freed_memory
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 import fedquant as fq
-from clients.grpc_client import AggregatorClient
-from server.cli import reuse_freed_memory
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ QUICK = {"clients": 8, "small_clients": 2, "dim": 2**14}
 
 def _server(data_dir: pathlib.Path, decode_slots: int) -> tuple[subprocess.Popen, int]:
     port_file = data_dir / "port"
-    args = [sys.executable, "-m", "server.cli", "--data-dir", str(data_dir), "--insecure",
+    args = [sys.executable, "-m", "fedquant.server.cli", "--data-dir", str(data_dir), "--insecure",
             "--port", "0", "--port-file", str(port_file), "--log-level", "warning"]
     if decode_slots:
         args += ["--decode-slots", str(decode_slots)]

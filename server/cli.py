@@ -36,10 +36,9 @@ from typing import Annotated
 
 import torch
 import typer
-
-from server.aggregator import ServerConfig, start_server
-from server.metrics import configure_logging
-from server.rounds import RoundConfig
+from fedquant.server.aggregator import ServerConfig, start_server
+from fedquant.server.metrics import configure_logging
+from fedquant.server.rounds import RoundConfig
 
 log = logging.getLogger("fedquant.server")
 

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedquant.simulations import fl_task
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore import log
-
-from simulations import fl_task
 
 UPDATE_KEY, PAYLOAD_KEY = "update", "payload"  # as the ClientApp replies
 

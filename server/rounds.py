@@ -32,11 +32,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from fedquant.server.store import Store
 
 import fedquant as fq
 from fedquant.codecs.base import codec_class
 from fedquant.rotation import padded_size, unrotate
-from server.store import Store
 
 log = logging.getLogger("fedquant.server")
 

@@ -20,8 +20,7 @@ import json
 import pathlib
 
 import grpc
-
-from server.rounds import MAX_CLIENT_ID, AggregationError
+from fedquant.server.rounds import MAX_CLIENT_ID, AggregationError
 
 OPERATOR = "operator"
 

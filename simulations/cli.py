@@ -15,16 +15,16 @@ app = typer.Typer(help="fedquant: compare and run communication-efficient FL com
 
 # Modules that add commands to the app, in the order `fedquant --help` lists them.
 COMMAND_MODULES = (
-    "simulations.compare",    # fedquant compare
-    "simulations.dme",        # fedquant dme
-    "simulations.bench",      # fedquant bench [server]
-    "simulations.fl",         # fedquant fl
-    "server.cli",             # fedquant serve
-    "clients.cli",            # fedquant push
-    "simulations.linreg",     # fedquant linreg
-    "simulations.innerprod",  # fedquant innerprod
-    "simulations.lplr",       # fedquant lplr
-    "simulations.ptq",        # fedquant ptq
+    "fedquant.simulations.compare",    # fedquant compare
+    "fedquant.simulations.dme",        # fedquant dme
+    "fedquant.simulations.bench",      # fedquant bench [server]
+    "fedquant.simulations.fl",         # fedquant fl
+    "fedquant.server.cli",             # fedquant serve
+    "fedquant.clients.cli",            # fedquant push
+    "fedquant.simulations.linreg",     # fedquant linreg
+    "fedquant.simulations.innerprod",  # fedquant innerprod
+    "fedquant.simulations.lplr",       # fedquant lplr
+    "fedquant.simulations.ptq",        # fedquant ptq
 )
 
 for _name in COMMAND_MODULES:

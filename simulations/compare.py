@@ -204,7 +204,7 @@ def versions() -> dict[str, str]:
 def run_compare(cfg: dict[str, Any], out_dir: Path, progress: bool = True,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the three sections and write report.md, CSV/JSON and PNG plots into out_dir."""
-    from simulations import compare_report, compare_sections
+    from fedquant.simulations import compare_report, compare_sections
 
     import_plugins(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -233,9 +233,8 @@ def register(app: typer.Typer) -> None:
             help="Output folder; default results/<name>.")] = None,
     ) -> None:
         """Compare compression schemes end to end: DME error, FL accuracy, bytes, speed."""
+        from fedquant.simulations import compare_report
         from rich.console import Console
-
-        from simulations import compare_report
 
         console = Console()
         if quick and full:

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-
-from simulations.common import write_csv
-from simulations.compare import fl_finals
+from fedquant.simulations.common import write_csv
+from fedquant.simulations.compare import fl_finals
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

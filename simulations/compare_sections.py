@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from simulations.common import one_thread
-from simulations.compare import codec_spec, label
+from fedquant.simulations.common import one_thread
+from fedquant.simulations.compare import codec_spec, label
 
 
 def run_dme(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
     """DME sweep (simulations.dme) over the configured codecs, inputs and rotations."""
-    from simulations import dme
+    from fedquant.simulations import dme
 
     table = cfg["dme"]
     dme_cfg = {
@@ -33,7 +33,7 @@ def run_dme(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
 
 def run_fl(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
     """Federated training (simulations.fl, in-process engine) for each configured codec."""
-    from simulations import fl
+    from fedquant.simulations import fl
 
     table = cfg["fl"]
     codecs = []
@@ -49,7 +49,7 @@ def run_fl(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
 def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
     """Encode/decode time at speed.d, one thread, with a read+write pass of the same array
     measured in the same run as the baseline (simulations.bench)."""
-    from simulations import bench
+    from fedquant.simulations import bench
 
     table = cfg["speed"]
     specs = [codec_spec(s, f"speed.codecs[{i}]") for i, s in enumerate(table["codecs"])]
@@ -61,22 +61,22 @@ def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
 
 
 def _linreg(out_dir: Path, quick: bool, progress: bool) -> None:
-    from simulations import linreg
+    from fedquant.simulations import linreg
     linreg.run_linreg(linreg.load_config(), out_dir, quick=quick, progress=progress)
 
 
 def _innerprod(out_dir: Path, quick: bool, progress: bool) -> None:
-    from simulations import innerprod
+    from fedquant.simulations import innerprod
     innerprod.run_innerprod(innerprod.load_config(), out_dir, quick=quick, progress=progress)
 
 
 def _lplr(out_dir: Path, quick: bool, progress: bool) -> None:
-    from simulations import digits_mlp, lplr
+    from fedquant.simulations import digits_mlp, lplr
     lplr.run_lplr(digits_mlp.load_config(lplr.DEFAULT_CONFIG, lplr.SCHEMA, quick), out_dir)
 
 
 def _ptq(out_dir: Path, quick: bool, progress: bool) -> None:
-    from simulations import digits_mlp, ptq
+    from fedquant.simulations import digits_mlp, ptq
     ptq.run_ptq(digits_mlp.load_config(ptq.DEFAULT_CONFIG, ptq.SCHEMA, quick), out_dir)
 
 

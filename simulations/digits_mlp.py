@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from fedquant.simulations.common import check_keys, one_thread
 from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_digits
 from torch import nn
 
 import fedquant as fq
-from simulations.common import check_keys, one_thread
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,10 @@ from typing import Annotated, Any
 
 import torch
 import typer
+from fedquant.simulations.inputs import INPUTS, make_input
 
 import fedquant as fq
 from fedquant import random as fqr
-from simulations.inputs import INPUTS, make_input
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "dme.toml"
 DEFAULTS: dict[str, Any] = {
@@ -59,8 +59,8 @@ DEFAULT_SETTINGS: dict[str, dict[str, list]] = {
     "stochastic": {"bits": [1, 2, 3, 4]},
 }
 #: other engineers' studies, run when their modules exist: (module, function, title)
-STUDIES = (("simulations.quicfl_study", "run_outlier_study", "QUIC-FL outlier study"),
-           ("simulations.vq_study", "run_vq_study", "Vector quantization study"))
+STUDIES = (("fedquant.simulations.quicfl_study", "run_outlier_study", "QUIC-FL outlier study"),
+           ("fedquant.simulations.vq_study", "run_vq_study", "Vector quantization study"))
 _INPUT_PURPOSE = 100  # hash64 stream of the input seeds (experiment data, not wire)
 
 

@@ -44,10 +44,10 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
+from fedquant.simulations import fl_task
+from fedquant.simulations.common import one_thread
 
 import fedquant as fq
-from simulations import fl_task
-from simulations.common import one_thread
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "fl.toml"
 DEFAULTS: dict[str, Any] = {

@@ -9,10 +9,9 @@ have (many near-zero weights of always-dark pixels, large output-layer entries).
 from __future__ import annotations
 
 import torch
+from fedquant.simulations.common import one_thread
+from fedquant.simulations.digits_mlp import load_digits_data, make_mlp
 from torch import nn
-
-from simulations.common import one_thread
-from simulations.digits_mlp import load_digits_data, make_mlp
 
 
 def digits_gradient(d: int, seed: int, batch: int = 32, lr: float = 0.1) -> torch.Tensor:

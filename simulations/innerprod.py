@@ -46,12 +46,8 @@ from typing import Annotated, Any
 
 import torch
 import typer
-
-import fedquant as fq
-from fedquant.codecs.eden import lloyd_max_centroids, nearest_centroid
-from fedquant.random import Purpose
-from simulations.common import one_thread, write_csv, write_json
-from simulations.linreg import (
+from fedquant.simulations.common import one_thread, write_csv, write_json
+from fedquant.simulations.linreg import (
     check_row,
     effective,
     load_checked,
@@ -60,6 +56,10 @@ from simulations.linreg import (
     progress_bar,
     write_claims_report,
 )
+
+import fedquant as fq
+from fedquant.codecs.eden import lloyd_max_centroids, nearest_centroid
+from fedquant.random import Purpose
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "innerprod.toml"
 SCHEMA: dict[str, Any] = {

@@ -31,19 +31,19 @@ from typing import Annotated, Any
 import matplotlib
 import torch
 import typer
+from fedquant.simulations.common import write_csv, write_json
+from fedquant.simulations.digits_mlp import (
+    load_config,
+    load_digits_data,
+    print_table,
+    train_fedavg,
+)
 from rich.progress import Progress
 from sklearn.datasets import load_digits
 
 import fedquant as fq
 from fedquant.codecs.lplr import encode_model_update, parity_rank
 from fedquant.packing import packed_len
-from simulations.common import write_csv, write_json
-from simulations.digits_mlp import (
-    load_config,
-    load_digits_data,
-    print_table,
-    train_fedavg,
-)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -25,19 +25,19 @@ from typing import Annotated, Any
 
 import matplotlib
 import typer
-from rich.progress import Progress
-
-import fedquant as fq
-from fedquant.codecs.lplr import encode_model_update
-from fedquant.ptq import ALIGNMENTS, METHODS, grid_search_c, layer_output_errors, quantize_model
-from simulations.common import write_csv, write_json
-from simulations.digits_mlp import (
+from fedquant.simulations.common import write_csv, write_json
+from fedquant.simulations.digits_mlp import (
     accuracy,
     load_config,
     load_digits_data,
     print_table,
     train_fedavg,
 )
+from rich.progress import Progress
+
+import fedquant as fq
+from fedquant.codecs.lplr import encode_model_update
+from fedquant.ptq import ALIGNMENTS, METHODS, grid_search_c, layer_output_errors, quantize_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -26,7 +26,7 @@ class ServerProcess:
         self.log_path = self.data_dir / f"server-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "--data-dir", str(self.data_dir),
+            [sys.executable, "-m", "fedquant.server.cli", "--data-dir", str(self.data_dir),
              "--port", "0", "--port-file", str(port_file), *args],
             cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s

@@ -4,10 +4,9 @@ import json
 import math
 
 import pytest
+from fedquant.simulations import bench
+from fedquant.simulations.cli import app
 from typer.testing import CliRunner
-
-from simulations import bench
-from simulations.cli import app
 
 
 def test_bench_codecs_rows_are_sane():

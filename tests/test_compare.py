@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedquant.simulations import compare
+from fedquant.simulations.inputs import make_input
 
 import fedquant as fq
-from simulations import compare
-from simulations.inputs import make_input
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "simulations" / "examples" / "my_compare.toml"
@@ -54,7 +54,7 @@ def test_user_codec_from_plugin_takes_part_in_every_section(quick_run):
 
 def test_dme_numbers_match_the_library_on_the_same_seeds(quick_run):
     """A report row is exactly what fq's own functions give for the same inputs and seeds."""
-    from simulations import dme
+    from fedquant.simulations import dme
 
     cfg, _, results = quick_run
     row = next(r for r in results["dme"] if r["label"] == "eden b=2"
@@ -116,7 +116,7 @@ def test_bad_config_names_the_key(tmp_path, text, needle):
 def test_cli_reports_bad_config_without_traceback(tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("colour = 'blue'\n")
-    proc = subprocess.run([sys.executable, "-m", "simulations.cli", "compare", "--config",
+    proc = subprocess.run([sys.executable, "-m", "fedquant.simulations.cli", "compare", "--config",
                            str(path)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     assert "unknown key 'colour'" in proc.stdout and "Traceback" not in proc.stderr
@@ -144,7 +144,7 @@ def test_best_per_budget_and_cheapest_within_on_known_rows():
 
 def test_full_mode_seed_studies_run_and_write_reports(tmp_path):
     """--full adds the four seed studies; their quick versions run through the same path."""
-    from simulations import compare_sections
+    from fedquant.simulations import compare_sections
 
     cfg = compare.load_config(None, "full")
     assert sorted(cfg["studies"]) == ["innerprod", "linreg", "lplr", "ptq"]

@@ -13,6 +13,9 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 import torch
+from fedquant.clients import flower_client
+from fedquant.server.flower_server import FedQuantAvg
+from fedquant.simulations import fl_task
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -30,9 +33,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedquant as fq
-from clients import flower_client
-from server.flower_server import FedQuantAvg
-from simulations import fl_task
 
 NODES = (11, 2**63 + 5)  # node ids are 64-bit in Flower; the second exceeds int64
 RUN_CONFIG = {"dataset": "digits", "model": "logreg", "partitioning": "iid", "lr": 0.1,
@@ -313,7 +313,7 @@ def test_unknown_dataset_and_offline_hub_give_clear_errors():
 def test_flower_apps_and_the_in_process_runner_compute_the_same_round(tmp_path):
     """`fedquant fl` (in-process) calls the ClientApp's and the strategy's functions: one
     round through FedQuantAvg + ClientApp gives the same model as run_fl's round 1."""
-    from simulations import fl
+    from fedquant.simulations import fl
 
     cfg = fl.validate({"model": "logreg", "rounds": 1, "num_clients": 2, "partitioning": "iid",
                        "codecs": [{"name": "eden", "params": {"bits": 2}}]})

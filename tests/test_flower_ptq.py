@@ -9,12 +9,11 @@ import json
 
 import pytest
 import torch
+from fedquant.server import flower_server
+from fedquant.server.flower_server import FedQuantAvg
+from fedquant.simulations import fl, fl_task
 from flwr.app import Array, ArrayRecord, Context, RecordDict
 from test_flower_apps import NODES, InProcessGrid, _context, _server_identity  # noqa: F401
-
-from server import flower_server
-from server.flower_server import FedQuantAvg
-from simulations import fl, fl_task
 
 
 def _numel(model: str) -> int:

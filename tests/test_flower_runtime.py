@@ -10,10 +10,10 @@ import socket
 
 import pytest
 import torch
+from fedquant.simulations import fl_task
 
 import fedquant as fq
 from scripts import local_deployment as dep
-from simulations import fl_task
 
 RUN_CONFIG = {"num-server-rounds": 2, "model": "logreg", "partitioning": "iid",
               "local-epochs": 1, "lr": 0.2, "codec": "eden", "codec-params": "bits=2"}

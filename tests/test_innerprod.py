@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
+from fedquant.simulations import innerprod as ip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedquant.codecs.eden import lloyd_max_centroids
-from simulations import innerprod as ip
 
 
 def _lloyd_max_mse(bits):
@@ -145,7 +145,7 @@ def test_unknown_config_key_is_named(tmp_path):
                                  st.dictionaries(st.text(max_size=3), st.integers(), max_size=2)),
                        max_size=4))
 def test_schema_check_rejects_bad_keys_and_types_cleanly(config):
-    from simulations.common import check_keys
+    from fedquant.simulations.common import check_keys
 
     try:
         check_keys(config, ip.SCHEMA)

@@ -219,8 +219,8 @@ runs = []
 
 
 def test_lplr_experiment_writes_outputs_and_finds_the_low_rank_win(tmp_path):
-    from simulations.digits_mlp import load_config
-    from simulations.lplr import SCHEMA, run_lplr
+    from fedquant.simulations.digits_mlp import load_config
+    from fedquant.simulations.lplr import SCHEMA, run_lplr
 
     cfg = load_config(_write_config(tmp_path, _TINY_LPLR), SCHEMA, quick=False)
     summary = run_lplr(cfg, tmp_path / "out")
@@ -239,8 +239,8 @@ def test_lplr_experiment_writes_outputs_and_finds_the_low_rank_win(tmp_path):
      "unknown codec 'edem'"),
 ])
 def test_lplr_experiment_rejects_bad_config(tmp_path, edit, message):
-    from simulations.digits_mlp import load_config
-    from simulations.lplr import SCHEMA, run_lplr
+    from fedquant.simulations.digits_mlp import load_config
+    from fedquant.simulations.lplr import SCHEMA, run_lplr
 
     with pytest.raises(ValueError, match=message):
         cfg = load_config(_write_config(tmp_path, _TINY_LPLR.replace(*edit)), SCHEMA, False)

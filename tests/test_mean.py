@@ -3,10 +3,10 @@ unbiased figures, weights, and rejected mismatches."""
 
 import pytest
 import torch
+from fedquant.simulations.inputs import make_input
 
 import fedquant as fq
 from fedquant.random import derive_seed
-from simulations.inputs import make_input
 
 N = 10
 

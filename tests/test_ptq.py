@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from fedquant.simulations.digits_mlp import accuracy, load_digits_data, train_mlp
 from torch import nn
 
 from fedquant.packing import packed_len
@@ -16,7 +17,6 @@ from fedquant.ptq import (
     quantize_path,
 )
 from fedquant.random import Purpose, uniforms64
-from simulations.digits_mlp import accuracy, load_digits_data, train_mlp
 
 
 @pytest.fixture(scope="module")
@@ -145,8 +145,8 @@ lr = 0.02
 
 
 def test_ptq_experiment_writes_outputs(tmp_path):
-    from simulations.digits_mlp import load_config
-    from simulations.ptq import SCHEMA, run_ptq
+    from fedquant.simulations.digits_mlp import load_config
+    from fedquant.simulations.ptq import SCHEMA, run_ptq
 
     path = tmp_path / "cfg.toml"
     path.write_text(_TINY_PTQ)

@@ -243,7 +243,7 @@ def _outlier_fraction(x: torch.Tensor, rotations: int, seeds: range) -> float:
 
 @pytest.mark.parametrize("name", ["two-spikes", "block8", "onehot", "lognormal"])
 def test_two_rhts_give_gaussian_outlier_fraction(name: str) -> None:
-    inputs = pytest.importorskip("simulations.inputs")
+    inputs = pytest.importorskip("fedquant.simulations.inputs")
     x = inputs.make_input(name, 2**15, 0)
     assert _outlier_fraction(x, 2, range(4)) == pytest.approx(P, rel=0.25)  # sd about 6%
 
@@ -353,7 +353,7 @@ def test_fuzz_outlier_sections(gaps: bytes, values: int, bitmap: bool, bits: byt
 
 # ---- fedquant bench mean (its --quick path, smaller still) ----------------------------------
 def test_bench_mean_writes_outputs_and_means_agree(tmp_path) -> None:
-    from simulations import bench_mean
+    from fedquant.simulations import bench_mean
 
     cfg = {**bench_mean.DEFAULTS, "d": 4096, "clients": [1, 4], "repeats": 1, "distinct": 2}
     rows = bench_mean.run_bench_mean(cfg, tmp_path, progress=False)

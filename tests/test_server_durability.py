@@ -11,10 +11,10 @@ import time
 
 import grpc
 import torch
+from fedquant.clients.grpc_client import AggregatorClient
 from helpers_server import ServerProcess
 
 import fedquant as fq
-from clients.grpc_client import AggregatorClient
 from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
 

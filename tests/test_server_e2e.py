@@ -14,14 +14,14 @@ import grpc
 import pytest
 import torch
 import typer
+from fedquant.clients import cli as clients_cli
+from fedquant.clients.grpc_client import AggregatorClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers_server import ServerProcess
 from typer.testing import CliRunner
 
-import clients.cli
 import fedquant as fq
-from clients.grpc_client import AggregatorClient
 
 
 def _free_port() -> int:
@@ -145,7 +145,7 @@ def test_push_cli_with_random_vector_and_mean(server, client, tmp_path):
     client.open_round("cli", "eden", {"bits": 2}, round_seed=9, shape=[4, 50], expected=1)
     out = tmp_path / "mean.pt"
     app = typer.Typer()
-    clients.cli.register(app)
+    clients_cli.register(app)
     app.command("noop")(lambda: None)  # two commands: typer keeps `push` as a subcommand
     run = CliRunner().invoke(app, [
         "push", "--target", server.target, "--insecure", "--round", "cli", "--client-id", "5",

@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from fedquant.clients.grpc_client import AggregatorClient, PushConflict
 from helpers_server import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedquant as fq
-from clients.grpc_client import AggregatorClient, PushConflict
 from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
 

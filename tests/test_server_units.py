@@ -10,16 +10,16 @@ import time
 
 import pytest
 import torch
+from fedquant.server.aggregator import ServerConfig, start_server
+from fedquant.server.bench import BenchConfig, run
+from fedquant.server.cli import load_rounds
+from fedquant.server.rounds import AggregationError, RoundBook, RoundConfig
+from fedquant.server.security import load_tokens
+from fedquant.server.store import Store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedquant as fq
-from server.aggregator import ServerConfig, start_server
-from server.bench import BenchConfig, run
-from server.cli import load_rounds
-from server.rounds import AggregationError, RoundBook, RoundConfig
-from server.security import load_tokens
-from server.store import Store
 
 
 def test_round_config_validation_names_the_problem():
