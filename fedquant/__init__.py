@@ -6,13 +6,28 @@
     x_hat = fq.decode(fq.Encoded.from_bytes(blob))
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
+from importlib.metadata import PackageNotFoundError, version
+
 from fedquant import random
-from fedquant.codecs import Codec, available_codecs, get_codec, register_codec
+from fedquant.codecs import (
+    Codec,
+    available_codecs,
+    codec_spec,
+    get_codec,
+    parse_codec_spec,
+    register_codec,
+)
 from fedquant.mean import decode, decode_mean
 from fedquant.metrics import nmse, vnmse
 from fedquant.wire import Encoded, Section, WireError
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("fedquant")
+except PackageNotFoundError:  # a source tree that is not installed
+    __version__ = "0.0.0+unknown"
 
-__all__ = ["Codec", "Encoded", "Section", "WireError", "available_codecs", "decode",
-           "decode_mean", "get_codec", "nmse", "random", "register_codec", "vnmse"]
+__all__ = ["Codec", "Encoded", "Section", "WireError", "available_codecs", "codec_spec",
+           "decode", "decode_mean", "get_codec", "nmse", "parse_codec_spec", "random",
+           "register_codec", "vnmse"]

@@ -20,9 +20,11 @@ from fedquant.codecs.base import (
     available_codecs,
     codec_class,
     codec_for,
+    codec_spec,
     get_codec,
+    parse_codec_spec,
     register_codec,
 )
 
-__all__ = ["Codec", "available_codecs", "codec_class", "codec_for", "get_codec",
-           "register_codec"]
+__all__ = ["Codec", "available_codecs", "codec_class", "codec_for", "codec_spec", "get_codec",
+           "parse_codec_spec", "register_codec"]

@@ -177,15 +177,56 @@ def codec_class(name: str) -> type[Codec]:
         raise ValueError(f"unknown codec {name!r}; available: {available_codecs()}") from None
 
 
+def parse_codec_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """Split a codec spec ``"name:key=value,key=value"`` into (name, {key: value-as-text}).
+
+    This is the one codec-spec syntax of fedquant: the CLI, the TOML configs, the Flower run
+    config and the server's rounds file all use it, e.g. ``"eden:bits=2,rotations=auto"``
+    or just ``"fp32"``. Values stay text; :meth:`Codec.from_params` parses them by type.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a codec spec must be a non-empty string like "
+                         f"'eden:bits=2,rotations=auto', got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    name = name.strip()
+    if not name:
+        raise ValueError(f"codec spec {spec!r} has no codec name before ':'")
+    params: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key or not value:
+            raise ValueError(f"codec spec {spec!r}: bad item {item!r}; expected key=value, "
+                             f"e.g. 'eden:bits=2,rotations=auto'")
+        if key in params:
+            raise ValueError(f"codec spec {spec!r} sets {key!r} twice")
+        params[key] = value
+    return name, params
+
+
+def codec_spec(codec: Codec) -> str:
+    """The spec string of a codec instance (its name and every parameter), the inverse of
+    :func:`get_codec` on a spec: ``get_codec(codec_spec(c))`` equals ``c``."""
+    params = ",".join(f"{k}={v}" for k, v in codec.wire_params().items())
+    return f"{codec.name}:{params}" if params else codec.name
+
+
 def get_codec(name: str, **params: Any) -> Codec:
-    """A codec instance by registry name, e.g. ``get_codec("eden", bits=2)``."""
+    """A codec instance by registry name or spec string.
+
+    ``get_codec("eden", bits=2)`` and ``get_codec("eden:bits=2")`` give the same codec;
+    keyword arguments override values of the spec. Unknown codecs or parameters raise a
+    ValueError that lists the allowed ones.
+    """
+    name, text_params = parse_codec_spec(name)
     klass = codec_class(name)
     defaults = klass._defaults()
-    unknown = set(params) - set(defaults)
+    unknown = (set(params) | set(text_params)) - set(defaults)
     if unknown:
         raise ValueError(f"unknown parameter(s) {sorted(unknown)} for codec '{name}'; "
                          f"allowed: {sorted(defaults)}")
-    return klass(**params)
+    values = {k: _from_text(k, v, defaults[k]) for k, v in text_params.items()}
+    return klass(**{**values, **params})
 
 
 def available_codecs() -> list[str]:
