@@ -8,8 +8,6 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from importlib.metadata import PackageNotFoundError, version
-
 from fedquant import random
 from fedquant.codecs import (
     Codec,
