@@ -6,14 +6,22 @@ shape, dtype, seed, rotation count, float64 scales and packed sections. Bandwidt
 ``len(enc.to_bytes())`` (``enc.nbytes``).
 
 ``Encoded.from_bytes`` validates everything it can before any large allocation: sizes are
-checked against declared limits, every packed section's length against its element count,
-scales for NaN/Inf, and finally the codec checks that the sections it needs are present and
-consistent with the shape. Anything malformed raises :class:`WireError` naming the field.
+checked against declared limits, the declared element count against the payload's size (an
+expansion cap per codec, :data:`MAX_EXPANSION`), every packed section's length against its
+element count and its padding bits (zero, as :func:`fedquant.packing.pack` writes them),
+scales for NaN/Inf and for magnitudes that would overflow float32 once multiplied by a
+level, then the codec checks that the sections it needs are present and consistent with the
+shape, and finally every raw floating-point section is checked for NaN/Inf (see
+:func:`raw_float_dtype`). Anything malformed raises :class:`WireError` naming the field.
+
+So a payload that parses never carries a non-finite number, and its decode allocates at
+most ``max(EXPANSION_FLOOR, ratio * len(blob))`` elements' worth of output.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,9 +38,24 @@ MAX_PARAMS = 32
 MAX_PARAM_LEN = 64
 MAX_SCALES = 4096
 MAX_SECTIONS = 16
-# Larger scales overflow the float32 reconstruction (float32 max is about 2^128).
-MAX_SCALE = 2.0**126
+# A scale times the largest level any codec uses (an 8-bit index: < 2^8) times the largest
+# growth an inverse rotation can give one coordinate (sqrt(2^31) < 2^16) stays below 2^124,
+# finite in float32 (max about 2^128) with room for a sum of a few such terms.
+MAX_SCALE = 2.0**100
 RAW_BITS = (16, 32, 64)
+# Elements a payload may declare per byte of its serialized size, by codec (see
+# Encoded.from_bytes). Scalar and vector quantizers send >= 1 bit per coordinate (<= 8
+# elements per byte); sparse, sketched, low-rank and time-shared codecs send far fewer bits,
+# and their defaults allow down to about 1/128 bit per coordinate (top-k or rand-k keeping
+# 0.1% of the coordinates, a 0.1% sketch, LPLR of rank 8 on a 4096 x 4096 matrix).
+DEFAULT_MAX_EXPANSION = 64.0
+MAX_EXPANSION: dict[str, float] = {
+    "fp32": 1.0, "fp16": 1.0, "bf16": 1.0,
+    "randk": 1024.0, "topk": 1024.0, "sketch": 1024.0, "lplr": 1024.0, "timeshare": 1024.0,
+}
+# Payloads declaring at most this many elements pass the expansion cap whatever their size:
+# decoding them costs little, and tiny tensors have relatively large headers.
+EXPANSION_FLOOR = 1 << 16
 
 DTYPES = {torch.float32: update_pb2.FLOAT32, torch.float16: update_pb2.FLOAT16,
           torch.bfloat16: update_pb2.BFLOAT16}
@@ -132,21 +155,36 @@ class Encoded:
         return 8.0 * self.nbytes / max(self.numel, 1)
 
     @classmethod
-    def from_bytes(cls, blob: bytes, max_elements: int = DEFAULT_MAX_ELEMENTS) -> Encoded:
-        """Parse and validate; raises WireError naming the first bad field."""
+    def from_bytes(cls, blob: bytes, max_elements: int = DEFAULT_MAX_ELEMENTS,
+                   max_expansion: float | Mapping[str, float] | None = None) -> Encoded:
+        """Parse and validate; raises WireError naming the first bad field.
+
+        Args:
+            blob: the serialized ``fedquant.v1.EncodedUpdate``.
+            max_elements (int, default 2^31): cap on the declared element count.
+            max_expansion (float | mapping | None, default None): cap on declared elements
+                per byte of `blob` (payloads of at most ``EXPANSION_FLOOR`` elements always
+                pass): one number for every codec, a ``{codec name: ratio}`` mapping that
+                overrides :data:`MAX_EXPANSION` for the codecs it names, or None for
+                :data:`MAX_EXPANSION` (``DEFAULT_MAX_EXPANSION`` for unlisted codecs).
+        """
         if not isinstance(blob, bytes | bytearray | memoryview):
             raise WireError(f"expected bytes, got {type(blob).__name__}")
         msg = update_pb2.EncodedUpdate()
         try:
-            msg.ParseFromString(bytes(blob))
+            msg.ParseFromString(blob if isinstance(blob, bytes) else bytes(blob))
         except (DecodeError, RuntimeError, ValueError) as e:
             raise WireError(f"not a valid EncodedUpdate message: {e}") from None
-        return cls.from_proto(msg, max_elements=max_elements)
+        return cls.from_proto(msg, max_elements=max_elements, max_expansion=max_expansion,
+                              payload_bytes=len(blob))
 
     @classmethod
     def from_proto(cls, msg: update_pb2.EncodedUpdate,
-                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> Encoded:
-        """Validate a parsed message field by field (see module docstring)."""
+                   max_elements: int = DEFAULT_MAX_ELEMENTS,
+                   max_expansion: float | Mapping[str, float] | None = None,
+                   payload_bytes: int | None = None) -> Encoded:
+        """Validate a parsed message field by field (see the module docstring and
+        :meth:`from_bytes`); `payload_bytes` is its serialized size (computed if None)."""
         from fedquant.codecs.base import codec_class  # late import: codecs import wire
 
         if msg.format_version != FORMAT_VERSION:
@@ -164,6 +202,10 @@ class Encoded:
             if numel > max_elements:
                 raise WireError(f"shape: {list(msg.shape)} exceeds the element cap "
                                 f"{max_elements}")
+        if any(dim == 0 for dim in msg.shape):
+            numel = 0
+        size = msg.ByteSize() if payload_bytes is None else payload_bytes
+        _check_expansion(msg.codec, list(msg.shape), numel, size, max_expansion)
         if msg.dtype not in DTYPES_BY_WIRE:
             raise WireError(f"dtype: unknown value {msg.dtype}")
         if len(msg.params) > MAX_PARAMS or any(
@@ -175,8 +217,8 @@ class Encoded:
         if not all(math.isfinite(s) for s in msg.scales):
             raise WireError("scales: NaN or Inf scale")
         if any(abs(s) > MAX_SCALE for s in msg.scales):
-            raise WireError("scales: a scale beyond +-2^126 would overflow the float32 "
-                            "reconstruction")
+            raise WireError("scales: a scale beyond +-2^100 would overflow the float32 "
+                            "reconstruction once multiplied by a level")
         if len(msg.sections) > MAX_SECTIONS:
             raise WireError(f"sections: at most {MAX_SECTIONS}, got {len(msg.sections)}")
         sections: dict[str, Section] = {}
@@ -191,6 +233,7 @@ class Encoded:
             if len(s.data) != packed_len(s.count, s.bits):
                 raise WireError(f"sections['{s.name}'].data: {len(s.data)} bytes, expected "
                                 f"{packed_len(s.count, s.bits)} for {s.count} x {s.bits} bits")
+            _check_padding(s.name, s.bits, s.count, s.data)
             sections[s.name] = Section(s.name, s.bits, s.count, s.data)
         try:
             codec = klass.from_params(dict(msg.params))
@@ -200,4 +243,82 @@ class Encoded:
                   dtype=DTYPES_BY_WIRE[msg.dtype], seed=msg.seed, rotations=msg.rotations,
                   scales=tuple(msg.scales), sections=sections)
         codec.validate(enc)
+        for section in sections.values():
+            dtype = raw_float_dtype(codec, section)
+            if dtype is not None and not finite_words(section.data, dtype):
+                raise WireError(f"sections['{section.name}']: NaN or Inf value "
+                                f"({str(dtype).removeprefix('torch.')} words)")
         return enc
+
+
+def expansion_cap(codec: str, max_expansion: float | Mapping[str, float] | None = None) -> float:
+    """Elements per payload byte allowed for `codec` (see :meth:`Encoded.from_bytes`)."""
+    if isinstance(max_expansion, int | float):
+        return float(max_expansion)
+    table = {**MAX_EXPANSION, **(max_expansion or {})}
+    return float(table.get(codec, DEFAULT_MAX_EXPANSION))
+
+
+def _check_expansion(codec: str, shape: list[int], numel: int, size: int,
+                     max_expansion: float | Mapping[str, float] | None) -> None:
+    """WireError when a small payload declares a huge tensor (its decode would allocate
+    elements out of all proportion to the bytes received)."""
+    if numel <= EXPANSION_FLOOR:
+        return
+    cap = expansion_cap(codec, max_expansion)
+    if numel > cap * max(size, 1):
+        raise WireError(f"shape: {shape} declares {numel} elements in a {size}-byte payload "
+                        f"({numel / max(size, 1):.3g} per byte), above the expansion cap of "
+                        f"{cap:g} per byte for codec {codec!r}; pass max_expansion to "
+                        "Encoded.from_bytes to allow more")
+
+
+def _check_padding(name: str, bits: int, count: int, data: bytes) -> None:
+    """WireError unless the unused high bits of a packed section's last byte are zero, as
+    ``pack`` writes them (so a section packed with other bits than it declares is caught
+    whenever its length alone cannot tell)."""
+    used = (count * bits) % 8
+    if bits < 8 and used and data[-1] >> used:
+        raise WireError(f"sections['{name}'].data: non-zero padding bits after {count} x "
+                        f"{bits}-bit values (packed with a different bit width?)")
+
+
+def raw_float_dtype(codec: object, section: Section) -> torch.dtype | None:
+    """The floating-point type of a raw (16/32/64-bit) section's words, or None for packed
+    sections and raw integer words.
+
+    A codec may declare its raw sections with an attribute ``raw_float_dtypes``, a mapping
+    of section name to a float dtype, or to None for integer words. Otherwise raw words are
+    IEEE floats of their width, except that 16-bit words are bfloat16 for a codec whose
+    ``wire_dtype`` is ``torch.bfloat16`` (the ``bf16`` codec).
+    """
+    if section.bits not in RAW_BITS:
+        return None
+    declared = getattr(codec, "raw_float_dtypes", None)
+    if declared is not None:
+        return declared.get(section.name)
+    if section.bits == 16:
+        bf16 = getattr(codec, "wire_dtype", None) == torch.bfloat16
+        return torch.bfloat16 if bf16 else torch.float16
+    return torch.float32 if section.bits == 32 else torch.float64
+
+
+def finite_words(data: bytes, dtype: torch.dtype) -> bool:
+    """Whether every little-endian `dtype` word of `data` is finite (no NaN, no Inf).
+
+    float16/32 words are summed in float64 (no overflow is possible, and NaN/Inf
+    propagate), so the common case is one pass with no temporary; float64 falls back to an
+    exact check when its sum is not finite; bfloat16 checks the exponent bits.
+    """
+    if not data:
+        return True
+    if dtype == torch.bfloat16:
+        words = np.frombuffer(data, dtype="<u2")
+        return not bool(np.any((words & 0x7F80) == 0x7F80))
+    kind = {torch.float16: "<f2", torch.float32: "<f4", torch.float64: "<f8"}.get(dtype)
+    if kind is None:
+        raise ValueError(f"dtype must be a float type, got {dtype}")
+    words = np.frombuffer(data, dtype=kind)
+    if math.isfinite(float(np.sum(words, dtype=np.float64))):
+        return True
+    return dtype == torch.float64 and bool(np.isfinite(words).all())

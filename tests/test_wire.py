@@ -294,3 +294,175 @@ def test_fuzz_field_level_mutations(data):
     elif field == "dtype":
         msg.dtype = data.draw(st.integers(0, 5))
     _parse_and_decode(msg.SerializeToString())
+
+
+# ---- hardening: non-finite values, absurd expansion, lying bit widths -----------------
+def _blob(name, shape=BASE_SHAPE, dtype=torch.float32, seed=7, **params):
+    return fq.get_codec(name, **params).encode(_x(shape, dtype), seed=seed).to_bytes()
+
+
+def _poison_word(msg, section, width, word):
+    """Overwrite the first raw word of `section` with the little-endian bytes `word`."""
+    for s in msg.sections:
+        if s.name == section:
+            s.data = word + s.data[width:]
+            return
+    raise AssertionError(f"no section {section}")
+
+
+NAN_INF_WORDS = {  # (width in bytes, words) of NaN, +Inf, -Inf
+    "f32": (4, [b"\x00\x00\xc0\x7f", b"\x00\x00\x80\x7f", b"\x00\x00\x80\xff"]),
+    "f16": (2, [b"\x00\x7e", b"\x00\x7c", b"\x00\xfc"]),
+    "bf16": (2, [b"\xc0\x7f", b"\x80\x7f", b"\x80\xff"]),
+}
+RAW_FLOAT_CASES = [  # codec, params, section, word format
+    ("fp32", {}, "values", "f32"), ("fp16", {}, "values", "f16"),
+    ("bf16", {}, "values", "bf16"), ("randk", {}, "values", "f32"),
+    ("randk", {"values": "fp16"}, "values", "f16"), ("topk", {}, "values", "f32"),
+    ("sketch", {}, "y", "f32"),
+]
+
+
+@pytest.mark.parametrize("case", RAW_FLOAT_CASES,
+                         ids=[f"{c[0]}{c[1] or ''}" for c in RAW_FLOAT_CASES])
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["nan", "inf", "-inf"])
+def test_nan_or_inf_in_a_raw_float_section_is_a_wire_error(case, which):
+    name, params, section, fmt = case
+    width, words = NAN_INF_WORDS[fmt]
+    blob = _mutated(_blob(name, **params),
+                    lambda m: _poison_word(m, section, width, words[which]))
+    with pytest.raises(fq.WireError, match=f"sections\\['{section}'\\]: NaN or Inf"):
+        fq.Encoded.from_bytes(blob)
+
+
+def test_bf16_words_are_not_judged_as_float16():
+    # 0x7c00 is +Inf as float16 but the finite 2^121 as bfloat16: a bf16 payload holding
+    # it (and large finite bf16 values in general) must parse
+    blob = _mutated(_blob("bf16"), lambda m: _poison_word(m, "values", 2, b"\x00\x7c"))
+    enc = fq.Encoded.from_bytes(blob)
+    assert enc.section("values").raw("int")[0] == 0x7C00
+
+
+def test_finite_words_matches_isfinite():
+    from fedquant.wire import finite_words
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.float32, torch.float64):
+        x = torch.randn(1000, generator=g).to(dtype)
+        assert finite_words(x.numpy().tobytes(), dtype)
+        x[517] = float("nan")
+        assert not finite_words(x.numpy().tobytes(), dtype)
+    # float64 words whose sum overflows are still all finite
+    big = torch.full((4,), 1.7e308, dtype=torch.float64)
+    assert finite_words(big.numpy().tobytes(), torch.float64)
+
+
+def test_randk_declaring_2_31_elements_in_92_bytes_is_rejected_before_allocation():
+    blob = _mutated(_blob("randk", shape=(100,), count=1), _set_shape([2**31]))
+    assert len(blob) < 128
+    tracemalloc.start()
+    try:
+        with pytest.raises(fq.WireError, match="expansion cap.*'randk'.*max_expansion"):
+            fq.Encoded.from_bytes(blob)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+
+
+def test_expansion_cap_is_per_codec_and_configurable():
+    # rand-k keeping 8 of 2^17 coordinates: legitimate, but above the default cap
+    blob = _blob("randk", shape=(2**17,), count=8)
+    with pytest.raises(fq.WireError, match="expansion"):
+        fq.Encoded.from_bytes(blob)
+    assert fq.Encoded.from_bytes(blob, max_expansion={"randk": 1e6}).numel == 2**17
+    assert fq.Encoded.from_bytes(blob, max_expansion=1e6).numel == 2**17
+    # and a cap below a quantizer's 8 elements per byte refuses an honest 1-bit payload
+    eden = _blob("eden", shape=(2**17,), bits=1)
+    assert fq.Encoded.from_bytes(eden).numel == 2**17
+    with pytest.raises(fq.WireError, match="expansion cap of 4 per byte for codec 'eden'"):
+        fq.Encoded.from_bytes(eden, max_expansion={"eden": 4.0})
+
+
+@pytest.mark.parametrize("name", CODECS)
+def test_default_expansion_caps_admit_every_codec_at_its_defaults(name):
+    shape = (256, 512)  # 2^17 elements, above the floor, 2-D for LPLR
+    blob = _encode_or_refuse(fq.get_codec(name), _x(shape, torch.float32))
+    if blob is not None:
+        assert fq.Encoded.from_bytes(blob.to_bytes()).shape == shape
+
+
+def test_non_zero_padding_bits_are_a_wire_error():
+    # signSGD of 10 values: 10 bits, so the last byte has 6 padding bits
+    enc = fq.get_codec("sign").encode(_x((10,), torch.float32), seed=1)
+    blob = enc.to_bytes()
+    padded_bits = 8 * len(enc.section("signs").data) - enc.section("signs").count
+    assert padded_bits > 0
+
+    def set_high_bit(msg):
+        data = bytearray(msg.sections[0].data)
+        data[-1] |= 0x80
+        msg.sections[0].data = bytes(data)
+    with pytest.raises(fq.WireError, match="padding bits"):
+        fq.Encoded.from_bytes(_mutated(blob, set_high_bit))
+
+
+def test_bits_lie_with_consistent_length_is_caught_by_the_padding():
+    # values packed with 3 bits, header says 2 bits and a count whose length matches
+    from fedquant.packing import pack
+    values = torch.full((13,), 7, dtype=torch.int64)  # 39 bits in 5 bytes
+    data = pack(values, 3)
+
+    def relabel(msg):
+        del msg.sections[:]
+        msg.sections.add(name="q", bits=2, count=17, data=data)  # ceil(34 / 8) = 5 bytes
+    blob = _mutated(_blob("eden", shape=(16,), bits=2), relabel)
+    with pytest.raises(fq.WireError):
+        fq.Encoded.from_bytes(blob)
+
+
+@pytest.mark.parametrize("name", ["dither", "stochastic", "eden", "drive", "vq",
+                                  "timeshare", "qsgd", "sign", "quic-fl",
+                                  pytest.param("lplr", marks=pytest.mark.xfail(
+                                      reason="L @ R multiplies two capped scales: only "
+                                      "fq.decode's finiteness check can catch it"))])
+def test_scales_at_the_cap_decode_finite(name):
+    from fedquant.wire import MAX_SCALE
+
+    def huge(msg):
+        for i in range(len(msg.scales)):
+            msg.scales[i] = MAX_SCALE * (1 if msg.scales[i] >= 0 else -1)
+    blob = _mutated(valid_blob(name), huge)
+    try:
+        enc = fq.Encoded.from_bytes(blob)
+    except fq.WireError:
+        return
+    try:
+        out = fq.decode(enc)
+    except fq.WireError:
+        return
+    assert torch.isfinite(out.float()).all(), name
+    with pytest.raises(fq.WireError, match="scales"):
+        fq.Encoded.from_bytes(_mutated(blob, lambda m: m.scales.__setitem__(0, 2.0**101)))
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_raw_float_words_parse_only_when_finite(data):
+    """Random bytes written into a raw float section: the payload parses only when every
+    word is a finite number of the section's float type (bfloat16 judged as bfloat16)."""
+    from fedquant.wire import raw_float_dtype
+    name, params, section, _ = data.draw(st.sampled_from(RAW_FLOAT_CASES), label="case")
+    msg = update_pb2.EncodedUpdate()
+    msg.ParseFromString(_blob(name, shape=(8, 4), **params))
+    target = next(s for s in msg.sections if s.name == section)
+    target.data = data.draw(st.binary(min_size=len(target.data), max_size=len(target.data)))
+    try:
+        enc = fq.Encoded.from_bytes(msg.SerializeToString())
+    except fq.WireError as e:
+        if "NaN or Inf" in str(e):
+            return
+        raise
+    s = enc.section(section)
+    dtype = raw_float_dtype(fq.codecs.codec_for(enc), s)
+    words = s.raw("int").view(dtype) if dtype == torch.bfloat16 else s.raw("float")
+    assert torch.isfinite(words.float()).all()
