@@ -51,8 +51,8 @@ class CodecState:
     """State of :func:`codec_hook`, kept between steps (pattern of torch's PowerSGDState).
 
     Args:
-        codec (fq.Codec | str): the codec, or a registered codec name such as ``"eden"``
-            (its default parameters; pass ``fq.get_codec(name, **params)`` for others).
+        codec (fq.Codec | str): the codec, or a codec spec string such as
+            ``"eden:bits=2"`` (``fq.get_codec``'s syntax).
         process_group (ProcessGroup | None, default None): the group to average over;
             None is the default (world) group.
         error_feedback (bool, default True): add each bucket's previous compression error
@@ -114,12 +114,9 @@ def _resolve_codec(codec: Codec | str) -> Codec:
     if isinstance(codec, Codec):
         return codec
     if isinstance(codec, str):
-        name, colon, rest = codec.partition(":")
-        if colon and rest.strip():
-            raise ValueError(f"codec {codec!r}: CodecState takes a codec name or a codec object; "
-                             f"for parameters pass fq.get_codec({name.strip()!r}, key=value)")
-        return get_codec(name.strip())  # ValueError listing the available codecs
-    raise ValueError(f"codec must be an fq.Codec or a codec name, got {type(codec).__name__}")
+        return get_codec(codec)  # a spec "eden:bits=2"; ValueError names a bad codec or key
+    raise ValueError(f"codec must be an fq.Codec or a codec spec string such as 'eden:bits=2', "
+                     f"got {type(codec).__name__}")
 
 
 def step_seed(seed: int, step: int, bucket_index: int) -> int:

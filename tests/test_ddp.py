@@ -225,7 +225,8 @@ def test_ranks_with_different_codecs_fail_clearly(ranks):
 # ---- arguments, seeds, state ----------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, match", [
     ({"codec": "no-such-codec"}, "unknown codec"),
-    ({"codec": "eden:bits=2"}, "fq.get_codec"),
+    ({"codec": "eden:bits=9"}, "bits"),
+    ({"codec": "eden:colour=red"}, "unknown parameter"),
     ({"codec": 3}, "codec must be"),
     ({"codec": "eden", "start_iter": -1}, "start_iter"),
     ({"codec": "eden", "start_iter": True}, "start_iter"),
@@ -244,9 +245,10 @@ def test_hook_rejects_a_state_that_is_not_a_codec_state():
         codec_hook(None, None)
 
 
-def test_state_by_name_without_feedback_may_start_at_once():
-    state = CodecState("eden", error_feedback=False, start_iter=0)
-    assert state.codec.name == "eden" and state.iter == 0 and state.residuals == {}
+def test_state_by_spec_without_feedback_may_start_at_once():
+    state = CodecState("eden:bits=1", error_feedback=False, start_iter=0)
+    assert state.codec.name == "eden" and state.codec.bits == 1
+    assert state.iter == 0 and state.residuals == {}
     with pytest.raises(AttributeError):
         state.other = 1  # __slots__
 

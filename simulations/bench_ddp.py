@@ -1,0 +1,249 @@
+"""`fedquant bench-ddp`: fedquant's DDP hook against torch's allreduce and PowerSGD hooks.
+
+`world_size` gloo processes on the CPU train the same MLP (64-256-256-10, 85k parameters) on
+scikit-learn's digits, each rank on its own half of the training set, with SGD (momentum
+0.9) on minibatches drawn from a seeded generator, once per method:
+
+* ``none``: DDP without a hook (its built-in allreduce);
+* ``allreduce_hook``: torch's ``default_hooks.allreduce_hook``;
+* ``powerSGD r=k``: torch's ``powerSGD_hook`` with ``PowerSGDState(matrix_approximation_rank
+  =k, start_powerSGD_iter=start_iter)`` (error feedback and warm start on, its defaults);
+* each codec spec: ``fedquant.ddp.codec_hook`` with ``CodecState(codec,
+  start_iter=start_iter)`` (error feedback on unless ``--no-error-feedback``).
+
+Every method starts from the same initialization and sees the same minibatches. Reported
+per method: bytes per step per rank after the warm-up, the training loss over the whole
+training set and the test accuracy after `steps` steps, the median ms per step (rank 0,
+forward + backward + hook + optimizer), and whether the replicas ended bit-identical.
+
+Bytes are what one rank hands to the collectives in one step: for allreduce the bucket,
+4 * numel (a ring allreduce then transmits 2 (n - 1) / n times that per rank: exactly that
+at n = 2); for PowerSGD 4 bytes per element it allreduces, from its own counter
+``total_numel_after_compression`` (P and Q factors plus the uncompressed 1-D tensors); for
+fedquant ``payload`` is ``len(enc.to_bytes())`` (``CodecState.bytes_sent``) and ``wire``
+adds the padding to the longest rank's payload and the 8-byte length of the all-gather
+(``CodecState.wire_bytes``; an all-gather transmits (n - 1) times it per rank).
+
+    fedquant bench-ddp --steps 300
+"""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+import statistics
+import tempfile
+import time
+from typing import Annotated, Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import typer
+from fedquant.simulations.common import write_csv, write_json
+from fedquant.simulations.digits_mlp import load_digits_data, make_mlp, print_table
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
+
+import fedquant as fq
+from fedquant.ddp import CodecState, codec_hook
+
+DEFAULTS: dict[str, Any] = {
+    "steps": 300, "world_size": 2, "codecs": ["eden:bits=1", "eden:bits=2", "quic-fl:bits=2"],
+    "powersgd_ranks": [1, 4], "error_feedback": True, "start_iter": 2, "batch": 32,
+    "lr": 0.05, "hidden": [256, 256], "seed": 0, "timeout_s": 1800,
+}
+QUICK_STEPS = 40
+COLUMNS = ["method", "payload_bytes", "wire_bytes", "x_smaller", "bits_per_coord",
+           "train_loss", "test_acc", "ms_per_step", "replicas_equal"]
+
+
+def methods(cfg: dict) -> list[str]:
+    """The methods one run compares, in table order."""
+    return (["none", "allreduce_hook"] + [f"powerSGD r={r}" for r in cfg["powersgd_ranks"]]
+            + list(cfg["codecs"]))
+
+
+def validate(cfg: dict) -> dict:
+    """ValueError naming a bad setting (codec specs are parsed here, before any process)."""
+    for key in ("steps", "world_size", "start_iter", "batch"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key == "start_iter" else 1):
+            raise ValueError(f"{key} must be a positive integer, got {v!r}")
+    if not 2 <= cfg["world_size"] <= 8:
+        raise ValueError(f"world_size must be in 2..8, got {cfg['world_size']}")
+    if cfg["start_iter"] < 2 or cfg["steps"] <= cfg["start_iter"] + 1:
+        raise ValueError(f"need 2 <= start_iter < steps - 1 (PowerSGD and error feedback "
+                         f"start at step 2 at the earliest), got start_iter="
+                         f"{cfg['start_iter']}, steps={cfg['steps']}")
+    if any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+           for r in cfg["powersgd_ranks"]):
+        raise ValueError(f"powersgd ranks must be positive integers, got {cfg['powersgd_ranks']}")
+    for spec in cfg["codecs"]:
+        fq.get_codec(spec)  # ValueError naming the codec or parameter
+    return cfg
+
+
+# ---- one rank -----------------------------------------------------------------------------
+def _register(model: DistributedDataParallel, method: str, cfg: dict) -> Any:
+    """Register the method's hook; return its state (None for torch's plain allreduce)."""
+    if method == "none":
+        return None
+    if method == "allreduce_hook":
+        model.register_comm_hook(None, default_hooks.allreduce_hook)
+        return None
+    if method.startswith("powerSGD r="):
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=int(method.split("=")[1]),
+            start_powerSGD_iter=cfg["start_iter"], random_seed=cfg["seed"])
+        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        return state
+    state = CodecState(fq.get_codec(method), error_feedback=cfg["error_feedback"],
+                       start_iter=cfg["start_iter"], seed=cfg["seed"])
+    model.register_comm_hook(state, codec_hook)
+    return state
+
+
+def _bytes_per_step(state: Any, numel: int, cfg: dict) -> tuple[float, float]:
+    """(payload, wire) bytes per compressed step of one rank (see the module docstring)."""
+    compressed = cfg["steps"] - cfg["start_iter"]
+    warmup = 4 * numel * cfg["start_iter"]
+    if state is None:
+        return 4.0 * numel, 4.0 * numel
+    if isinstance(state, CodecState):
+        return ((state.bytes_sent - warmup) / compressed, (state.wire_bytes - warmup) / compressed)
+    nbytes = 4.0 * state.total_numel_after_compression / compressed
+    return nbytes, nbytes
+
+
+def _run_method(rank: int, method: str, cfg: dict, data) -> dict:
+    world = cfg["world_size"]
+    model = DistributedDataParallel(make_mlp(cfg["hidden"], cfg["seed"]))
+    state = _register(model, method, cfg)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
+    x, y = data.x_train[rank::world], data.y_train[rank::world]
+    gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
+    times, losses = [], []
+    for _ in range(cfg["steps"]):
+        idx = torch.randint(0, len(y), (cfg["batch"],), generator=gen)
+        start = time.perf_counter()
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - start)
+        losses.append(float(loss.detach()))
+    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(params) for _ in range(world)]
+    dist.all_gather(gathered, params)
+    numel = params.numel()
+    payload, wire = _bytes_per_step(state, numel, cfg)
+    with torch.no_grad():
+        net = model.module.eval()
+        train_loss = float(nn.functional.cross_entropy(net(data.x_train), data.y_train))
+        test_acc = float((net(data.x_test).argmax(dim=1) == data.y_test).float().mean())
+    return {"method": method, "numel": numel, "payload_bytes": payload, "wire_bytes": wire,
+            "x_smaller": 4 * numel / wire, "bits_per_coord": 8 * payload / numel,
+            "train_loss": train_loss, "test_acc": test_acc,
+            "ms_per_step": statistics.median(times[cfg["start_iter"]:]) * 1e3,
+            "replicas_equal": all(torch.equal(g, params) for g in gathered),
+            "minibatch_loss": losses}
+
+
+def _worker(rank: int, cfg: dict, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # one core per rank
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=cfg["world_size"],
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        data = load_digits_data(cfg["seed"])
+        rows = [_run_method(rank, m, cfg, data) for m in methods(cfg)]
+        torch.save(rows, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+# ---- the run ------------------------------------------------------------------------------
+def bench_ddp(cfg: dict) -> list[dict]:
+    """One row per method (rank 0's measurements; see the module docstring)."""
+    validate(cfg)
+    with tempfile.TemporaryDirectory(prefix="fedquant-bench-ddp-") as tmp:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(r, cfg, f"{tmp}/init", tmp))
+                 for r in range(cfg["world_size"])]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + cfg["timeout_s"]
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise RuntimeError(f"a rank failed or timed out after {cfg['timeout_s']} s "
+                               f"(exit codes {[p.exitcode for p in procs]}); see its stderr")
+        return torch.load(f"{tmp}/rank0.pt", weights_only=False)
+
+
+def write_outputs(rows: list[dict], cfg: dict, out_dir: pathlib.Path) -> None:
+    """rows.csv, rows.json (with the per-step minibatch losses) and report.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "rows.csv", [{c: r[c] for c in COLUMNS} for r in rows])
+    env = {"torch": torch.__version__, "fedquant": fq.__version__, "backend": "gloo (CPU)",
+           "threads_per_rank": 1}
+    write_json(out_dir / "rows.json", {"config": cfg, "environment": env, "rows": rows})
+    lines = ["# fedquant bench-ddp", "",
+             f"{cfg['world_size']} gloo ranks, MLP 64-{'-'.join(map(str, cfg['hidden']))}-10 "
+             f"({rows[0]['numel']} parameters) on digits, {cfg['steps']} SGD steps of batch "
+             f"{cfg['batch']} per rank, lr {cfg['lr']}, momentum 0.9, compression from step "
+             f"{cfg['start_iter']}, fedquant error feedback "
+             f"{'on' if cfg['error_feedback'] else 'off'}. Bytes per compressed step per rank; "
+             "ms per step is rank 0's median.", "",
+             "| method | payload B/step | wire B/step | x smaller | bits/coord | train loss "
+             "| test acc | ms/step | replicas equal |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['method']} | {r['payload_bytes']:.0f} | {r['wire_bytes']:.0f} | "
+              f"{r['x_smaller']:.1f} | {r['bits_per_coord']:.2f} | {r['train_loss']:.4f} | "
+              f"{r['test_acc']:.4f} | {r['ms_per_step']:.2f} | {r['replicas_equal']} |"
+              for r in rows]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("bench-ddp")
+    def bench_ddp_command(
+        steps: Annotated[int, typer.Option(help="SGD steps per method")] = DEFAULTS["steps"],
+        world_size: Annotated[int, typer.Option(help="gloo processes")] = DEFAULTS[
+            "world_size"],
+        codec: Annotated[list[str] | None, typer.Option(
+            help="fedquant codec spec (repeat the option); default eden:bits=1, eden:bits=2, "
+                 "quic-fl:bits=2")] = None,
+        powersgd_rank: Annotated[list[int] | None, typer.Option(
+            help="PowerSGD matrix approximation rank (repeat); default 1 and 4")] = None,
+        error_feedback: Annotated[bool, typer.Option(
+            help="error feedback in fedquant's hook")] = True,
+        start_iter: Annotated[int, typer.Option(
+            help="plain allreduce steps before compression")] = DEFAULTS["start_iter"],
+        seed: Annotated[int, typer.Option(help="data split, init, batches, codec seeds")] = 0,
+        quick: Annotated[bool, typer.Option("--quick", help=f"{QUICK_STEPS} steps")] = False,
+        out: Annotated[pathlib.Path, typer.Option(help="output folder")] = pathlib.Path(
+            "results/bench_ddp"),
+    ) -> None:
+        """DDP comm hooks: fedquant codecs vs allreduce and PowerSGD (bytes, loss, ms)."""
+        cfg = {**DEFAULTS, "steps": QUICK_STEPS if quick else steps, "world_size": world_size,
+               "codecs": codec or DEFAULTS["codecs"],
+               "powersgd_ranks": powersgd_rank or DEFAULTS["powersgd_ranks"],
+               "error_feedback": error_feedback, "start_iter": start_iter, "seed": seed}
+        try:
+            validate(cfg)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        rows = bench_ddp(cfg)
+        write_outputs(rows, cfg, out)
+        print_table(f"fedquant bench-ddp: {cfg['world_size']} ranks, {cfg['steps']} steps, "
+                    f"{rows[0]['numel']} parameters", rows, COLUMNS)
+        typer.echo(f"wrote {out}/rows.csv, rows.json, report.md")
+
+
+__all__ = ["DEFAULTS", "bench_ddp", "methods", "register", "validate", "write_outputs"]
