@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "fedquant.simulations.innerprod",  # fedquant innerprod
     "fedquant.simulations.lplr",       # fedquant lplr
     "fedquant.simulations.ptq",        # fedquant ptq
+    "fedquant.simulations.bench_ddp",  # fedquant bench-ddp
 )
 
 for _name in COMMAND_MODULES:
