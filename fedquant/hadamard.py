@@ -54,21 +54,28 @@ def _use_numba(x: torch.Tensor) -> bool:
     return hadamard_numba.AVAILABLE
 
 
-def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0,
-        backend: str = "auto") -> torch.Tensor:
-    """One RHT layer: H D x / sqrt(n), for a 1-D float32 power-of-two slice."""
+def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        return result
+    return out.copy_(result)
+
+
+def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0, backend: str = "auto",
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """One RHT layer: H D x / sqrt(n), for a 1-D power-of-two slice; written into `out`
+    when given (`out` may be x itself)."""
     if backend == "numba" or (backend == "auto" and _use_numba(x)):
         from fedquant import hadamard_numba
 
-        return hadamard_numba.rht(x, seed, layer, offset)
-    return fwht_torch(x * _signs(seed, layer, offset, x.numel(), x.device))
+        return hadamard_numba.rht(x, seed, layer, offset, out=out)
+    return _into(fwht_torch(x * _signs(seed, layer, offset, x.numel(), x.device)), out)
 
 
 def inverse_rht(y: torch.Tensor, seed: int, layer: int, offset: int = 0,
-                backend: str = "auto") -> torch.Tensor:
+                backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`rht`: D H y / sqrt(n) (H / sqrt(n) is its own inverse)."""
     if backend == "numba" or (backend == "auto" and _use_numba(y)):
         from fedquant import hadamard_numba
 
-        return hadamard_numba.inverse_rht(y, seed, layer, offset)
-    return fwht_torch(y) * _signs(seed, layer, offset, y.numel(), y.device)
+        return hadamard_numba.inverse_rht(y, seed, layer, offset, out=out)
+    return _into(fwht_torch(y) * _signs(seed, layer, offset, y.numel(), y.device), out)

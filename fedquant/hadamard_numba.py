@@ -5,239 +5,293 @@ for a 1-D float32 CPU tensor of power-of-two length, with the sign of position i
 bit of ``hash64(seed, Purpose.ROTATION, (layer << 40) + offset + i)``;
 ``inverse_rht(y, ...)`` returns D H y / sqrt(n).
 
-The FWHT of n = R * B points is H_R (x) H_B: B-point transforms of the R contiguous rows of
-an R x B matrix, then R-point transforms of its columns. The kernel makes exactly two
-passes over memory:
+The butterflies are written as explicit 16-lane vector code (LLVM IR emitted through
+numba ``@intrinsic``, docs/kernels.md says why):
 
-1. *rows*: each block of B = 2^12..2^16 floats (in L1 or L2) is read once with its signs
-   hashed in-kernel and 1/sqrt(n) folded in, then gets all log2(B) butterfly stages while
-   in cache: the first three (strides 1, 2, 4) as one radix-8 butterfly in registers, the
-   rest as radix-8/4/2 stages whose inner loops run over contiguous strides (SIMD);
+* strides 1, 2, 4, 8 (inside one 16-float vector): each stage is one lane permutation and
+  one fused multiply-add with a +-1 lane pattern, ``y = p + v * s`` (exactly ``a + b`` or
+  ``a - b``: multiplying by +-1 is exact and the FMA rounds once);
+* strides h >= 16: radix-16/8/4/2 "vertical" butterflies on 16 vectors h floats apart,
+  all in registers (four stages per load and store of the data).
+
+The FWHT of n = R * B points is H_R (x) H_B. The kernel makes two passes over memory:
+
+1. *rows*: each block of B <= 2^16 floats (in L2) is processed in L1-sized chunks of
+   2^13 floats: the signs are hashed and 1/sqrt(n) folded in while copying x into y, then
+   the chunk gets all its stages while in L1; then the block's remaining stages;
 2. *columns*: groups of W columns are gathered into a small contiguous buffer (R x W,
-   at most 512 KiB, in L2), transformed by the same radix-8 stages, and written back
+   at most 512 KiB, in L2), transformed by the same vertical stages, and written back
    (multiplied by the signs for the inverse).
 
-Every inner loop runs from 0 over an array view: numba's negative-index wraparound check
-on ``a[j]`` with a loop starting elsewhere blocks vectorization (about 15x slower stages).
-
-Slices of n <= B need only pass 1; slices that fit in L2 (n <= 2^17) run the column
-stages in place, without the gather buffer. The signs use the same SplitMix64 as fedquant.random
-in uint64 arithmetic; along a row the counter advances by the golden gamma, so each sign
-costs two 64-bit multiplies. ``parallel=True`` runs blocks and column groups over numba
-threads (prange): about 2x on two idle cores at d >= 2^20, but much slower when the cores
-are shared with other busy processes (as FL clients often are), so the default is serial.
-Compiled functions are cached on disk (``cache=True``).
+Stages run in the order of increasing stride, as in the torch kernel, so both kernels
+make the same additions in the same order; only the place where 1/sqrt(n) is applied
+differs (float tolerance). Slices of n <= 2^17 run the column stages in place. Signs use
+fedquant.random's numba SplitMix64: along a row the counter advances by the golden gamma,
+so each sign costs two 64-bit multiplies (vectorized). ``parallel=True`` runs blocks and
+column groups over numba threads (prange). Compiled functions are cached on disk.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
 from fedquant import random as fqr
+from fedquant._numba import AVAILABLE, njit, prange
 from fedquant.hadamard import sign_index_start
 
-try:
-    import numba as nb
-except ImportError:  # pragma: no cover - numba is a pinned dependency
-    nb = None
+LANES = 16  # floats per vector (512 bits; LLVM splits it on narrower machines)
+CHUNK = 1 << 13  # 32 KiB: a chunk gets its first stages while in L1
+IN_PLACE_MAX = 1 << 17  # slices up to 512 KiB (in L2) are one block: no pass 2
+BLOCK = 1 << 15  # longer slices: pass 1 on rows of 128 KiB ...
+GROUP_WIDTH = 1 << 10  # ... pass 2 on groups of 1024 columns (4 KiB of every row)
+ALIASING_STRIDE = 1 << 10  # floats: 4 KiB, the L1 set-index period
 
-AVAILABLE = nb is not None
+_GAMMA = fqr.GAMMA_U64
 
-MIN_BLOCK = 1 << 12  # rows of at least 2^12 floats (16 KiB: L1)
-MAX_ROWS = 1 << 9  # ... and at most 2^9 rows, so column groups stay wide (see _layout)
-MAX_BLOCK = 1 << 16  # 256 KiB: pass 1 still runs in L2
-BUFFER_FLOATS = 1 << 17  # pass-2 column-group buffer: 512 KiB, half of a 1 MiB L2
-MIN_WIDTH = 16  # 64 bytes: at least one cache line per row of a column group
-IN_PLACE_MAX = 1 << 17  # slices up to 512 KiB run pass 2 in place (no gather buffer)
+if AVAILABLE:
+    from llvmlite import ir
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
 
-_GAMMA = np.uint64(fqr.GOLDEN_GAMMA)
-_MIX1 = np.uint64(fqr._MIX1)
-_MIX2 = np.uint64(fqr._MIX2)
-_S27 = np.uint64(27)
-_S30 = np.uint64(30)
-_S63 = np.uint64(63)
+    _VEC = ir.VectorType(ir.FloatType(), LANES)
+    _LANE_IDX = ir.VectorType(ir.IntType(32), LANES)
 
+    def _vector_ptr(context, builder, arrty, arr, index):
+        """Pointer to the 16 floats at a[index] (the caller guarantees they exist)."""
+        data = context.make_array(arrty)(context, builder, arr).data
+        return builder.bitcast(builder.gep(data, [index]), _VEC.as_pointer())
 
-def _identity(f=None, **_kwargs):
-    return f if f is not None else (lambda g: g)
+    def _fma(builder, a, b, c):
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fma.v16f32")
+        return builder.call(fn, [a, b, c])
 
+    @intrinsic
+    def _lanes16(typingctx, a, index):  # pragma: no cover - numba intrinsic
+        """In place: the stages of strides 1, 2, 4, 8 on the 16 floats a[index:index+16]."""
 
-_njit = nb.njit if AVAILABLE else _identity
-_prange = nb.prange if AVAILABLE else range
+        def codegen(context, builder, sig, args):
+            ptr = _vector_ptr(context, builder, sig.args[0], args[0], args[1])
+            v = builder.load(ptr, align=4)
+            for h in (1, 2, 4, 8):
+                partner = builder.shuffle_vector(
+                    v, v, ir.Constant(_LANE_IDX, [i ^ h for i in range(LANES)]))
+                # low lane i: v[i] + v[i + h]; high lane: v[i - h] - v[i], as one FMA
+                pattern = ir.Constant(_VEC, [-1.0 if i & h else 1.0 for i in range(LANES)])
+                v = _fma(builder, v, pattern, partner)
+            builder.store(v, ptr, align=4)
+            return context.get_dummy_value()
 
+        return types.void(a, types.intp), codegen
 
-@_njit(cache=True, inline="always")
-def _sign(z: np.uint64) -> np.float32:
-    """+1/-1 from the top bit of fmix64(z) (the final xor-shift keeps the top bit)."""
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    return np.float32(1.0) - np.float32(2.0) * np.float32(z >> _S63)
+    def _vertical(radix: int):
+        """An intrinsic f(a, base, h): log2(radix) stages of strides h, 2h, ... on the
+        radix vectors a[base + k*h : base + k*h + 16], k < radix, all in registers."""
 
+        @intrinsic
+        def butterfly(typingctx, a, base, h):  # pragma: no cover - numba intrinsic
+            def codegen(context, builder, sig, args):
+                arr, start, stride = args
+                ptrs = [_vector_ptr(context, builder, sig.args[0], arr,
+                                    builder.add(start, builder.mul(
+                                        stride, ir.Constant(stride.type, k))))
+                        for k in range(radix)]
+                v = [builder.load(p, align=4) for p in ptrs]
+                s = 1
+                while s < radix:
+                    nxt = list(v)
+                    for k in range(radix):
+                        if not k & s:
+                            nxt[k] = builder.fadd(v[k], v[k + s])
+                            nxt[k + s] = builder.fsub(v[k], v[k + s])
+                    v, s = nxt, 2 * s
+                for p, value in zip(ptrs, v, strict=True):
+                    builder.store(value, p, align=4)
+                return context.get_dummy_value()
 
-@_njit(cache=True, inline="always")
-def _counter(key: np.uint64, index: np.uint64) -> np.uint64:
-    """The SplitMix64 state for counter `index`: key + (index + 1) * gamma (mod 2^64)."""
-    return key + (index + np.uint64(1)) * _GAMMA
+            return types.void(a, types.intp, types.intp), codegen
 
+        return butterfly
 
-@_njit(cache=True, inline="always")
-def _butterfly8(p0, p1, p2, p3, p4, p5, p6, p7):
-    """Three radix-2 stages on eight equal-length views (strides h, 2h, 4h), in place."""
-    for j in range(p0.size):  # loops from 0 over views: no wraparound checks, so SIMD
-        a0, a1, a2, a3 = p0[j], p1[j], p2[j], p3[j]
-        a4, a5, a6, a7 = p4[j], p5[j], p6[j], p7[j]
-        b0, b1, b2, b3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
-        b4, b5, b6, b7 = a4 + a5, a4 - a5, a6 + a7, a6 - a7
-        c0, c1, c2, c3 = b0 + b2, b1 + b3, b0 - b2, b1 - b3
-        c4, c5, c6, c7 = b4 + b6, b5 + b7, b4 - b6, b5 - b7
-        p0[j], p1[j], p2[j], p3[j] = c0 + c4, c1 + c5, c2 + c6, c3 + c7
-        p4[j], p5[j], p6[j], p7[j] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
-
-
-@_njit(cache=True, inline="always")
-def _butterfly4(p0, p1, p2, p3):
-    """Two radix-2 stages on four equal-length views (strides h, 2h), in place."""
-    for j in range(p0.size):
-        a0, a1, a2, a3 = p0[j], p1[j], p2[j], p3[j]
-        s0, d0, s1, d1 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
-        p0[j], p1[j], p2[j], p3[j] = s0 + s1, d0 + d1, s0 - s1, d0 - d1
-
-
-@_njit(cache=True, inline="always")
-def _butterfly2(p0, p1):
-    for j in range(p0.size):
-        a0, a1 = p0[j], p1[j]
-        p0[j], p1[j] = a0 + a1, a0 - a1
-
-
-@_njit(cache=True)
-def _stages(a, h):
-    """FWHT stages of strides h, 2h, ... < a.size on the whole of `a`, radix 8, 4, 2."""
-    m = a.size
-    while h * 8 <= m:
-        for i in range(0, m, 8 * h):
-            _butterfly8(a[i:i + h], a[i + h:i + 2 * h], a[i + 2 * h:i + 3 * h],
-                        a[i + 3 * h:i + 4 * h], a[i + 4 * h:i + 5 * h],
-                        a[i + 5 * h:i + 6 * h], a[i + 6 * h:i + 7 * h],
-                        a[i + 7 * h:i + 8 * h])
-        h *= 8
-    if h * 4 <= m:
-        for i in range(0, m, 4 * h):
-            _butterfly4(a[i:i + h], a[i + h:i + 2 * h], a[i + 2 * h:i + 3 * h],
-                        a[i + 3 * h:i + 4 * h])
-        h *= 4
-    if h * 2 <= m:
-        for i in range(0, m, 2 * h):
-            _butterfly2(a[i:i + h], a[i + h:i + 2 * h])
+    _vertical2, _vertical4, _vertical8, _vertical16 = (_vertical(r) for r in (2, 4, 8, 16))
 
 
-@_njit(cache=True, inline="always")
-def _radix8_registers(a):
-    """The first three stages (strides 1, 2, 4) of `a`, 8 values at a time in registers."""
-    for j in range(0, a.size, 8):
-        a0, a1, a2, a3 = a[j], a[j + 1], a[j + 2], a[j + 3]
-        a4, a5, a6, a7 = a[j + 4], a[j + 5], a[j + 6], a[j + 7]
-        b0, b1, b2, b3 = a0 + a1, a0 - a1, a2 + a3, a2 - a3
-        b4, b5, b6, b7 = a4 + a5, a4 - a5, a6 + a7, a6 - a7
-        c0, c1, c2, c3 = b0 + b2, b1 + b3, b0 - b2, b1 - b3
-        c4, c5, c6, c7 = b4 + b6, b5 + b7, b4 - b6, b5 - b7
-        a[j], a[j + 1], a[j + 2], a[j + 3] = c0 + c4, c1 + c5, c2 + c6, c3 + c7
-        a[j + 4], a[j + 5], a[j + 6], a[j + 7] = c0 - c4, c1 - c5, c2 - c6, c3 - c7
+@njit(cache=True)
+def _vertical_pass(a, lo, size, h, radix, c0, width, row):  # pragma: no cover - jit
+    """log2(radix) stages of strides h .. radix * h / 2 on a[lo:lo+size] (h >= 16),
+    restricted to the columns [c0, c0 + width) of rows of length `row` (row = width = h
+    for all of a; the column groups of pass 2 use row = block)."""
+    for i in range(lo, lo + size, radix * h):
+        for r in range(i + c0, i + h, row):
+            if radix == 16:
+                for j in range(r, r + width, LANES):
+                    _vertical16(a, j, h)
+            elif radix == 8:
+                for j in range(r, r + width, LANES):
+                    _vertical8(a, j, h)
+            elif radix == 4:
+                for j in range(r, r + width, LANES):
+                    _vertical4(a, j, h)
+            else:
+                for j in range(r, r + width, LANES):
+                    _vertical2(a, j, h)
 
 
-@_njit(cache=True, inline="always")
-def _signed_scaled_copy(src, dst, z, scale):
+@njit(cache=True)
+def _stages_from(a, lo, size, h, c0=0, width=0, row=0):  # pragma: no cover - jit
+    """All stages of strides h .. size / 2 on a[lo:lo+size] (h >= 16), in as few passes
+    as possible, the stages split evenly between the passes; optionally only on the
+    columns [c0, c0 + width) of rows of length `row` (see :func:`_vertical_pass`).
+
+    A pass holds at most 16 vectors (four stages) while their stride is short, 8 (three
+    stages) once it is a multiple of 4 KiB: 16 such vectors fall into one set of the
+    12-way L1 cache and evict each other."""
+    if width == 0:
+        width = row = h
+    left = 0
+    while (h << left) < size:
+        left += 1
+    while left > 0:
+        most = 4 if h < ALIASING_STRIDE else 3
+        passes = (left + most - 1) // most
+        k = (left + passes - 1) // passes
+        if width == row:  # whole rows: the passes over every column at once
+            _vertical_pass(a, lo, size, h, 1 << k, 0, h, h)
+        else:
+            _vertical_pass(a, lo, size, h, 1 << k, c0, width, row)
+        h <<= k
+        left -= k
+
+
+@njit(cache=True)
+def _scalar_stages(a, lo, size):  # pragma: no cover - jit
+    """Every stage on a[lo:lo+size], radix 2 (slices shorter than one vector)."""
+    h = 1
+    while h < size:
+        for i in range(lo, lo + size, 2 * h):
+            for j in range(i, i + h):
+                u, v = a[j], a[j + h]
+                a[j], a[j + h] = u + v, u - v
+        h *= 2
+
+
+@njit(cache=True, inline="always")
+def _all_stages(a, lo, size):  # pragma: no cover - jit
+    """Every stage, from stride 1, on a[lo:lo+size]."""
+    if size < LANES:
+        _scalar_stages(a, lo, size)
+        return
+    for j in range(lo, lo + size, LANES):
+        _lanes16(a, j)
+    _stages_from(a, lo, size, LANES)
+
+
+@njit(cache=True, inline="always")
+def _signed_scaled_copy(src, dst, z, scale):  # pragma: no cover - jit
     """dst = src * scale * sign, the signs hashed from SplitMix64 state z onwards."""
     for i in range(src.size):
-        dst[i] = src[i] * (scale * _sign(z))
+        dst[i] = src[i] * (scale * fqr.sign_numba(z))
         z += _GAMMA
 
 
-@_njit(cache=True, inline="always")
-def _row_block(x, y, key, index, scale, forward):
-    """Pass 1 on one block: y = H_m (D x * scale) (forward) or H_m (x * scale) (inverse)."""
-    if forward:
-        _signed_scaled_copy(x, y, _counter(key, index), scale)
-    else:
-        for i in range(x.size):
-            y[i] = x[i] * scale
-    if y.size >= 8:
-        _radix8_registers(y)
-        _stages(y, 8)
-    else:
-        _stages(y, 1)
+@njit(cache=True, inline="always")
+def _apply_signs(a, z, scale):  # pragma: no cover - jit
+    """a *= scale * sign in place, the signs hashed from SplitMix64 state z onwards (one
+    array: no aliasing check, so the loop vectorizes)."""
+    for i in range(a.size):
+        a[i] *= scale * fqr.sign_numba(z)
+        z += _GAMMA
 
 
-@_njit(cache=True, inline="always")
-def _column_group(y, buf, rows, block, c0, key, start, forward):
-    """Pass 2 on columns [c0, c0+width): gather, R-point FWHT, scatter (+signs if inverse)."""
-    width = buf.size // rows
-    for r in range(rows):
-        row, col = y[r * block + c0:r * block + c0 + width], buf[r * width:(r + 1) * width]
-        for c in range(width):
-            col[c] = row[c]
-    _stages(buf, width)
-    for r in range(rows):
-        row, col = y[r * block + c0:r * block + c0 + width], buf[r * width:(r + 1) * width]
-        if forward:
-            for c in range(width):
-                row[c] = col[c]
+@njit(cache=True, inline="always")
+def _row_block(x, y, lo, size, key, index, scale, forward, inplace):  # pragma: no cover
+    """Pass 1 on y[lo:lo+size]: H (D x * scale) (forward) or H (x * scale) (inverse),
+    chunk by chunk in L1, then the block's remaining stages. `inplace`: x is y."""
+    chunk = min(size, CHUNK)
+    for c in range(lo, lo + size, chunk):
+        dst = y[c:c + chunk]
+        if inplace:  # one array: no aliasing check, so the loops vectorize
+            if forward:
+                _apply_signs(dst, fqr.counter_numba(key, index + np.uint64(c - lo)), scale)
+            else:
+                for i in range(chunk):
+                    dst[i] *= scale
+        elif forward:
+            _signed_scaled_copy(x[c:c + chunk], dst,
+                                fqr.counter_numba(key, index + np.uint64(c - lo)), scale)
         else:
-            _signed_scaled_copy(col, row, _counter(key, start + np.uint64(r * block + c0)),
-                                np.float32(1.0))
+            src = x[c:c + chunk]
+            for i in range(chunk):  # from 0 over views: no wraparound checks, so SIMD
+                dst[i] = src[i] * scale
+        _all_stages(y, c, chunk)
+    if size > chunk:
+        _stages_from(y, lo, size, chunk)
+
+
+@njit(cache=True, inline="always")
+def _column_group(y, block, c0, width, key, start, forward):  # pragma: no cover - jit
+    """Pass 2 on the columns [c0, c0 + width) of y seen as rows of `block` floats: the
+    R-point FWHTs of those columns (rows x width floats, about 2 MiB, mostly in cache),
+    then the inverse's signs while the group is still in cache."""
+    _stages_from(y, 0, y.size, block, c0, width, block)
+    if not forward:
+        for lo in range(c0, y.size, block):
+            _apply_signs(y[lo:lo + width], fqr.counter_numba(key, start + np.uint64(lo)),
+                         np.float32(1.0))
 
 
 def _layout(n: int) -> tuple[int, int, int]:
-    """(block, rows, width) of the two-pass schedule for n points.
-
-    Pass 2 gathers each row's `width` floats from a different page: few rows and wide
-    groups (>= 1 KiB per row at n = 2^24) keep TLB misses and prefetch stalls down.
-    """
-    block = min(n, max(MIN_BLOCK, min(MAX_BLOCK, n // MAX_ROWS)))
-    rows = n // block
-    width = min(block, max(MIN_WIDTH, BUFFER_FLOATS // rows))
-    return block, rows, width
+    """(block, rows, width) of the two-pass schedule for n points: one block when the
+    slice fits in L2, else rows of BLOCK floats and column groups GROUP_WIDTH wide."""
+    if n <= IN_PLACE_MAX:
+        return n, 1, n
+    return BLOCK, n // BLOCK, GROUP_WIDTH
 
 
-@_njit(cache=True, nogil=True)  # releases the GIL: concurrent decodes run in parallel
-def _rht_serial(x, y, key, start, scale, forward, block, rows, width):
+@njit(cache=True, nogil=True)  # releases the GIL: concurrent decodes run in parallel
+def _rht_serial(x, y, key, start, scale, forward, inplace, block, rows,
+                width):  # pragma: no cover - jit
     for b in range(rows):
-        lo = b * block
-        _row_block(x[lo:lo + block], y[lo:lo + block], key, start + np.uint64(lo), scale,
-                   forward)
-    if rows * block <= IN_PLACE_MAX:  # the whole slice is in L2: column stages in place
-        _stages(y, block)
+        _row_block(x, y, b * block, block, key, start + np.uint64(b * block), scale, forward,
+                   inplace)
+    if rows == 1:  # the slice is one block (in L2): done but for the inverse's signs
         if not forward:
-            _signed_scaled_copy(y, y, _counter(key, start), np.float32(1.0))
+            _apply_signs(y, fqr.counter_numba(key, start), np.float32(1.0))
         return
-    buf = np.empty(rows * width, dtype=np.float32)
     for g in range(block // width):
-        _column_group(y, buf, rows, block, g * width, key, start, forward)
+        _column_group(y, block, g * width, width, key, start, forward)
 
 
-@_njit(cache=True, parallel=True, nogil=True)
-def _rht_parallel(x, y, key, start, scale, forward, block, rows, width):
-    for b in _prange(rows):
-        lo = b * block
-        _row_block(x[lo:lo + block], y[lo:lo + block], key, start + np.uint64(lo), scale,
-                   forward)
-    if rows * block <= IN_PLACE_MAX:
-        _stages(y, block)
+@njit(cache=True, parallel=True, nogil=True)
+def _rht_parallel(x, y, key, start, scale, forward, inplace, block, rows,
+                  width):  # pragma: no cover - jit
+    for b in prange(rows):
+        _row_block(x, y, b * block, block, key, start + np.uint64(b * block), scale, forward,
+                   inplace)
+    if rows == 1:
         if not forward:
-            _signed_scaled_copy(y, y, _counter(key, start), np.float32(1.0))
+            _apply_signs(y, fqr.counter_numba(key, start), np.float32(1.0))
         return
-    for g in _prange(block // width):
-        buf = np.empty(rows * width, dtype=np.float32)
-        _column_group(y, buf, rows, block, g * width, key, start, forward)
+    for g in prange(block // width):
+        _column_group(y, block, g * width, width, key, start, forward)
 
 
-def _check(x: torch.Tensor) -> int:
+@functools.lru_cache(maxsize=1024)
+def _rotation_key(seed: int) -> np.uint64:
+    """The ROTATION stream key of a seed (cached: every layer and slice of a rotation
+    asks for it)."""
+    return np.uint64(fqr.stream_key(seed, fqr.Purpose.ROTATION))
+
+
+def _check(x: torch.Tensor, what: str = "input") -> int:
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 1:
-        raise ValueError(f"numba RHT needs a 1-D float32 CPU tensor, got {x.dim()}-D "
-                         f"{x.dtype} on {x.device}")
+        raise ValueError(f"numba RHT needs a 1-D float32 CPU tensor as {what}, got "
+                         f"{x.dim()}-D {x.dtype} on {x.device}")
     n = x.numel()
     if n == 0 or n & (n - 1):
         raise ValueError(f"RHT length must be a power of two, got {n}")
@@ -245,29 +299,38 @@ def _check(x: torch.Tensor) -> int:
 
 
 def _run(x: torch.Tensor, seed: int, layer: int, offset: int, forward: bool,
-         parallel: bool) -> torch.Tensor:
+         parallel: bool, out: torch.Tensor | None) -> torch.Tensor:
     if not AVAILABLE:
         raise RuntimeError("numba is not installed; use fedquant.hadamard's torch kernel")
     n = _check(x)
     src = x.detach().contiguous().numpy()  # zero-copy view for contiguous CPU tensors
-    # numpy allocates large arrays on transparent huge pages (madvise): at d = 2^24 that
-    # avoids ~16k page faults and the column pass's TLB misses
-    out = np.empty(n, dtype=np.float32)
-    key = np.uint64(fqr.stream_key(seed, fqr.Purpose.ROTATION))
-    start = np.uint64(sign_index_start(layer, offset))
-    scale = np.float32(1.0 / math.sqrt(n))
+    if out is None:
+        # numpy allocates large arrays on transparent huge pages (madvise): at d = 2^24
+        # that avoids ~16k page faults and the column pass's TLB misses
+        dst = np.empty(n, dtype=np.float32)
+        out = torch.from_numpy(dst)
+    else:
+        if _check(out, "out") != n or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous float32 tensor of {n} elements")
+        dst = out.detach().numpy()
+    a, b = src.ctypes.data, dst.ctypes.data
+    if a != b and a < b + 4 * n and b < a + 4 * n:
+        raise ValueError("out overlaps the input without being the same memory")
     kernel = _rht_parallel if parallel else _rht_serial
-    kernel(src, out, key, start, scale, forward, *_layout(n))
-    return torch.from_numpy(out)
+    kernel(src, dst, _rotation_key(seed),
+           np.uint64(sign_index_start(layer, offset)), np.float32(1.0 / math.sqrt(n)),
+           forward, a == b, *_layout(n))
+    return out
 
 
-def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0,
-        parallel: bool = False) -> torch.Tensor:
-    """H D x / sqrt(n) for a 1-D float32 CPU tensor of power-of-two length n."""
-    return _run(x, seed, layer, offset, True, parallel)
+def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0, parallel: bool = False,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """H D x / sqrt(n) for a 1-D float32 CPU tensor of power-of-two length n, written
+    into `out` if given (which may be x itself: in place)."""
+    return _run(x, seed, layer, offset, True, parallel, out)
 
 
 def inverse_rht(y: torch.Tensor, seed: int, layer: int, offset: int = 0,
-                parallel: bool = False) -> torch.Tensor:
-    """D H y / sqrt(n), the inverse of :func:`rht`."""
-    return _run(y, seed, layer, offset, False, parallel)
+                parallel: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """D H y / sqrt(n), the inverse of :func:`rht` (into `out` if given, may be y)."""
+    return _run(y, seed, layer, offset, False, parallel, out)

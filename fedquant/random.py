@@ -22,6 +22,8 @@ import enum
 import numpy as np
 import torch
 
+from fedquant._numba import njit
+
 MASK64 = (1 << 64) - 1
 GOLDEN_GAMMA = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
@@ -95,6 +97,43 @@ def hash64_numpy(seed: int, purpose: int, start: int, n: int) -> np.ndarray:
         z = (z ^ (z >> np.uint64(30))) * np.uint64(_MIX1)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(_MIX2)
     return z ^ (z >> np.uint64(31))
+
+
+# ---- numba (inlined into the CPU kernels; uint64 arithmetic wraps mod 2^64) ----------------
+_GAMMA_U64, _MIX1_U64, _MIX2_U64 = np.uint64(GOLDEN_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
+_S27, _S30, _S31, _S63 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(63)
+
+
+@njit(cache=True, inline="always")
+def counter_numba(key: np.uint64, index: np.uint64) -> np.uint64:  # pragma: no cover - jit
+    """The SplitMix64 state of counter `index` in the stream `key`: key + (index + 1) * gamma.
+    Consecutive indices differ by gamma, so a kernel walks a stream by ``z += GAMMA_U64``."""
+    return key + (index + np.uint64(1)) * _GAMMA_U64
+
+
+@njit(cache=True, inline="always")
+def fmix64_numba(z: np.uint64) -> np.uint64:  # pragma: no cover - jit
+    """:func:`fmix64` in numba uint64 arithmetic."""
+    z = (z ^ (z >> _S30)) * _MIX1_U64
+    z = (z ^ (z >> _S27)) * _MIX2_U64
+    return z ^ (z >> _S31)
+
+
+@njit(cache=True, inline="always")
+def hash64_numba(key: np.uint64, index: np.uint64) -> np.uint64:  # pragma: no cover - jit
+    """hash64(seed, purpose, index) given the stream key of (seed, purpose)."""
+    return fmix64_numba(counter_numba(key, index))
+
+
+@njit(cache=True, inline="always")
+def sign_numba(z: np.uint64) -> np.float32:  # pragma: no cover - jit
+    """+1/-1 (float32) from the top bit of fmix64(z) (the final xor-shift keeps it)."""
+    z = (z ^ (z >> _S30)) * _MIX1_U64
+    z = (z ^ (z >> _S27)) * _MIX2_U64
+    return np.float32(1.0) - np.float32(2.0) * np.float32(z >> _S63)
+
+
+GAMMA_U64 = _GAMMA_U64
 
 
 def signs(

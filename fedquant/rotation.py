@@ -75,32 +75,39 @@ def padded_size(d: int) -> int:
 
 
 def rotate(x: torch.Tensor, seed: int, rotations: int, backend: str = "auto") -> torch.Tensor:
-    """Rotate flat float32 x slice by slice with `rotations` composed RHTs (0 = identity)."""
-    parts = []
+    """Rotate flat x slice by slice with `rotations` composed RHTs (0 = identity): the
+    padded rotated vector, a fresh tensor. Each slice's first RHT writes straight into
+    its place in the output and the further ones run in place (no concatenation)."""
+    out = x.new_empty(padded_size(x.numel()))
     for s in slice_layout(x.numel()):
         buf = x[s.start: s.start + s.length]
         if s.size != s.length:
             buf = torch.nn.functional.pad(buf, (0, s.size - s.length))
+        dst = out[s.offset: s.offset + s.size]
+        if rotations == 0:
+            dst.copy_(buf)
         for layer in range(rotations):
-            buf = rht(buf, seed, layer, s.offset, backend)
-        parts.append(buf)
-    if len(parts) == 1 and rotations > 0:  # one slice: already a fresh tensor, skip the copy
-        return parts[0]
-    return torch.cat(parts) if parts else x.new_zeros(0)
+            rht(buf, seed, layer, s.offset, backend, out=dst)
+            buf = dst
+    return out
 
 
 def unrotate(z: torch.Tensor, seed: int, rotations: int, d: int,
              backend: str = "auto") -> torch.Tensor:
-    """Inverse of :func:`rotate`: the d original coordinates from the padded vector z."""
-    parts = []
+    """Inverse of :func:`rotate`: the d original coordinates from the padded vector z
+    (z is left unchanged)."""
+    out = z.new_empty(d)
     for s in slice_layout(d):
         buf = z[s.offset: s.offset + s.size]
+        dst = out[s.start: s.start + s.size] if s.size == s.length else z.new_empty(s.size)
+        if rotations == 0:
+            dst.copy_(buf)
         for layer in reversed(range(rotations)):
-            buf = inverse_rht(buf, seed, layer, s.offset, backend)
-        parts.append(buf[: s.length])
-    if len(parts) == 1 and rotations > 0:  # one slice: already a fresh tensor, skip the copy
-        return parts[0]
-    return torch.cat(parts) if parts else z.new_zeros(0)
+            inverse_rht(buf, seed, layer, s.offset, backend, out=dst)
+            buf = dst
+        if s.size != s.length:
+            out[s.start: s.start + s.length] = dst[: s.length]
+    return out
 
 
 def flatness(x: torch.Tensor) -> tuple[float, float]:
