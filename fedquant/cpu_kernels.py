@@ -21,12 +21,9 @@ import math
 import numpy as np
 import torch
 
-try:
-    import numba as nb
-except ImportError:  # pragma: no cover - numba is a pinned dependency
-    nb = None
+from fedquant._numba import AVAILABLE, nb
+from fedquant.packing import padded_bytes, read_bits
 
-AVAILABLE = nb is not None
 COUNT_MAX_MIDS = 15  # up to b = 4 the unrolled midpoint count beats binary lifting
 
 
@@ -90,12 +87,8 @@ if AVAILABLE:
     def _dequantize(data, bits, start, table, out):
         """out[j] = table[value start + j of the b-bit stream `data`] (fedquant.packing's
         layout; `data` ends with one extra zero byte for the 16-bit window)."""
-        mask = (1 << bits) - 1
         for j in range(out.size):
-            p = (start + j) * bits
-            lo = p >> 3
-            window = np.int64(data[lo]) | (np.int64(data[lo + 1]) << 8)
-            out[j] = table[(window >> (p & 7)) & mask]
+            out[j] = table[read_bits(data, bits, start + j)]
 
     # fastmath "reassoc" only lets the float64 sums vectorize (a different summation
     # order, as torch's own blocked sums have); no other float semantics change.
@@ -142,8 +135,7 @@ def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,
             o < 0 or s < 0 or o + s > total for o, s, _ in slices):
         raise ValueError(f"packed indices: {len(data)} bytes do not hold {total} values "
                          f"of {bits} bits, or a slice lies outside them")  # no OOB reads
-    padded = np.zeros(len(data) + 1, dtype=np.uint8)
-    padded[:-1] = np.frombuffer(data, dtype=np.uint8)
+    padded = padded_bytes(data)
     c64 = centroids.to(torch.float64).cpu().numpy()
     out = np.empty(total, dtype=np.float32)
     for offset, size, scale in slices:

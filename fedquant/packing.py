@@ -15,12 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-try:
-    import numba as nb
-except ImportError:  # pragma: no cover - numba is a pinned dependency
-    nb = None
-
-NUMBA_AVAILABLE = nb is not None
+from fedquant._numba import AVAILABLE as NUMBA_AVAILABLE
+from fedquant._numba import njit
 
 
 def packed_len(count: int, bits: int) -> int:
@@ -38,43 +34,55 @@ def _out_of_range(bits: int) -> ValueError:
 
 
 # ---- numba kernels (CPU) -----------------------------------------------------------------
-if NUMBA_AVAILABLE:
+@njit(cache=True, inline="always")
+def read_bits(data, bits, index):  # pragma: no cover - jit
+    """Value `index` of the b-bit stream `data` (uint8, with one extra zero byte at the end).
+    A value spans at most two bytes, so it is one branch-free read of a 16-bit window: the
+    loops that call this have independent iterations and vectorize. The one bit reader
+    of fedquant's CPU kernels."""
+    p = index * bits
+    lo = p >> 3
+    window = np.int64(data[lo]) | (np.int64(data[lo + 1]) << 8)
+    return (window >> (p & 7)) & ((1 << bits) - 1)
 
-    @nb.njit(cache=True)
-    def _pack_numba(values, bits, out):
-        """Pack `values` into `out` (uint8, packed_len bytes); False if a value is out of
-        range. Whole groups of 8 values are one 64-bit word each."""
-        n = values.size
-        groups = n // 8
-        bad = 0
-        for g in range(groups):
-            word = 0
-            for j in range(8):
-                v = np.int64(values[8 * g + j])
-                bad |= v >> bits
-                word |= v << (j * bits)
-            for k in range(bits):
-                out[g * bits + k] = (word >> (8 * k)) & 0xFF
+
+def padded_bytes(data: bytes) -> np.ndarray:
+    """`data` as uint8 with the one extra zero byte :func:`read_bits` needs."""
+    padded = np.zeros(len(data) + 1, dtype=np.uint8)
+    padded[:-1] = np.frombuffer(data, dtype=np.uint8)
+    return padded
+
+
+@njit(cache=True)
+def _pack_numba(values, bits, out):  # pragma: no cover - jit
+    """Pack `values` into `out` (uint8, packed_len bytes); False if a value is out of
+    range. Whole groups of 8 values are one 64-bit word each."""
+    n = values.size
+    groups = n // 8
+    bad = 0
+    for g in range(groups):
         word = 0
-        for j in range(n - 8 * groups):  # the final partial group
-            v = np.int64(values[8 * groups + j])
+        for j in range(8):
+            v = np.int64(values[8 * g + j])
             bad |= v >> bits
             word |= v << (j * bits)
-        for k in range(out.size - groups * bits):
-            out[groups * bits + k] = (word >> (8 * k)) & 0xFF
-        return bad == 0
+        for k in range(bits):
+            out[g * bits + k] = (word >> (8 * k)) & 0xFF
+    word = 0
+    for j in range(n - 8 * groups):  # the final partial group
+        v = np.int64(values[8 * groups + j])
+        bad |= v >> bits
+        word |= v << (j * bits)
+    for k in range(out.size - groups * bits):
+        out[groups * bits + k] = (word >> (8 * k)) & 0xFF
+    return bad == 0
 
-    @nb.njit(cache=True)
-    def _unpack_numba(data, bits, out):
-        """Unpack `out.size` values of `bits` bits from `data` (uint8, with one extra zero
-        byte at the end) into `out` (int64). A value spans at most two bytes, so each one
-        is a branch-free read of a 16-bit window: independent iterations, SIMD-friendly."""
-        mask = (1 << bits) - 1
-        for i in range(out.size):
-            p = i * bits
-            lo = p >> 3
-            window = np.int64(data[lo]) | (np.int64(data[lo + 1]) << 8)
-            out[i] = (window >> (p & 7)) & mask
+
+@njit(cache=True)
+def _unpack_numba(data, bits, out):  # pragma: no cover - jit
+    """Unpack `out.size` values of `bits` bits from `data` (see :func:`read_bits`)."""
+    for i in range(out.size):
+        out[i] = read_bits(data, bits, i)
 
 
 # ---- torch path (any device) -------------------------------------------------------------
@@ -173,10 +181,8 @@ def unpack(
         )
     on_cpu = device is None or torch.device(device).type == "cpu"
     if backend == "numba" or (backend == "auto" and NUMBA_AVAILABLE and on_cpu):
-        padded = np.zeros(len(data) + 1, dtype=np.uint8)  # the 16-bit window's last byte
-        padded[:-1] = np.frombuffer(data, dtype=np.uint8)
         out = np.empty(count, dtype=np.int64)  # numpy asks for huge pages: fewer faults
-        _unpack_numba(padded, bits, out)
+        _unpack_numba(padded_bytes(data), bits, out)
         return torch.from_numpy(out).to(device)
     raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
     return _unpack_torch(raw.to(device), bits, count)

@@ -108,7 +108,7 @@ _S27, _S30, _S31, _S63 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(
 def counter_numba(key: np.uint64, index: np.uint64) -> np.uint64:  # pragma: no cover - jit
     """The SplitMix64 state of counter `index` in the stream `key`: key + (index + 1) * gamma.
     Consecutive indices differ by gamma, so a kernel walks a stream by ``z += GAMMA_U64``."""
-    return key + (index + np.uint64(1)) * _GAMMA_U64
+    return key + (np.uint64(index) + np.uint64(1)) * _GAMMA_U64
 
 
 @njit(cache=True, inline="always")

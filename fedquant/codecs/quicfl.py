@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from fedquant import random as fqr
+from fedquant._numba import AVAILABLE, njit
 from fedquant.codecs.base import (
     Codec,
     check_input,
@@ -51,11 +52,6 @@ from fedquant.codecs.base import (
 )
 from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout, unrotate
 from fedquant.wire import Encoded, Section, WireError
-
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is a pinned dependency
-    numba = None
 
 _TABLES = pathlib.Path(__file__).resolve().parents[1] / "data" / "quicfl_tables.npz"
 DEFAULT_SHARED_BITS = {1: 6, 2: 5, 3: 4, 4: 4}
@@ -207,17 +203,7 @@ def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
 
 
 # ---- CPU kernels (numba): sender and receiver in one pass each ----------------------------
-_GAMMA, _MIX1, _MIX2 = (np.uint64(v) for v in (fqr.GOLDEN_GAMMA, fqr._MIX1, fqr._MIX2))
-_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
-
-
-@numba.njit(cache=True, inline="always") if numba is not None else (lambda f: f)
-def _hash(key, i):  # pragma: no cover - numba-compiled
-    """fedquant.random.hash64(seed, purpose, i) for the stream key of (seed, purpose)."""
-    z = key + np.uint64(i + 1) * _GAMMA
-    z = (z ^ (z >> _S30)) * _MIX1
-    z = (z ^ (z >> _S27)) * _MIX2
-    return z ^ (z >> _S31)
+_hash = fqr.hash64_numba  # hash64(seed, purpose, i) given the stream key of (seed, purpose)
 
 
 def _quantize_py(z, scales, sizes, threshold, a0, delta, m, lo, up, shared_bits, key_h,
@@ -255,7 +241,7 @@ def _quantize_py(z, scales, sizes, threshold, a0, delta, m, lo, up, shared_bits,
     return j, o
 
 
-_quantize_numba = numba.njit(cache=True)(_quantize_py) if numba is not None else None
+_quantize_numba = njit(cache=True)(_quantize_py) if AVAILABLE else None
 
 
 def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, scales,
@@ -281,7 +267,7 @@ def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, sca
             j += 1
 
 
-_accumulate_numba = numba.njit(cache=True)(_accumulate_py) if numba is not None else None
+_accumulate_numba = njit(cache=True)(_accumulate_py) if AVAILABLE else None
 
 
 def _private_uniforms(seed: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
