@@ -172,7 +172,7 @@ class Encoded:
             raise WireError(f"expected bytes, got {type(blob).__name__}")
         msg = update_pb2.EncodedUpdate()
         try:
-            msg.ParseFromString(blob if isinstance(blob, bytes) else bytes(blob))
+            msg.ParseFromString(blob)  # bytes-like, parsed in place (no copy of the blob)
         except (DecodeError, RuntimeError, ValueError) as e:
             raise WireError(f"not a valid EncodedUpdate message: {e}") from None
         return cls.from_proto(msg, max_elements=max_elements, max_expansion=max_expansion,
@@ -223,6 +223,7 @@ class Encoded:
             raise WireError(f"sections: at most {MAX_SECTIONS}, got {len(msg.sections)}")
         sections: dict[str, Section] = {}
         for s in msg.sections:
+            data = s.data  # each read of a bytes field makes a new bytes object: read once
             if s.name in sections:
                 raise WireError(f"sections: duplicate section '{s.name}'")
             if not (1 <= s.bits <= 8 or s.bits in RAW_BITS):
@@ -230,11 +231,11 @@ class Encoded:
                                 f"got {s.bits}")
             if s.count > 8 * max_elements:
                 raise WireError(f"sections['{s.name}'].count: {s.count} exceeds the cap")
-            if len(s.data) != packed_len(s.count, s.bits):
-                raise WireError(f"sections['{s.name}'].data: {len(s.data)} bytes, expected "
+            if len(data) != packed_len(s.count, s.bits):
+                raise WireError(f"sections['{s.name}'].data: {len(data)} bytes, expected "
                                 f"{packed_len(s.count, s.bits)} for {s.count} x {s.bits} bits")
-            _check_padding(s.name, s.bits, s.count, s.data)
-            sections[s.name] = Section(s.name, s.bits, s.count, s.data)
+            _check_padding(s.name, s.bits, s.count, data)
+            sections[s.name] = Section(s.name, s.bits, s.count, data)
         try:
             codec = klass.from_params(dict(msg.params))
         except (ValueError, TypeError) as e:

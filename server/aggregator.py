@@ -1,11 +1,20 @@
 """The gRPC aggregation service (``proto/fedquant/v1/aggregator.proto``) and its server.
 
+The server is asynchronous (``grpc.aio``): a call that waits, a ``GetMean`` waiting for its
+round to close or a ``Push`` whose client is slow, holds no thread, so any number of clients
+can push and then wait for the mean. Blocking work runs on two small pools: ``decode_slots``
+threads parse, decode, screen and log pushes (so peak memory does not grow with the number
+of clients), and ``workers`` threads serve the log's other reads and writes.
+
 ``Push`` receives one client's serialized ``EncodedUpdate`` in chunks, rejecting it before
-buffering more as soon as something is wrong (unknown or closed round, duplicate, over-size);
-parses it with the validating ``fq.Encoded.from_bytes``, decodes it by the codec's fast path
-into the round's running sum (on ``decode_slots`` decode threads, so peak memory does
-not grow with the number of clients), and acknowledges only after the durable log committed.
-``GetMean`` streams the closed round's mean as float32 chunks.
+buffering more as soon as something is wrong (unknown or closed round, duplicate, over-size,
+too many streams from one principal, server-wide buffer full), cancels it when no chunk
+arrives for ``idle_timeout_s`` or the whole push takes more than ``push_timeout_s``; parses
+it with the validating ``fq.Encoded.from_bytes``, decodes it by the codec's fast path,
+screens its norm (``fedquant.robust``), and acknowledges only after the durable log
+committed. ``GetMean`` streams the closed round's mean as float32 chunks.
+
+Who may call what is in ``server/security.py``; limits are :class:`Limits`.
 
 Example::
 
@@ -15,36 +24,84 @@ Example::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hashlib
-import itertools
+import ipaddress
 import logging
 import math
 import os
 import threading
 import time
+from collections import Counter
 from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
 import torch
 from fedquant.server.metrics import Metrics, serve_metrics
-from fedquant.server.rounds import ROUND_ID, AggregationError, Round, RoundBook, RoundConfig
-from fedquant.server.security import Authenticator, load_tokens, server_credentials
-from fedquant.server.store import Store
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from fedquant.server.rounds import (
+    MAX_COHORT,
+    MAX_WEIGHT,
+    ROUND_ID,
+    AggregationError,
+    Round,
+    RoundBook,
+    RoundConfig,
+)
+from fedquant.server.security import Authenticator, admin_token, load_tokens, server_credentials
+from fedquant.server.store import Store, StoreError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 import fedquant as fq
 from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
+from fedquant.robust import NormPolicy
 
 log = logging.getLogger("fedquant.server")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default; pushes larger than this are chunked
 MEAN_CHUNK_BYTES = 1024 * 1024
-MAX_WAIT_S = 300.0
 _STATES = {"open": pb.OPEN, "closing": pb.CLOSED, "closed": pb.CLOSED}  # closing: final
+LOOPBACK_NAMES = ("localhost",)
+
+
+@dataclass
+class Limits:
+    """Resource limits of the server (``fedquant serve`` flags of the same names).
+
+    Args:
+        max_push_bytes (int, default 256 MiB): one push's bytes (also at most
+            :func:`round_cap` of its round).
+        push_timeout_s (float, default 600): a whole push's receiving time.
+        idle_timeout_s (float, default 10): the longest gap between two chunks of a push.
+        max_streams_per_client (int, default 4): concurrent pushes of one principal (a
+            token's owner; without a tokens file, one client id).
+        max_streams (int, default 4096): concurrent pushes in all.
+        max_buffered_bytes (int, default 1 GiB): bytes of pushes being received, in all.
+        max_clients_per_round (int, default 10000): pushes any one round accepts.
+        max_wait_s (float, default 300): the longest a GetMean waits for its round.
+    """
+
+    max_push_bytes: int = 256 * 1024 * 1024
+    push_timeout_s: float = 600.0
+    idle_timeout_s: float = 10.0
+    max_streams_per_client: int = 4
+    max_streams: int = 4096
+    max_buffered_bytes: int = 1024 * 1024 * 1024
+    max_clients_per_round: int = MAX_COHORT
+    max_wait_s: float = 300.0
+
+    def check(self) -> None:
+        """ValueError naming the first limit that is not positive."""
+        for name, value in vars(self).items():
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive number, "
+                                 f"got {value}")
 
 
 @dataclass
@@ -59,27 +116,114 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tokens_file: str | None = None
+    admin_token_file: str | None = None
     max_push_bytes: int = 256 * 1024 * 1024
     push_timeout_s: float = 600.0
-    workers: int = 32
+    idle_timeout_s: float = 10.0
+    max_streams_per_client: int = 4
+    max_streams: int = 4096
+    max_buffered_bytes: int = 1024 * 1024 * 1024
+    max_clients_per_round: int = MAX_COHORT
+    workers: int = 8
     decode_slots: int = max(1, min(8, os.cpu_count() or 1))
     metrics_port: int | None = None
     device: str = "cpu"  # where pushes are decoded and summed ("cuda" works unchanged)
+    max_norm: float = math.inf
+    norm_median_multiple: float = math.inf
+    norm_action: str = "reject"
     rounds: list[RoundConfig] = field(default_factory=list)
+
+    def limits(self) -> Limits:
+        return Limits(self.max_push_bytes, self.push_timeout_s, self.idle_timeout_s,
+                      self.max_streams_per_client, self.max_streams, self.max_buffered_bytes,
+                      self.max_clients_per_round)
+
+    def policy(self) -> NormPolicy:
+        return NormPolicy(max_norm=self.max_norm, median_multiple=self.norm_median_multiple,
+                          action=self.norm_action)
+
+
+class _Gate:
+    """Counts what Push streams hold: streams per principal, streams and buffered bytes in
+    all. Used from the event loop only, so it needs no lock."""
+
+    __slots__ = ("limits", "per_key", "streams", "buffered")
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.per_key: Counter = Counter()
+        self.streams = 0
+        self.buffered = 0
+
+    def enter(self) -> None:
+        if self.streams >= self.limits.max_streams:
+            raise AggregationError("UNAVAILABLE", f"the server is receiving "
+                                   f"{self.streams} pushes, its limit; retry")
+        self.streams += 1
+
+    def leave(self) -> None:
+        self.streams -= 1
+
+    def claim(self, key: str) -> None:
+        if self.per_key[key] >= self.limits.max_streams_per_client:
+            raise AggregationError("RESOURCE_EXHAUSTED", f"{key} already has "
+                                   f"{self.per_key[key]} pushes in flight, the limit "
+                                   "(--max-streams-per-client)")
+        self.per_key[key] += 1
+
+    def unclaim(self, key: str) -> None:
+        self.per_key[key] -= 1
+        if not self.per_key[key]:
+            del self.per_key[key]
+
+    def reserve(self, nbytes: int) -> None:
+        if self.buffered + nbytes > self.limits.max_buffered_bytes:
+            raise AggregationError("UNAVAILABLE", f"the server is buffering {self.buffered} "
+                                   f"bytes of pushes; {nbytes} more would pass its cap of "
+                                   f"{self.limits.max_buffered_bytes}; retry")
+        self.buffered += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.buffered -= nbytes
 
 
 class AggregatorServicer(pb_grpc.AggregatorServicer):
-    """The Aggregator service over a :class:`RoundBook`."""
+    """The Aggregator service over a :class:`RoundBook` (coroutines on one event loop)."""
 
-    def __init__(self, book: RoundBook, auth: Authenticator, metrics: Metrics,
-                 max_push_bytes: int, decode_slots: int, push_timeout_s: float = 600.0):
-        self.book, self.auth, self.metrics = book, auth, metrics
-        self.max_push_bytes, self.push_timeout_s = max_push_bytes, push_timeout_s
+    def __init__(self, book: RoundBook, auth: Authenticator, metrics: Metrics, limits: Limits,
+                 decode_slots: int, workers: int):
+        self.book, self.auth, self.metrics, self.limits = book, auth, metrics, limits
         self.decoder = futures.ThreadPoolExecutor(decode_slots, thread_name_prefix="decode")
+        self.io = futures.ThreadPoolExecutor(workers, thread_name_prefix="io")
+        self.gate = _Gate(limits)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._close_events: dict[str, asyncio.Event] = {}
+
+    # ---- plumbing ----------------------------------------------------------------------
+    async def _run(self, pool: futures.Executor, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(fn, *args))
+
+    def round_closed(self, round_id: str) -> None:
+        """RoundBook's on_close hook (any thread): wake the GetMean calls waiting."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                loop.call_soon_threadsafe(self._wake, round_id)
+
+    def _wake(self, round_id: str) -> None:
+        event = self._close_events.pop(round_id, None)
+        if event is not None:
+            event.set()
+
+    async def _abort(self, context, e: AggregationError) -> None:
+        if e.digest:
+            context.set_trailing_metadata((("fedquant-sha256", e.digest),))
+        await context.abort(getattr(grpc.StatusCode, e.status), str(e))
 
     # ---- operator calls ----------------------------------------------------------------
-    def OpenRound(self, request, context):  # noqa: N802 (gRPC method name)
-        def run():
+    async def OpenRound(self, request, context):  # noqa: N802 (gRPC method name)
+        try:
             self.auth.require_operator(context)
             try:
                 config = RoundConfig.build(
@@ -89,114 +233,183 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                     request.deadline_s)
             except ValueError as e:
                 raise AggregationError("INVALID_ARGUMENT", str(e)) from None
-            rnd = self.book.open(config)
+            rnd = await self._run(self.io, self.book.open, config)
             self.metrics.add("fedquant_rounds_opened_total")
             return round_status(rnd)
-        return _answer(context, run)
+        except AggregationError as e:
+            await self._abort(context, e)
 
-    def CloseRound(self, request, context):  # noqa: N802
-        def run():
+    async def CloseRound(self, request, context):  # noqa: N802
+        try:
             self.auth.require_operator(context)
-            rnd = self.book.get(request.round_id)
-            self.book.close(rnd, "operator")
+            rnd = await self._run(self.io, self.book.get, request.round_id)
+            await self._run(self.io, self.book.close, rnd, "operator")
             return round_status(rnd)
-        return _answer(context, run)
+        except AggregationError as e:
+            await self._abort(context, e)
 
-    def GetRound(self, request, context):  # noqa: N802
-        def run():
-            self.auth.principal(context)
-            return round_status(self.book.get(request.round_id))
-        return _answer(context, run)
+    async def GetRound(self, request, context):  # noqa: N802
+        try:
+            principal = self.auth.principal(context)
+            rnd = await self._run(self.io, self.book.get, request.round_id)
+            self._may_see(principal, rnd)
+            return round_status(rnd, None if self.auth.is_admin(principal) else principal)
+        except AggregationError as e:
+            await self._abort(context, e)
+
+    def _may_see(self, principal: str | None, rnd: Round, mean: bool = False) -> None:
+        """PERMISSION_DENIED unless `principal` may read this round (its mean, if `mean`):
+        admins always; clients of its cohort; for a round without a cohort, any client
+        (the configuration) or the clients that pushed (the mean); anonymous callers only
+        when the server has no tokens file (then every caller is anonymous)."""
+        if principal is None or self.auth.is_admin(principal):
+            return
+        client = int(principal)
+        cohort = rnd.config.cohort
+        if cohort and client not in cohort:
+            raise AggregationError("PERMISSION_DENIED", f"client {client} is not in the "
+                                   f"cohort of round {rnd.round_id!r}")
+        if mean and not cohort and client not in rnd.pushes:
+            raise AggregationError("PERMISSION_DENIED", f"client {client} did not push to "
+                                   f"round {rnd.round_id!r}: only its clients read its mean")
 
     # ---- clients -----------------------------------------------------------------------
-    def Push(self, request_iterator, context):  # noqa: N802
+    async def Push(self, request_iterator, context):  # noqa: N802
         started = time.perf_counter()
         outcome = "OK"
         where: dict = {}  # round and client, once the header is read (for the logs)
-        # A client that stalls mid-stream would hold a worker thread for ever: cancel it.
-        watchdog = threading.Timer(self.push_timeout_s, context.cancel)
-        watchdog.daemon = True
-        watchdog.start()
+        held: list = []  # (release function, argument) of what this push holds
         try:
-            return self._receive_and_aggregate(request_iterator, context, where, watchdog)
-        except grpc.RpcError:  # the stream broke: cancelled by the client or the watchdog
-            outcome = "CANCELLED"
-            log.warning("push_cancelled", extra={"fields": {**where, "peer": context.peer()}})
-            return None
+            principal = self.auth.principal(context)  # UNAUTHENTICATED before reading
+            self.gate.enter()
+            held.append((self.gate.leave, None))
+            if principal is not None:
+                self.gate.claim(principal)
+                held.append((self.gate.unclaim, principal))
+            try:
+                async with asyncio.timeout(self.limits.push_timeout_s):
+                    header, rnd, payload = await self._receive(
+                        request_iterator, context, principal, where, held)
+            except TimeoutError:
+                raise AggregationError("CANCELLED", f"push not received within "
+                                       f"{self.limits.push_timeout_s:g} s: cancelled") from None
+            ack = await self._run(self.decoder, self._decode_and_accept, rnd, header, payload)
+            log.info("push_accepted", extra={"fields": {
+                "round": rnd.round_id, "client": header.client_id, "bytes": len(payload)}})
+            return ack
         except AggregationError as e:
             outcome = e.status
             log.warning("push_rejected", extra={"fields": {
                 **where, "status": e.status, "reason": str(e), "peer": context.peer()}})
-            if e.digest:
-                context.set_trailing_metadata((("fedquant-sha256", e.digest),))
-            context.abort(getattr(grpc.StatusCode, e.status), str(e))
+            await self._abort(context, e)
+        except asyncio.CancelledError:  # the client went away
+            outcome = "CANCELLED"
+            log.warning("push_cancelled", extra={"fields": {**where, "peer": context.peer()}})
+            raise
         finally:
-            watchdog.cancel()
+            for release, arg in reversed(held):
+                release() if arg is None else release(arg)
             self.metrics.add("fedquant_pushes_total", label=f'status="{outcome}"')
             self.metrics.add("fedquant_push_seconds_total", time.perf_counter() - started)
 
-    def _receive_and_aggregate(self, chunks, context, where: dict,
-                               watchdog: threading.Timer) -> pb.PushAck:
-        self.auth.principal(context)  # UNAUTHENTICATED before reading anything
-        first = next(chunks, None)
+    async def _next(self, chunks) -> pb.PushChunk | None:
+        """The next chunk, None at the end; CANCELLED after idle_timeout_s without one."""
+        try:
+            return await asyncio.wait_for(anext(chunks, None), self.limits.idle_timeout_s)
+        except TimeoutError:
+            raise AggregationError("CANCELLED", f"no data for {self.limits.idle_timeout_s:g} s"
+                                   " (--idle-timeout-s): push cancelled") from None
+
+    async def _receive(self, request_iterator, context, principal, where: dict,
+                       held: list) -> tuple[pb.PushHeader, Round, bytearray]:
+        chunks = aiter(request_iterator)
+        first = await self._next(chunks)
         if first is None or not first.HasField("header"):
             raise AggregationError("INVALID_ARGUMENT", "the first chunk must carry the header")
         header = first.header
         where.update(round=header.round_id[:128], client=header.client_id)
         _check_header(header)
         self.auth.require_client(context, header.client_id)
-        rnd = self.book.get(header.round_id)
-        self.book.check_push(rnd, header.client_id)
-        cap = min(self.max_push_bytes, round_cap(rnd.config.numel))
+        if principal is None:  # anonymous clients: the stream limit is per client id
+            key = f"client {header.client_id}"
+            self.gate.claim(key)
+            held.append((self.gate.unclaim, key))
+        rnd = await self._run(self.io, self._round_for_push, header.round_id, header.client_id)
+        cap = min(self.limits.max_push_bytes, round_cap(rnd.config.numel))
         if header.total_bytes > cap:
             raise AggregationError("RESOURCE_EXHAUSTED", f"total_bytes {header.total_bytes} "
                                    f"exceeds the cap of {cap} bytes for round {rnd.round_id!r}")
-        payload = bytearray()
-        for chunk in itertools.chain([first], chunks):
+        total = header.total_bytes
+        self.gate.reserve(total)
+        held.append((self.gate.release, total))
+        # One buffer of the declared size, filled in place: no second copy of the payload.
+        payload = bytearray(total)
+        view, filled, chunk = memoryview(payload), 0, first
+        while chunk is not None:
             if chunk is not first and chunk.HasField("header"):
                 raise AggregationError("INVALID_ARGUMENT",
                                        "only the first chunk may carry a header")
-            if len(payload) + len(chunk.data) > header.total_bytes:
+            data = chunk.data
+            if filled + len(data) > total:
                 raise AggregationError("INVALID_ARGUMENT", f"more bytes than the declared "
-                                       f"total_bytes {header.total_bytes}")
-            payload += chunk.data  # bounded: total_bytes <= max_push_bytes was checked above
-        watchdog.cancel()  # all bytes are in: decoding time does not count
-        if len(payload) != header.total_bytes:
-            raise AggregationError("INVALID_ARGUMENT", f"received {len(payload)} bytes, "
-                                   f"declared total_bytes {header.total_bytes}")
-        payload = bytes(payload)
+                                       f"total_bytes {total}")
+            view[filled: filled + len(data)] = data
+            filled += len(data)
+            chunk = await self._next(chunks)
+        view.release()
+        if filled != total:
+            raise AggregationError("INVALID_ARGUMENT", f"received {filled} bytes, "
+                                   f"declared total_bytes {total}")
+        return header, rnd, payload
+
+    def _round_for_push(self, round_id: str, client_id: int) -> Round:
+        rnd = self.book.get(round_id)
+        self.book.check_push(rnd, client_id)
+        return rnd
+
+    def _decode_and_accept(self, rnd: Round, header: pb.PushHeader,
+                           payload: bytearray) -> pb.PushAck:
+        """Parse, check, decode, screen and log one push (on a decode thread: at most
+        `decode_slots` d-sized temporaries exist at once)."""
+        started = time.perf_counter()
         try:
             enc = fq.Encoded.from_bytes(payload)
         except fq.WireError as e:
             raise AggregationError("INVALID_ARGUMENT", f"malformed EncodedUpdate: {e}") from None
         self.book.check_payload(rnd, header.client_id, enc)
         digest = hashlib.sha256(payload).hexdigest()
-        # Decode, log and sum on the few decode threads: at most `decode_slots` d-sized
-        # temporaries exist at once, and only those threads' malloc arenas ever hold them,
-        # so peak RSS does not grow with the number of concurrent clients.
-        pushes, state, decode_s = self.decoder.submit(
-            self._decode_and_accept, rnd, header, payload, digest, enc).result()
+        try:
+            contribution = self.book.decode(rnd, enc, header.weight)
+        except (fq.WireError, ValueError, RuntimeError) as e:
+            self._screened_out(rnd, header.client_id, f"cannot decode payload: {e}")
+            raise AggregationError("INVALID_ARGUMENT", f"cannot decode payload: {e}") from None
+        del enc
+        verdict = self.book.judge(rnd, contribution, header.weight)
+        if not verdict.accepted:
+            self._screened_out(rnd, header.client_id, verdict.reason)
+            raise AggregationError("FAILED_PRECONDITION", f"update rejected: {verdict.reason}")
+        if verdict.clipped:
+            self.metrics.add("fedquant_pushes_clipped_total")
+        decode_s = time.perf_counter() - started
+        pushes, state = self.book.accept(rnd, header.client_id, header.weight, payload, digest,
+                                         contribution, decode_s, close_on_quorum=False,
+                                         verdict=verdict)
+        if state == "closing":  # this push completed the quorum: close after acknowledging
+            self.decoder.submit(self._close_on_quorum, rnd)
         self.metrics.add("fedquant_push_bytes_total", len(payload))
         self.metrics.add("fedquant_decode_seconds_total", decode_s)
-        log.info("push_accepted", extra={"fields": {
-            "round": rnd.round_id, "client": header.client_id, "bytes": len(payload)}})
         return pb.PushAck(round_id=rnd.round_id, client_id=header.client_id,
                           bytes_received=len(payload), sha256=digest, num_pushes=pushes,
                           state=_STATES[state])
 
-    def _decode_and_accept(self, rnd: Round, header: pb.PushHeader, payload: bytes,
-                           digest: str, enc: fq.Encoded) -> tuple[int, str, float]:
-        started = time.perf_counter()
+    def _screened_out(self, rnd: Round, client_id: int, reason: str) -> None:
+        """A push that one client got wrong: recorded with its reason, the round goes on."""
+        kind = "norm" if "norm" in reason else "nonfinite" if "NaN" in reason else "decode"
+        self.metrics.add("fedquant_pushes_screened_out_total", label=f'reason="{kind}"')
         try:
-            contribution = self.book.decode(rnd, enc, header.weight)
-        except (fq.WireError, ValueError, RuntimeError) as e:
-            raise AggregationError("INVALID_ARGUMENT", f"cannot decode payload: {e}") from None
-        decode_s = time.perf_counter() - started
-        pushes, state = self.book.accept(rnd, header.client_id, header.weight, payload, digest,
-                                         contribution, decode_s, close_on_quorum=False)
-        if state == "closing":  # this push completed the quorum: close after acknowledging
-            self.decoder.submit(self._close_on_quorum, rnd)
-        return pushes, state, decode_s
+            self.book.reject(rnd, client_id, reason)
+        except Exception:  # the record is best effort: the push is refused anyway
+            log.exception("rejection_not_recorded", extra={"fields": {"round": rnd.round_id}})
 
     def _close_on_quorum(self, rnd: Round) -> None:
         try:
@@ -204,25 +417,32 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         except Exception:  # the round stays open in the log; a restart closes it
             log.exception("close_failed", extra={"fields": {"round": rnd.round_id}})
 
-    def GetMean(self, request, context):  # noqa: N802
+    async def GetMean(self, request, context):  # noqa: N802
         try:
-            self.auth.principal(context)
-            rnd = self.book.get(request.round_id)
+            principal = self.auth.principal(context)
+            rnd = await self._run(self.io, self.book.get, request.round_id)
+            self._may_see(principal, rnd, mean=True)
             wait_s = request.wait_s if math.isfinite(request.wait_s) else 0.0
-            if wait_s > 0:
-                remaining = context.time_remaining()
-                limit = MAX_WAIT_S if remaining is None else max(remaining, 0.0)
-                rnd.closed.wait(min(wait_s, limit))
+            if rnd.state != "closed" and wait_s > 0:
+                # Registered before the state is read again: a close in between still wakes.
+                event = self._close_events.setdefault(rnd.round_id, asyncio.Event())
+                if rnd.state != "closed":
+                    remaining = context.time_remaining()
+                    limit = self.limits.max_wait_s if remaining is None else max(remaining, 0)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(event.wait(),
+                                               min(wait_s, limit, self.limits.max_wait_s))
             if rnd.state != "closed":
                 raise AggregationError("FAILED_PRECONDITION", f"round {rnd.round_id!r} is "
                                        f"still open ({len(rnd.pushes)}/{rnd.config.quorum} "
                                        "pushes)")
-            mean = self.book.mean(rnd)
+            mean = await self._run(self.io, self.book.mean, rnd)
             if mean is None:
                 raise AggregationError("FAILED_PRECONDITION", f"round {rnd.round_id!r} closed "
                                        f"({rnd.close_reason}) with no pushes: no mean")
         except AggregationError as e:
-            context.abort(getattr(grpc.StatusCode, e.status), str(e))
+            await self._abort(context, e)
+            return
         data = mean.numpy().astype("<f4").tobytes()
         per_chunk = MEAN_CHUNK_BYTES // 4
         for start in range(0, mean.numel(), per_chunk):
@@ -245,25 +465,20 @@ def _check_header(header: pb.PushHeader) -> None:
     if not ROUND_ID.fullmatch(header.round_id):
         raise AggregationError("INVALID_ARGUMENT", f"header.round_id {header.round_id!r} must "
                                "be 1..128 chars of [A-Za-z0-9_.-]")
-    if not math.isfinite(header.weight) or header.weight <= 0:
-        raise AggregationError("INVALID_ARGUMENT", f"header.weight must be finite and > 0, "
-                               f"got {header.weight}")
+    if not math.isfinite(header.weight) or not 0 < header.weight <= MAX_WEIGHT:
+        raise AggregationError("INVALID_ARGUMENT", f"header.weight must be finite, > 0 and "
+                               f"<= {MAX_WEIGHT:g}, got {header.weight}")
     if header.total_bytes == 0:
         raise AggregationError("INVALID_ARGUMENT", "header.total_bytes must be > 0")
 
 
-def _answer(context, run):
-    try:
-        return run()
-    except AggregationError as e:
-        context.abort(getattr(grpc.StatusCode, e.status), str(e))
-
-
-def round_status(rnd: Round) -> pb.RoundStatus:
+def round_status(rnd: Round, viewer: str | None = None) -> pb.RoundStatus:
+    """The round's status; for a client `viewer` ("operator" or None: everything) only its
+    own push is listed."""
     cfg = rnd.config
     with rnd.lock:
         pushes = [pb.PushRecord(client_id=c, weight=p.weight, bytes=p.nbytes, sha256=p.sha256)
-                  for c, p in rnd.pushes.items()]
+                  for c, p in rnd.pushes.items() if viewer is None or str(c) == viewer]
         msg = pb.RoundStatus(
             round_id=cfg.round_id, state=_STATES[rnd.state],
             codec=pb.CodecSpec(name=cfg.codec, params=cfg.params), round_seed=cfg.round_seed,
@@ -274,85 +489,165 @@ def round_status(rnd: Round) -> pb.RoundStatus:
     return msg
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class RunningServer:
     """A started server: its bound port and a `stop()` that shuts everything down."""
 
-    server: grpc.Server
     port: int
     book: RoundBook
     metrics: Metrics
-    health: health.HealthServicer
+    servicer: AggregatorServicer
+    _server: grpc.aio.Server
+    _health: HealthServicer
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
     _stop: threading.Event
     _extras: list
 
     def stop(self, grace: float = 1.0) -> None:
-        self.health.enter_graceful_shutdown()
+        """Stop serving (calls in flight get `grace` seconds), then close the log."""
+        if self._stop.is_set():
+            return
         self._stop.set()
-        self.server.stop(grace).wait()
+
+        async def shutdown():
+            await self._health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(grace + 10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
         for extra in self._extras:
             extra.shutdown()
+        self.servicer.decoder.shutdown(wait=True)
+        self.servicer.io.shutdown(wait=True)
         self.book.store.close()
 
     def wait(self) -> None:
-        self.server.wait_for_termination()
+        """Block until :meth:`stop` (e.g. from a signal handler)."""
+        while not self._stop.wait(0.5):
+            pass
+        self._thread.join(30)
 
 
-def start_server(cfg: ServerConfig) -> RunningServer:
-    """Recover the rounds from the log, bind, and start serving; returns the running server."""
+def check_config(cfg: ServerConfig) -> None:
+    """ValueError for options that must be refused before anything binds or opens."""
     if not cfg.insecure and not (cfg.tls_cert and cfg.tls_key):
         raise ValueError("pass --tls-cert and --tls-key, or --insecure for plaintext")
     if cfg.tls_client_ca and not cfg.tls_cert:
         raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if cfg.insecure and not is_loopback(cfg.host):
+        raise ValueError(f"--insecure (plaintext) binds only a loopback address, got --host "
+                         f"{cfg.host}: use --tls-cert/--tls-key for remote clients")
+    cfg.limits().check()
+    if cfg.workers < 1 or cfg.decode_slots < 1:
+        raise ValueError("--workers and --decode-slots must be >= 1")
+    cfg.policy()  # ValueError names a bad norm option
+
+
+def start_server(cfg: ServerConfig) -> RunningServer:
+    """Recover the rounds from the log, bind, and start serving; returns the running server.
+
+    Refused before binding: plaintext on a non-loopback address, bad limits or options."""
+    check_config(cfg)
     try:
         device = torch.device(cfg.device)
     except RuntimeError:
         raise ValueError(f"--device: unknown device {cfg.device!r}; e.g. cpu, cuda") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    auth = Authenticator(load_tokens(cfg.tokens_file) if cfg.tokens_file else None)
-    book = RoundBook(Store(cfg.data_dir), cfg.device)
-    for config in cfg.rounds:
-        try:
-            book.get(config.round_id)  # already in the log from a previous run
-        except AggregationError:
-            book.open(config)
+    tokens = load_tokens(cfg.tokens_file) if cfg.tokens_file else None
+    admin = None
+    if cfg.admin_token_file or not (tokens and "operator" in tokens.values()):
+        admin = admin_token(cfg.data_dir, cfg.admin_token_file)
+    auth = Authenticator(tokens, admin)
+    store = Store(cfg.data_dir)
+    try:
+        book = RoundBook(store, cfg.device, cfg.policy(), cfg.max_clients_per_round)
+        for config in cfg.rounds:
+            try:
+                book.get(config.round_id)  # already in the log from a previous run
+            except AggregationError:
+                book.open(config)
+    except Exception as e:
+        store.close()
+        if isinstance(e, ValueError | StoreError):
+            raise
+        raise StoreError(f"{store.path}: cannot replay the log: {e}") from None
     metrics = Metrics()
-    servicer = AggregatorServicer(book, auth, metrics, cfg.max_push_bytes, cfg.decode_slots,
-                                  cfg.push_timeout_s)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers), options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
-    pb_grpc.add_AggregatorServicer_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
-    address = f"{cfg.host}:{cfg.port}"
-    if cfg.insecure:
-        port = server.add_insecure_port(address)
-    else:
-        port = server.add_secure_port(address, server_credentials(
-            cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
-    if port == 0:
-        raise RuntimeError(f"could not bind {address}")
-    server.start()
-    for name in ("", SERVICE):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    metrics.add("fedquant_log_rows_quarantined_total", len(book.problems))
+    servicer = AggregatorServicer(book, auth, metrics, cfg.limits(), cfg.decode_slots,
+                                  cfg.workers)
+    book.on_close = servicer.round_closed
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True, name="grpc-aio")
+    thread.start()
+    servicer.loop = loop
+
+    async def serve():
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+        pb_grpc.add_AggregatorServicer_to_server(servicer, server)
+        health_servicer = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME), server)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.insecure:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, server_credentials(
+                cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
+        if port == 0:
+            raise RuntimeError(f"could not bind {address}")
+        await server.start()
+        for name in ("", SERVICE):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return server, port, health_servicer
+
+    try:
+        server, port, health_servicer = asyncio.run_coroutine_threadsafe(
+            serve(), loop).result(60)
+    except BaseException:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        servicer.decoder.shutdown()
+        servicer.io.shutdown()
+        store.close()
+        raise
 
     stop = threading.Event()
-    extras = [servicer.decoder]  # shut down after the gRPC server
+    extras: list = []
 
     def close_deadlines():
         while not stop.wait(0.05):
-            book.close_expired()
+            try:
+                book.close_expired()
+            except Exception:  # keep closing the other rounds' deadlines
+                log.exception("deadline_close_failed")
 
     threading.Thread(target=close_deadlines, daemon=True, name="deadlines").start()
     if cfg.metrics_port is not None:
         def render():
-            open_rounds = len(book.open_rounds())
-            return metrics.render({"fedquant_rounds_open": open_rounds,
-                                   "fedquant_rounds": len(book.round_ids())})
+            return metrics.render({
+                "fedquant_rounds_open": len(book.open_rounds()),
+                "fedquant_rounds": book.store.round_count(),
+                "fedquant_push_streams": servicer.gate.streams,
+                "fedquant_push_buffered_bytes": servicer.gate.buffered})
         extras.append(serve_metrics(render, cfg.host, cfg.metrics_port))
-    return RunningServer(server, port, book, metrics, health_servicer, stop, extras)
+    return RunningServer(port, book, metrics, servicer, server, health_servicer, loop, thread,
+                         stop, extras)

@@ -4,10 +4,13 @@
     fedquant serve --data-dir data --tls-cert s.pem --tls-key s.key --tls-client-ca ca.pem \
         --tokens tokens.json --host 0.0.0.0
 
-Plaintext needs ``--insecure`` and the server binds 127.0.0.1 unless ``--host`` says
-otherwise. ``--port 0`` binds an ephemeral port; ``--port-file`` receives the bound port once
-the server is serving. ``--rounds`` opens the rounds of a TOML file at start-up (rounds
-already in the log are kept as they are), e.g.::
+Plaintext needs ``--insecure`` and is refused on any but a loopback address (use TLS for
+remote clients). Opening and closing rounds needs the admin token: the tokens file's
+"operator" entry, ``--admin-token-file``, or the random one written to
+``<data-dir>/admin.token`` at start-up. Start-up problems are reported in one line naming
+the file and what is wrong (exit code 2). ``--port 0`` binds an ephemeral port;
+``--port-file`` receives the bound port once the server is serving. ``--rounds`` opens the
+rounds of a TOML file at start-up (rounds already in the log are kept as they are), e.g.::
 
     [[round]]
     id = "r1"
@@ -28,9 +31,13 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import math
 import os
 import pathlib
 import signal
+import sqlite3
+import sys
+import threading
 import tomllib
 from typing import Annotated
 
@@ -38,7 +45,7 @@ import torch
 import typer
 from fedquant.server.aggregator import ServerConfig, start_server
 from fedquant.server.metrics import configure_logging
-from fedquant.server.rounds import RoundConfig
+from fedquant.server.rounds import MAX_COHORT, RoundConfig
 
 log = logging.getLogger("fedquant.server")
 
@@ -85,7 +92,8 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to bind; 0 picks a free one.")] = 50051,
     port_file: Annotated[pathlib.Path | None, typer.Option(
         help="Write the bound port here once serving.")] = None,
-    insecure: Annotated[bool, typer.Option(help="Serve plaintext (no TLS).")] = False,
+    insecure: Annotated[bool, typer.Option(
+        help="Serve plaintext (no TLS); only on a loopback --host.")] = False,
     tls_cert: Annotated[pathlib.Path | None, typer.Option(help="Server certificate (PEM).")]
     = None,
     tls_key: Annotated[pathlib.Path | None, typer.Option(help="Server private key (PEM).")]
@@ -94,13 +102,32 @@ def serve(
         help="CA that signs client certificates: enables mutual TLS.")] = None,
     tokens: Annotated[pathlib.Path | None, typer.Option(
         help="JSON file mapping client ids and 'operator' to bearer tokens.")] = None,
+    admin_token_file: Annotated[pathlib.Path | None, typer.Option(
+        help="File holding the admin token (default: the tokens file's 'operator', else "
+             "<data-dir>/admin.token, created if missing).")] = None,
     rounds: Annotated[pathlib.Path | None, typer.Option(
         help="TOML file of [[round]] tables to open at start-up.")] = None,
     max_push_bytes: Annotated[int, typer.Option(help="Cap on one push's bytes.")]
     = 256 * 1024 * 1024,
     push_timeout_s: Annotated[float, typer.Option(
         help="Cancel a push still streaming after this many seconds.")] = 600.0,
-    workers: Annotated[int, typer.Option(help="gRPC worker threads.")] = 32,
+    idle_timeout_s: Annotated[float, typer.Option(
+        help="Cancel a push that sends no chunk for this many seconds.")] = 10.0,
+    max_streams_per_client: Annotated[int, typer.Option(
+        help="Concurrent pushes of one token (or client id, without --tokens).")] = 4,
+    max_streams: Annotated[int, typer.Option(help="Concurrent pushes in all.")] = 4096,
+    max_buffered_bytes: Annotated[int, typer.Option(
+        help="Bytes of pushes being received, in all.")] = 1024 * 1024 * 1024,
+    max_clients_per_round: Annotated[int, typer.Option(
+        help="Pushes any one round accepts.")] = MAX_COHORT,
+    max_norm: Annotated[float, typer.Option(
+        help="Reject (or clip) an update whose L2 norm exceeds this.")] = math.inf,
+    norm_median_multiple: Annotated[float, typer.Option(
+        help="Reject (or clip) an update whose norm exceeds this multiple of the median "
+             "norm of the round's pushes so far (from the 3rd push on).")] = math.inf,
+    norm_action: Annotated[str, typer.Option(
+        help="What happens to an update above the norm bound: reject or clip.")] = "reject",
+    workers: Annotated[int, typer.Option(help="Threads for the log's reads and writes.")] = 8,
     decode_slots: Annotated[int, typer.Option(help="Concurrent decodes (bounds memory).")]
     = ServerConfig.decode_slots,
     torch_threads: Annotated[int, typer.Option(
@@ -117,23 +144,26 @@ def serve(
     # that oversubscribe the cores (a 1M-element add took 15 ms with 2 threads, 3 ms with 1).
     torch.set_num_threads(max(1, torch_threads))
     reuse_freed_memory()
-    for name, value in (("workers", workers), ("decode-slots", decode_slots),
-                        ("max-push-bytes", max_push_bytes), ("push-timeout-s", push_timeout_s)):
-        if value < 1:
-            raise typer.BadParameter(f"--{name} must be >= 1, got {value}")
     try:
         cfg = ServerConfig(
             data_dir=str(data_dir), host=host, port=port, insecure=insecure,
             tls_cert=_opt(tls_cert), tls_key=_opt(tls_key), tls_client_ca=_opt(tls_client_ca),
-            tokens_file=_opt(tokens), max_push_bytes=max_push_bytes, workers=workers,
-            push_timeout_s=push_timeout_s,
+            tokens_file=_opt(tokens), admin_token_file=_opt(admin_token_file),
+            max_push_bytes=max_push_bytes, push_timeout_s=push_timeout_s,
+            idle_timeout_s=idle_timeout_s, max_streams_per_client=max_streams_per_client,
+            max_streams=max_streams, max_buffered_bytes=max_buffered_bytes,
+            max_clients_per_round=max_clients_per_round, workers=workers,
             decode_slots=decode_slots, metrics_port=metrics_port, device=device,
-            rounds=load_rounds(rounds) if rounds else [])
+            max_norm=max_norm, norm_median_multiple=norm_median_multiple,
+            norm_action=norm_action, rounds=load_rounds(rounds) if rounds else [])
         running = start_server(cfg)
-    except (ValueError, OSError, RuntimeError) as e:
-        raise typer.BadParameter(str(e)) from None
-    if insecure and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("insecure_remote", extra={"fields": {"host": host}})
+    except (ValueError, OSError, RuntimeError, sqlite3.Error) as e:
+        # One line, naming the file or option and what is wrong: no traceback.
+        print(f"fedquant serve: error: {_one_line(e)}", file=sys.stderr, flush=True)
+        raise typer.Exit(2) from None
+    for problem in running.book.problems:
+        print(f"fedquant serve: quarantined a bad log row: {problem}", file=sys.stderr,
+              flush=True)
     if port_file is not None:
         tmp = port_file.with_name(port_file.name + ".tmp")
         tmp.write_text(str(running.port))
@@ -142,11 +172,21 @@ def serve(
         "host": host, "port": running.port, "tls": not insecure,
         "mtls": tls_client_ca is not None, "tokens": tokens is not None, "pid": os.getpid()}})
     print(json.dumps({"port": running.port}), flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: running.stop())
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        running.wait()
+        while not stop.wait(0.5):
+            pass
     except KeyboardInterrupt:
-        running.stop()
+        pass
+    running.stop()
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text = f"{e.filename}: {text}"
+    return text
 
 
 def _opt(path: pathlib.Path | None) -> str | None:

@@ -7,7 +7,16 @@ round holds O(d) memory whatever the number of clients. When the clients share o
 (QUIC-FL with a round_seed), pushes are summed in the rotated domain instead and the round
 pays a single inverse rotation at close (seed 003 section 5). The round closes on quorum,
 on deadline or on an operator call; closing stores the float32 mean ``sum / total_weight``
-in the log.
+in the log, and the closed round leaves memory (it is read back from the log on demand).
+
+Robustness: every push is decoded on its own before it is added, so a bad client is
+attributed and refused alone: a decode that fails or holds NaN/Inf, or an update whose norm
+exceeds the round's :class:`fedquant.robust.NormPolicy` bound (judged against the norms of
+the pushes accepted so far), is rejected with its reason recorded (``Store.rejections``);
+with ``action="clip"`` it is scaled down to the bound instead. Weights are bounded
+(``MAX_WEIGHT``) so the total weight stays finite. Replay re-checks every logged payload
+(digest, round, codec, shape, seed, decode) and quarantines a bad row instead of refusing
+to start.
 
 This module knows nothing of gRPC: problems are raised as :class:`AggregationError` with
 the name of the gRPC status code the servicer should return.
@@ -32,10 +41,11 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from fedquant.server.store import Store
+from fedquant.server.store import Store, StoreError
 
 import fedquant as fq
 from fedquant.codecs.base import codec_class
+from fedquant.robust import NormPolicy, Verdict, update_norm
 from fedquant.rotation import padded_size, unrotate
 
 log = logging.getLogger("fedquant.server")
@@ -43,6 +53,9 @@ log = logging.getLogger("fedquant.server")
 ROUND_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 MAX_CLIENT_ID = 2**64 - 1
 ADD_BLOCK = 1 << 17  # elements per block when adding a push into the running sum
+MAX_DEADLINE_S = 7 * 24 * 3600.0  # a round's deadline: at most a week after opening
+MAX_COHORT = 10_000  # client ids in a cohort, and clients in any one round
+MAX_WEIGHT = 2.0**53  # a push's weight; MAX_COHORT of them sum to a finite total
 _CONFIG_KEYS = ("id", "codec", "params", "round_seed", "shape", "cohort", "expected",
                 "quorum", "deadline_s")
 
@@ -99,6 +112,8 @@ class RoundConfig:
                              f"got {list(shape)}")
         if math.prod(shape) > 2**31:
             raise ValueError(f"shape {list(shape)} exceeds 2^31 elements")
+        if len(cohort) > MAX_COHORT:
+            raise ValueError(f"cohort has {len(cohort)} client ids; at most {MAX_COHORT}")
         cohort = tuple(sorted(set(cohort)))
         if any(not isinstance(c, int) or not 0 <= c <= MAX_CLIENT_ID for c in cohort):
             raise ValueError("cohort must be client ids in [0, 2^64)")
@@ -106,10 +121,14 @@ class RoundConfig:
         quorum = int(quorum) or expected
         if expected < 0 or quorum < 0:
             raise ValueError("expected and quorum must be non-negative")
+        if expected > MAX_COHORT or quorum > MAX_COHORT:
+            raise ValueError(f"expected and quorum must be at most {MAX_COHORT}, got "
+                             f"{expected} and {quorum}")
         if cohort and quorum > len(cohort):
             raise ValueError(f"quorum {quorum} exceeds the cohort size {len(cohort)}")
-        if not math.isfinite(deadline_s) or deadline_s < 0:
-            raise ValueError(f"deadline_s must be finite and >= 0, got {deadline_s}")
+        if not math.isfinite(deadline_s) or not 0 <= deadline_s <= MAX_DEADLINE_S:
+            raise ValueError(f"deadline_s must be in [0, {MAX_DEADLINE_S:g}] (a week), "
+                             f"got {deadline_s}")
         now = time.time() if now is None else now
         return cls(round_id, codec, canonical, round_seed, shape, cohort, expected, quorum,
                    now + deadline_s if deadline_s else 0.0, now)
@@ -190,6 +209,8 @@ class Round:
     total_weight: float = 0.0
     bytes_received: int = 0
     decode_seconds: float = 0.0
+    norms: list[float] = field(default_factory=list)  # of the accepted updates (unclipped)
+    rejected: dict[int, str] = field(default_factory=dict)  # client -> reason
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: threading.Event = field(default_factory=threading.Event)
 
@@ -207,41 +228,107 @@ class Round:
 
 
 class RoundBook:
-    """All rounds of one server; rebuilds open rounds' running sums from the log on start."""
+    """All rounds of one server; rebuilds open rounds' running sums from the log on start.
 
-    def __init__(self, store: Store, device: torch.device | str | None = None):
+    Args:
+        store (Store): the durable log.
+        device (str | None): where pushes are decoded and summed.
+        policy (NormPolicy, default no bound): the norm screening of updates.
+        max_clients (int, default MAX_COHORT): pushes any one round accepts.
+        on_close (callable | None): called with the round id after a round closed (from
+            whichever thread closed it).
+    """
+
+    def __init__(self, store: Store, device: torch.device | str | None = None,
+                 policy: NormPolicy | None = None, max_clients: int = MAX_COHORT,
+                 on_close=None):
         self.store = store
         self.device = device
-        self._rounds: dict[str, Round] = {}
+        self.policy = policy or NormPolicy()
+        self.max_clients = max_clients
+        self.on_close = on_close
+        self._rounds: dict[str, Round] = {}  # open rounds only: closed ones are in the log
         self._lock = threading.Lock()
-        for logged in store.rounds():
-            rnd = Round(RoundConfig.from_json(logged.config), logged.state, logged.close_reason)
-            for push in store.pushes(rnd.round_id, with_payload=logged.state == "open"):
-                rnd.pushes[push.client_id] = PushRecord(push.weight, push.nbytes, push.sha256)
-                rnd.total_weight += push.weight
-                rnd.bytes_received += push.nbytes
-                rnd.next_seq += 1
-                if logged.state == "open":
-                    enc = fq.Encoded.from_bytes(push.payload)
-                    self._add(rnd, self.decode(rnd, enc, push.weight))
-            if rnd.state == "open" and rnd.config.quorum and len(rnd.pushes) >= rnd.config.quorum:
+        self.problems: list[str] = []  # one line per quarantined row, for the start-up log
+        for logged in store.rounds(state="open"):
+            if logged.config is None:
+                self._report(logged.round_id, None, "the round's config is not valid JSON")
+                continue
+            try:
+                config = RoundConfig.from_json(logged.config)
+            except (TypeError, ValueError) as e:
+                self._report(logged.round_id, None, f"the round's config is invalid: {e}")
+                continue
+            rnd = Round(config)
+            self._rounds[rnd.round_id] = rnd
+            for push in store.pushes(rnd.round_id):
+                self._replay(rnd, push)
+            if rnd.config.quorum and len(rnd.pushes) >= rnd.config.quorum:
                 # The server died between logging the quorum's last push and the close.
                 self._close_locked(rnd, "quorum")
-            if rnd.state == "closed":
-                rnd.closed.set()
-            self._rounds[rnd.round_id] = rnd
             log.info("round_restored", extra={"fields": {
                 "round": rnd.round_id, "state": rnd.state, "pushes": len(rnd.pushes)}})
 
+    def _replay(self, rnd: Round, push) -> None:
+        """Add one logged push back into its round, or quarantine it naming the reason."""
+        try:
+            if payload_digest(push.payload) != push.sha256:
+                raise AggregationError("DATA_LOSS", "payload does not match its sha256")
+            if not (math.isfinite(push.weight) and 0 < push.weight <= MAX_WEIGHT):
+                raise AggregationError("DATA_LOSS", f"weight {push.weight} out of range")
+            if push.client_id < 0 or push.client_id in rnd.pushes:
+                raise AggregationError("DATA_LOSS", "bad or repeated client id")
+            try:
+                enc = fq.Encoded.from_bytes(push.payload)
+            except fq.WireError as e:
+                raise AggregationError("DATA_LOSS", f"malformed payload: {e}") from None
+            if rnd.config.cohort and push.client_id not in rnd.config.cohort:
+                raise AggregationError("DATA_LOSS", "client not in the round's cohort")
+            self.check_payload(rnd, push.client_id, enc)  # another round's payload fails here
+            contribution = self.decode(rnd, enc, push.weight)
+            norm = contribution_norm(contribution, push.weight)
+            if not math.isfinite(norm):
+                raise AggregationError("DATA_LOSS", "decoded update holds NaN or Inf")
+            if not (math.isfinite(push.factor) and 0 < push.factor <= 1):
+                raise AggregationError("DATA_LOSS", f"clip factor {push.factor} out of range")
+        except AggregationError as e:
+            self._report(rnd.round_id, push.client_id, str(e))
+            self.store.quarantine(rnd.round_id, push.client_id, str(e))
+            return
+        rnd.pushes[push.client_id] = PushRecord(push.weight, push.nbytes, push.sha256)
+        rnd.norms.append(norm)
+        self._add(rnd, scaled(contribution, push.factor))
+        rnd.total_weight += push.weight
+        rnd.bytes_received += push.nbytes
+        rnd.next_seq += 1
+
+    def _report(self, round_id: str, client_id: int | None, reason: str) -> None:
+        line = f"round {round_id!r}" + ("" if client_id is None else f", client {client_id}")
+        self.problems.append(f"{line}: {reason}")
+        log.warning("log_row_quarantined", extra={"fields": {
+            "round": round_id, "client": client_id, "reason": reason}})
+
     # ---- lookup and opening ------------------------------------------------------------
     def get(self, round_id: str) -> Round:
+        """The round: open rounds from memory, closed ones read back from the log."""
         with self._lock:
             rnd = self._rounds.get(round_id)
-        if rnd is None:
+        if rnd is not None:
+            return rnd
+        logged = self.store.round(round_id) if ROUND_ID.fullmatch(round_id or "") else None
+        if logged is None or logged.config is None or logged.state != "closed":
             raise AggregationError("NOT_FOUND", f"round {round_id!r} does not exist")
+        rnd = Round(RoundConfig.from_json(logged.config), "closed", logged.close_reason)
+        for push in self.store.pushes(round_id, with_payload=False):
+            rnd.pushes[push.client_id] = PushRecord(push.weight, push.nbytes, push.sha256)
+            rnd.total_weight += push.weight
+            rnd.bytes_received += push.nbytes
+        rnd.rejected = self.store.rejections(round_id)
+        rnd.closed.set()
         return rnd
 
     def round_ids(self) -> list[str]:
+        """Ids of the open rounds (those in memory)."""
         with self._lock:
             return list(self._rounds)
 
@@ -292,6 +379,9 @@ class RoundBook:
         if client_id in rnd.pending:
             raise AggregationError("UNAVAILABLE", f"client {client_id}'s push to round "
                                    f"{rnd.round_id!r} is being recorded; retry")
+        if len(rnd.pushes) + len(rnd.pending) >= self.max_clients:
+            raise AggregationError("RESOURCE_EXHAUSTED", f"round {rnd.round_id!r} already "
+                                   f"holds the most pushes a round may ({self.max_clients})")
         quorum = rnd.config.quorum
         if quorum and len(rnd.pushes) + len(rnd.pending) >= quorum:
             raise AggregationError("UNAVAILABLE", f"round {rnd.round_id!r} is recording the "
@@ -333,9 +423,24 @@ class RoundBook:
         part = codec.decode_sum([enc], [weight], self.device)
         return Contribution(part.reshape(-1)[: rnd.config.numel].to(torch.float64))
 
+    def judge(self, rnd: Round, contribution: Contribution, weight: float) -> Verdict:
+        """The norm verdict on one decoded push, against the norms accepted so far."""
+        norm = contribution_norm(contribution, weight)
+        with rnd.lock:
+            others = list(rnd.norms)
+        return self.policy.judge(norm, others)
+
+    def reject(self, rnd: Round, client_id: int, reason: str) -> None:
+        """Record that the round refused this client's push (the round's record, logged)."""
+        with rnd.lock:
+            rnd.rejected[client_id] = reason
+        self.store.record_rejection(rnd.round_id, client_id, reason)
+        log.warning("push_screened_out", extra={"fields": {
+            "round": rnd.round_id, "client": client_id, "reason": reason}})
+
     def accept(self, rnd: Round, client_id: int, weight: float, payload: bytes, digest: str,
                contribution: Contribution, decode_seconds: float,
-               close_on_quorum: bool = True) -> tuple[int, str]:
+               close_on_quorum: bool = True, verdict: Verdict | None = None) -> tuple[int, str]:
         """Durably log the push, then add it to the running sum; returns (pushes, state).
 
         With ``close_on_quorum=False`` the push that completes the quorum leaves the round
@@ -346,14 +451,24 @@ class RoundBook:
         The round lock is released while the row is logged, so that concurrent pushes share
         one group commit (see ``Store.record_push``); the push is marked pending meanwhile,
         which keeps duplicates and pushes beyond the quorum out, and makes a close wait.
+
+        `verdict` (from :meth:`judge`) carries the update's norm and clip factor; None
+        judges it here. A rejected verdict raises FAILED_PRECONDITION and logs nothing.
         """
+        if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
+            raise AggregationError("INVALID_ARGUMENT", f"weight must be in (0, {MAX_WEIGHT:g}]"
+                                   f", got {weight}")
+        verdict = verdict or self.judge(rnd, contribution, weight)
+        if not verdict.accepted:
+            raise AggregationError("FAILED_PRECONDITION", f"update rejected: {verdict.reason}")
         with rnd.lock:
             self._check_open_and_new(rnd, client_id)
             rnd.pending[client_id] = digest
             seq, rnd.next_seq = rnd.next_seq, rnd.next_seq + 1
         try:
             # Log first: the push is acknowledged only once it is durable.
-            self.store.record_push(rnd.round_id, client_id, weight, digest, payload, seq)
+            self.store.record_push(rnd.round_id, client_id, weight, digest, payload, seq,
+                                   verdict.factor)
         except BaseException as e:
             with rnd.lock:
                 del rnd.pending[client_id]
@@ -367,7 +482,8 @@ class RoundBook:
         with rnd.lock:
             del rnd.pending[client_id]
             rnd.pushes[client_id] = PushRecord(weight, len(payload), digest)
-            self._add(rnd, contribution)
+            rnd.norms.append(verdict.norm)
+            self._add(rnd, scaled(contribution, verdict.factor))
             rnd.total_weight += weight
             rnd.bytes_received += len(payload)
             rnd.decode_seconds += decode_seconds
@@ -430,6 +546,11 @@ class RoundBook:
         rnd.state, rnd.close_reason, rnd.running_sum = "closed", reason, None
         rnd.rotated_sums = {}
         rnd.closed.set()
+        with self._lock:  # the log has it now: a closed round leaves memory
+            if self._rounds.get(rnd.round_id) is rnd:
+                del self._rounds[rnd.round_id]
+        if self.on_close is not None:
+            self.on_close(rnd.round_id)
         log.info("round_closed", extra={"fields": {
             "round": rnd.round_id, "reason": reason, "pushes": len(rnd.pushes),
             "bytes": rnd.bytes_received, "total_weight": rnd.total_weight,
@@ -437,7 +558,32 @@ class RoundBook:
 
     def mean(self, rnd: Round) -> torch.Tensor | None:
         """The closed round's float32 mean (flat), or None if it closed with no pushes."""
-        blob = self.store.mean(rnd.round_id)
+        try:
+            blob = self.store.mean(rnd.round_id)
+        except StoreError as e:
+            raise AggregationError("DATA_LOSS", str(e)) from None
         if blob is None:
             return None
-        return torch.frombuffer(bytearray(blob), dtype=torch.float32)
+        mean = torch.frombuffer(bytearray(blob), dtype=torch.float32)
+        if mean.numel() != rnd.config.numel:
+            raise AggregationError("DATA_LOSS", f"the stored mean of round {rnd.round_id!r} "
+                                   f"has {mean.numel()} values, expected {rnd.config.numel}")
+        if not bool(torch.isfinite(mean).all()):
+            raise AggregationError("DATA_LOSS", f"the stored mean of round {rnd.round_id!r} "
+                                   "holds NaN or Inf")
+        return mean
+
+
+def contribution_norm(contribution: Contribution, weight: float) -> float:
+    """The L2 norm of the update behind a contribution (weight * update, possibly in a
+    rotated domain: the RHTs are orthonormal, so the norm is the same); inf if it holds
+    NaN or Inf."""
+    return update_norm(contribution.values) * abs(contribution.weight) / weight
+
+
+def scaled(contribution: Contribution, factor: float) -> Contribution:
+    """The contribution times a clip factor (applied as the values are added)."""
+    if factor == 1.0:
+        return contribution
+    return Contribution(contribution.values, contribution.rotation,
+                        contribution.weight * factor)

@@ -1,13 +1,21 @@
-"""Transport security and per-client bearer tokens.
+"""Transport security, bearer tokens and who may call what.
 
 * TLS: the server presents ``--tls-cert``/``--tls-key``; with ``--tls-client-ca`` it also
   requires every client to present a certificate signed by that CA (mutual TLS).
-* Tokens: ``--tokens tokens.json`` maps client ids (decimal strings) and the special key
-  ``"operator"`` to bearer tokens, sent as metadata ``authorization: Bearer <token>``.
-  A missing or unknown token is UNAUTHENTICATED; a valid token used for another client id
-  (or a client token used for an operator call) is PERMISSION_DENIED.
-
-Without a tokens file, token checks are off (mutual TLS, if configured, still applies).
+  ``--insecure`` (plaintext) is refused unless the server binds a loopback address.
+* Client tokens: ``--tokens tokens.json`` maps client ids (decimal strings) to bearer tokens,
+  sent as metadata ``authorization: Bearer <token>``. A missing or unknown token is
+  UNAUTHENTICATED; a valid token used for another client id is PERMISSION_DENIED. Without a
+  tokens file, clients are anonymous: anyone who reaches the server may push as any id.
+* Admin credential: ``OpenRound`` and ``CloseRound`` always need the admin token: the
+  tokens file's ``"operator"`` entry, else ``--admin-token-file``, else a random token the
+  server writes to ``<data-dir>/admin.token`` (mode 0600) at start-up.
+* Reads: an admin sees everything; a client sees a round's configuration (it needs it to
+  encode) and only its own push, and reads the mean only of a round whose cohort holds it
+  or, for a round without a cohort, to which it pushed. Anonymous callers (no tokens file)
+  see the configuration and, like anyone who can reach the server, the mean.
+* Tokens are never compared as secrets: a presented token is hashed (SHA-256) and its
+  digest looked up, so the time a lookup takes says nothing usable about a valid token.
 
 Example tokens file::
 
@@ -16,13 +24,17 @@ Example tokens file::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pathlib
+import secrets
 
 import grpc
 from fedquant.server.rounds import MAX_CLIENT_ID, AggregationError
 
 OPERATOR = "operator"
+ADMIN_TOKEN_FILE = "admin.token"
 
 
 def load_tokens(path: str | pathlib.Path) -> dict[str, str]:
@@ -49,42 +61,90 @@ def load_tokens(path: str | pathlib.Path) -> dict[str, str]:
     return by_token
 
 
+def admin_token(data_dir: str | pathlib.Path, path: str | pathlib.Path | None = None) -> str:
+    """The admin token from `path`, or else the one in ``<data_dir>/admin.token`` (created
+    with a random token, mode 0600, if missing). ValueError names a bad file."""
+    file = pathlib.Path(path) if path else pathlib.Path(data_dir) / ADMIN_TOKEN_FILE
+    if path is None and not file.exists():
+        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    try:
+        token = file.read_text().strip()
+    except OSError as e:
+        raise ValueError(f"admin token file {file}: {e.strerror}") from None
+    if len(token) < 16:
+        raise ValueError(f"admin token file {file}: the token must be at least 16 characters")
+    return token
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
 class Authenticator:
-    """Checks the bearer token of a call against the tokens file (if any)."""
+    """Checks the bearer token of a call: client tokens (if a tokens file is given) and the
+    admin token (always)."""
 
-    __slots__ = ("_by_token",)
+    __slots__ = ("_by_digest", "_clients_anonymous")
 
-    def __init__(self, by_token: dict[str, str] | None = None):
-        self._by_token = by_token
+    def __init__(self, by_token: dict[str, str] | None = None, admin: str | None = None):
+        """`by_token`: token -> principal from :func:`load_tokens` (None: anonymous
+        clients); `admin`: the admin token, replacing any "operator" entry of `by_token`."""
+        tokens = dict(by_token or {})
+        if admin is not None:
+            tokens = {t: p for t, p in tokens.items() if p != OPERATOR}
+            tokens[admin] = OPERATOR
+        self._by_digest = {_digest(t): p for t, p in tokens.items()}
+        self._clients_anonymous = by_token is None
 
     @property
     def enabled(self) -> bool:
-        return self._by_token is not None
+        """Whether clients must present tokens."""
+        return not self._clients_anonymous
 
     def principal(self, context: grpc.ServicerContext) -> str | None:
-        """Who is calling ("operator" or a client id string); None when tokens are off."""
-        if self._by_token is None:
-            return None
-        header = dict(context.invocation_metadata()).get("authorization", "")
-        if not header.startswith("Bearer "):
+        """Who is calling: "operator", a client id string, or None (an anonymous client,
+        only when there is no tokens file)."""
+        header = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                header = value
+        if not header:
+            if self._clients_anonymous:
+                return None
             raise AggregationError("UNAUTHENTICATED",
                                    "missing 'authorization: Bearer <token>' metadata")
-        principal = self._by_token.get(header[len("Bearer "):])
+        if not isinstance(header, str) or not header.startswith("Bearer "):
+            raise AggregationError("UNAUTHENTICATED", "the authorization metadata must be "
+                                   "'Bearer <token>'")
+        # Tokens are looked up by their SHA-256 digest, so no comparison ever runs over the
+        # secret itself (a digest's matching prefix says nothing usable about a token).
+        principal = self._by_digest.get(_digest(header[len("Bearer "):]))
         if principal is None:
             raise AggregationError("UNAUTHENTICATED", "unknown bearer token")
         return principal
 
-    def require_client(self, context: grpc.ServicerContext, client_id: int) -> None:
+    def require_client(self, context: grpc.ServicerContext, client_id: int) -> str | None:
         principal = self.principal(context)
-        if principal is not None and principal != str(client_id):
+        if principal is None or self._clients_anonymous:
+            return principal
+        if principal != str(client_id):
             raise AggregationError("PERMISSION_DENIED", f"the bearer token belongs to "
                                    f"{principal!r}, not to client {client_id}")
+        return principal
 
     def require_operator(self, context: grpc.ServicerContext) -> None:
         principal = self.principal(context)
-        if principal is not None and principal != OPERATOR:
-            raise AggregationError("PERMISSION_DENIED", f"client {principal} may not open or "
-                                   "close rounds: this needs the operator token")
+        if principal != OPERATOR:
+            who = "an anonymous caller" if principal is None else f"client {principal}"
+            raise AggregationError("PERMISSION_DENIED", f"{who} may not open or close "
+                                   "rounds: this needs the admin (operator) token")
+
+    @staticmethod
+    def is_admin(principal: str | None) -> bool:
+        return principal == OPERATOR
 
 
 def server_credentials(cert: str | pathlib.Path, key: str | pathlib.Path,

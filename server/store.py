@@ -10,6 +10,15 @@ Closing a round stores its float32 mean, so a closed round needs no re-decoding:
 ~20 ms of CPU, a file write ~2 ms), marked in the ``mean`` column by an empty blob (logs
 written before that hold the mean in the column itself).
 
+Integrity: a mean file's SHA-256 is recorded in the ``mean`` column (``b"sha256:<hex>"``)
+and checked on every read (:class:`StoreError` names the file on a mismatch); replay checks
+each logged payload against its recorded digest, and a row that fails any check is moved to
+the ``quarantine`` table (round, client, reason) by :meth:`Store.quarantine` instead of
+stopping the server. Pushes refused by the norm bound are recorded in ``rejections``.
+
+Permissions: the data directory is 0700 and the log, its WAL and the mean files 0600 (the log
+holds every client's payload).
+
 One connection is shared by the server's threads under a lock; SQLite serializes writers
 anyway. Pushes are logged by group commit: concurrent :meth:`Store.record_push` calls queue
 their rows, and whichever caller holds the write lock next inserts every queued row in one
@@ -20,6 +29,7 @@ transaction holding its row committed (or raises its own row's error).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import pathlib
@@ -45,7 +55,29 @@ CREATE TABLE IF NOT EXISTS pushes (
     seq INTEGER NOT NULL,          -- arrival order within the round
     PRIMARY KEY (round_id, client_id)
 );
+CREATE TABLE IF NOT EXISTS rejections (
+    round_id TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    reason TEXT NOT NULL,          -- e.g. the norm bound it exceeded
+    PRIMARY KEY (round_id, client_id)
+);
+CREATE TABLE IF NOT EXISTS quarantine (
+    round_id TEXT NOT NULL,
+    client_id TEXT NOT NULL,
+    reason TEXT NOT NULL,          -- why replay refused the row
+    weight REAL,
+    sha256 TEXT,
+    payload BLOB,
+    seq INTEGER
+);
 """
+_MEAN_TAG = b"sha256:"
+_PRIVATE_FILE = 0o600
+_PRIVATE_DIR = 0o700
+
+
+class StoreError(RuntimeError):
+    """The log or a mean file is unreadable or corrupt; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +89,7 @@ class LoggedPush:
     sha256: str
     nbytes: int
     payload: bytes  # b"" when read without payloads
+    factor: float = 1.0  # clipping factor applied to the update (fedquant.robust)
 
 
 @dataclass(frozen=True)
@@ -64,7 +97,7 @@ class LoggedRound:
     """One round as recorded in the log (its config is the JSON the rounds module wrote)."""
 
     round_id: str
-    config: dict
+    config: dict | None  # None: the row's config is not valid JSON
     state: str
     close_reason: str
 
@@ -85,9 +118,15 @@ class Store:
 
     def __init__(self, data_dir: str | pathlib.Path):
         data_dir = pathlib.Path(data_dir)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            data_dir.mkdir(mode=_PRIVATE_DIR, parents=True, exist_ok=True)
+            os.chmod(data_dir, _PRIVATE_DIR)
+        except OSError as e:
+            raise StoreError(f"{data_dir}: cannot create or restrict the data directory: "
+                             f"{e.strerror}") from None
         # One server per data directory; the kernel drops the lock when the process dies.
-        self._owner = open(data_dir / "lock", "a")  # noqa: SIM115 (held until close)
+        self._owner = os.fdopen(os.open(data_dir / "lock", os.O_WRONLY | os.O_CREAT
+                                        | os.O_APPEND, _PRIVATE_FILE), "a")
         try:
             fcntl.flock(self._owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -95,10 +134,24 @@ class Store:
             raise RuntimeError(f"{data_dir} is in use by another fedquant server") from None
         self.path = data_dir / "fedquant.sqlite3"
         self.means = data_dir / "means"
-        self.means.mkdir(exist_ok=True)
+        self.means.mkdir(mode=_PRIVATE_DIR, exist_ok=True)
+        os.chmod(self.means, _PRIVATE_DIR)
         self._lock = threading.Lock()  # the connection, and so the single writer
         self._queue: list[_QueuedPush] = []  # pushes waiting for a group commit
         self._queue_lock = threading.Lock()
+        # SQLite gives the WAL and shm files the log's own mode: create the log 0600 first.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, _PRIVATE_FILE))
+        for path in (self.path, *(self.path.with_name(self.path.name + x)
+                                  for x in ("-wal", "-shm"))):
+            if path.exists():
+                os.chmod(path, _PRIVATE_FILE)
+        try:
+            self._open_db()
+        except sqlite3.DatabaseError as e:
+            self._owner.close()
+            raise StoreError(f"{self.path}: not a usable fedquant log ({e})") from None
+
+    def _open_db(self) -> None:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one short transaction each.
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         # 64 KiB pages for a new log (an existing one keeps its own): a 256 KiB payload is
@@ -106,10 +159,13 @@ class Store:
         self._db.execute("PRAGMA page_size=65536")
         mode = self._db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if mode.lower() != "wal":
-            raise RuntimeError(f"{self.path}: could not enable WAL mode (got {mode!r})")
+            raise StoreError(f"{self.path}: could not enable WAL mode (got {mode!r})")
         # FULL: every commit fsyncs the WAL before returning, so an ack implies durability.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(pushes)")}
+        if "factor" not in columns:  # logs written before norm clipping existed
+            self._db.execute("ALTER TABLE pushes ADD COLUMN factor REAL NOT NULL DEFAULT 1.0")
 
     def close(self) -> None:
         with self._lock:
@@ -133,13 +189,13 @@ class Store:
                     (round_id, json.dumps(config, sort_keys=True)))
 
     def record_push(self, round_id: str, client_id: int, weight: float, sha256: str,
-                    payload: bytes, seq: int) -> None:
+                    payload: bytes, seq: int, factor: float = 1.0) -> None:
         """Durably log one push; sqlite3.IntegrityError if the client already pushed.
 
         Group commit: the row is queued; the first caller to get the write lock logs every
         queued row in one transaction (one fsync) and the others find theirs committed.
         """
-        mine = _QueuedPush((round_id, str(client_id), weight, sha256, payload, seq))
+        mine = _QueuedPush((round_id, str(client_id), weight, sha256, payload, seq, factor))
         with self._queue_lock:
             self._queue.append(mine)
         with self._lock:
@@ -158,7 +214,8 @@ class Store:
             for queued in group:
                 try:
                     self._db.execute("INSERT INTO pushes (round_id, client_id, weight, sha256, "
-                                     "payload, seq) VALUES (?, ?, ?, ?, ?, ?)", queued.row)
+                                     "payload, seq, factor) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                     queued.row)
                 except sqlite3.IntegrityError as e:  # this statement alone was undone
                     queued.error = e
             self._db.execute("COMMIT")
@@ -174,13 +231,15 @@ class Store:
     def close_round(self, round_id: str, reason: str, mean: bytes | None) -> None:
         """Mark a round closed and store its mean (float32 bytes, None if no pushes).
 
-        The mean file is durable (written, fsynced, renamed, directory fsynced) before the
-        close commits; a crash in between leaves the round open and the file overwritten at
-        the next close."""
+        The mean file is durable (written 0600, fsynced, renamed, directory fsynced) before
+        the close commits, and the commit records its SHA-256; a crash in between leaves
+        the round open and the file overwritten at the next close."""
+        tag = None
         if mean is not None:
             path = self._mean_path(round_id)
             tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "wb") as f:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
+            with os.fdopen(fd, "wb") as f:
                 f.write(mean)
                 f.flush()
                 os.fsync(f.fileno())
@@ -190,38 +249,119 @@ class Store:
                 os.fsync(directory)
             finally:
                 os.close(directory)
+            tag = _MEAN_TAG + hashlib.sha256(mean).hexdigest().encode()
         self._write("UPDATE rounds SET state = 'closed', close_reason = ?, mean = ? "
-                    "WHERE round_id = ?", (reason, None if mean is None else b"", round_id))
+                    "WHERE round_id = ?", (reason, tag, round_id))
 
     def _mean_path(self, round_id: str) -> pathlib.Path:
         return self.means / f"{round_id}.f32"  # round ids are [A-Za-z0-9_.-]{1,128}
 
-    # ---- reads -------------------------------------------------------------------------
-    def rounds(self) -> list[LoggedRound]:
+    def record_rejection(self, round_id: str, client_id: int, reason: str) -> None:
+        """Record that a push was refused (e.g. by the norm bound): the round's record."""
+        self._write("INSERT OR REPLACE INTO rejections (round_id, client_id, reason) "
+                    "VALUES (?, ?, ?)", (round_id, str(client_id), reason))
+
+    def quarantine(self, round_id: str, client_id: int, reason: str) -> None:
+        """Move a logged push that failed a replay check to the quarantine table."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT round_id, config, state, close_reason FROM rounds").fetchall()
-        return [LoggedRound(r, json.loads(c), s, why) for r, c, s, why in rows]
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO quarantine (round_id, client_id, reason, weight, sha256, "
+                    "payload, seq) SELECT round_id, client_id, ?, weight, sha256, payload, seq "
+                    "FROM pushes WHERE round_id = ? AND client_id = ?",
+                    (reason, round_id, str(client_id)))
+                self._db.execute("DELETE FROM pushes WHERE round_id = ? AND client_id = ?",
+                                 (round_id, str(client_id)))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---- reads -------------------------------------------------------------------------
+    def rounds(self, state: str | None = None) -> list[LoggedRound]:
+        """Logged rounds (only those in `state` if given). A row whose config is not valid
+        JSON is returned with ``config=None`` (the caller reports it)."""
+        sql = "SELECT round_id, config, state, close_reason FROM rounds"
+        with self._lock:
+            rows = self._db.execute(sql + (" WHERE state = ?" if state else ""),
+                                    (state,) if state else ()).fetchall()
+        return [LoggedRound(r, _json_or_none(c), s, why) for r, c, s, why in rows]
+
+    def round(self, round_id: str) -> LoggedRound | None:
+        with self._lock:
+            row = self._db.execute("SELECT round_id, config, state, close_reason FROM rounds "
+                                   "WHERE round_id = ?", (round_id,)).fetchone()
+        return None if row is None else LoggedRound(row[0], _json_or_none(row[1]), *row[2:])
+
+    def round_count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT count(*) FROM rounds").fetchone()[0]
 
     def pushes(self, round_id: str, with_payload: bool = True) -> Iterator[LoggedPush]:
         """The round's pushes in arrival order (payloads read one at a time)."""
         with self._lock:
             keys = self._db.execute(
-                "SELECT client_id, weight, sha256, length(payload) FROM pushes "
+                "SELECT client_id, weight, sha256, length(payload), factor FROM pushes "
                 "WHERE round_id = ? ORDER BY seq", (round_id,)).fetchall()
-        for client_id, weight, sha256, nbytes in keys:
+        for client_id, weight, sha256, nbytes, factor in keys:
             payload = b""
             if with_payload:
                 with self._lock:
-                    payload = self._db.execute(
+                    row = self._db.execute(
                         "SELECT payload FROM pushes WHERE round_id = ? AND client_id = ?",
-                        (round_id, client_id)).fetchone()[0]
-            yield LoggedPush(int(client_id), weight, sha256, nbytes, payload)
+                        (round_id, client_id)).fetchone()
+                payload = b"" if row is None else row[0]
+            yield LoggedPush(_client_id(client_id), weight, sha256, nbytes, payload, factor)
+
+    def rejections(self, round_id: str) -> dict[int, str]:
+        """{client: reason} of the round's pushes refused by the norm bound."""
+        with self._lock:
+            rows = self._db.execute("SELECT client_id, reason FROM rejections "
+                                    "WHERE round_id = ?", (round_id,)).fetchall()
+        return {_client_id(c): why for c, why in rows}
+
+    def quarantined(self) -> list[tuple[str, str, str]]:
+        """(round, client, reason) of every row replay moved to quarantine."""
+        with self._lock:
+            return [tuple(r) for r in self._db.execute(
+                "SELECT round_id, client_id, reason FROM quarantine ORDER BY rowid")]
 
     def mean(self, round_id: str) -> bytes | None:
+        """The closed round's float32 mean bytes, None if it closed with no pushes;
+        StoreError (naming the file) if the mean file is missing or fails its checksum."""
         with self._lock:
             row = self._db.execute("SELECT mean FROM rounds WHERE round_id = ?",
                                    (round_id,)).fetchone()
         if row is None or row[0] is None:
             return None
-        return row[0] if len(row[0]) else self._mean_path(round_id).read_bytes()
+        tag = bytes(row[0])
+        if len(tag) and not tag.startswith(_MEAN_TAG):
+            return tag  # older logs: the mean itself (float32 bytes: a multiple of 4 long)
+        path = self._mean_path(round_id)
+        try:
+            blob = path.read_bytes()
+        except OSError as e:
+            raise StoreError(f"{path}: cannot read the mean of round {round_id!r}: "
+                             f"{e.strerror}") from None
+        if tag and hashlib.sha256(blob).hexdigest().encode() != tag[len(_MEAN_TAG):]:
+            raise StoreError(f"{path}: checksum mismatch: the mean of round {round_id!r} is "
+                             "corrupt")
+        if len(blob) % 4:
+            raise StoreError(f"{path}: {len(blob)} bytes is not a whole number of float32")
+        return blob
+
+
+def _json_or_none(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _client_id(text: str) -> int:
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return -1  # a corrupt row: replay quarantines it

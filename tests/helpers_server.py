@@ -44,6 +44,11 @@ class ServerProcess:
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def admin_token(self) -> str:
+        """The admin token the server wrote to its data directory (no tokens file)."""
+        return (self.data_dir / "admin.token").read_text().strip()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 

@@ -24,7 +24,7 @@ def test_kill_9_during_a_round_then_restart(tmp_path):
     weights = [1.0 + i for i in range(n)]
     server = ServerProcess(tmp_path, "--insecure")
     try:
-        with AggregatorClient(server.target, insecure=True) as c:
+        with AggregatorClient(server.target, insecure=True, token=server.admin_token) as c:
             c.open_round("durable", "eden", {"bits": 2}, round_seed=7, shape=[d], expected=n)
             encs = [c.encode("durable", i, torch.randn(d)) for i in range(n)]
             for i in range(6):
@@ -70,7 +70,7 @@ def test_kill_9_during_a_round_then_restart(tmp_path):
 
     server = ServerProcess(tmp_path, "--insecure")
     try:
-        with AggregatorClient(server.target, insecure=True) as c:
+        with AggregatorClient(server.target, insecure=True, token=server.admin_token) as c:
             status = c.round_status("durable")
             recorded = [p.client_id for p in status.pushes]
             assert len(recorded) == len(set(recorded))  # none twice

@@ -45,7 +45,7 @@ def server(tmp_path_factory, metrics_port):
 
 @pytest.fixture()
 def client(server):
-    with AggregatorClient(server.target, insecure=True) as c:
+    with AggregatorClient(server.target, insecure=True, token=server.admin_token) as c:
         yield c
 
 

@@ -33,7 +33,9 @@ def server(tmp_path_factory):
     data = tmp_path_factory.mktemp("errors")
     (data / "tokens.json").write_text(json.dumps(TOKENS))
     proc = ServerProcess(data, "--insecure", "--tokens", str(data / "tokens.json"),
-                         "--max-push-bytes", str(CAP), "--push-timeout-s", str(STALL_S))
+                         "--max-push-bytes", str(CAP), "--push-timeout-s", str(STALL_S),
+                         # the error cases below push concurrently with one client's token
+                         "--max-streams-per-client", "16")
     yield proc
     proc.stop()
 

@@ -64,7 +64,8 @@ def test_mutual_tls(tmp_path, certs):
     try:
         with AggregatorClient(f"127.0.0.1:{server.port}", root_cert=certs["ca.pem"],
                               client_cert=certs["client.pem"],
-                              client_key=certs["client.key"]) as c:
+                              client_key=certs["client.key"],
+                              token=server.admin_token) as c:
             _roundtrip(c, "mtls")
         with AggregatorClient(f"127.0.0.1:{server.port}", root_cert=certs["ca.pem"],
                               retries=0) as no_cert:

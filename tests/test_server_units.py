@@ -13,7 +13,7 @@ import torch
 from fedquant.server.aggregator import ServerConfig, start_server
 from fedquant.server.bench import BenchConfig, run
 from fedquant.server.cli import load_rounds
-from fedquant.server.rounds import AggregationError, RoundBook, RoundConfig
+from fedquant.server.rounds import AggregationError, RoundBook, RoundConfig, payload_digest
 from fedquant.server.security import load_tokens
 from fedquant.server.store import Store
 from hypothesis import given, settings
@@ -83,7 +83,8 @@ def test_store_replay_rebuilds_the_running_sum_and_refuses_duplicates(tmp_path):
                                                  seed=fq.random.derive_seed(5, client))
         blob = enc.to_bytes()
         book.check_payload(rnd, client, enc)
-        book.accept(rnd, client, weight, blob, "digest", book.decode(rnd, enc, weight), 0.0)
+        book.accept(rnd, client, weight, blob, payload_digest(blob),
+                    book.decode(rnd, enc, weight), 0.0)
         encs.append(enc)
     with pytest.raises(AggregationError) as err:
         book.check_push(rnd, 3)
@@ -138,14 +139,15 @@ def test_shared_rotation_rounds_sum_in_the_rotated_domain(tmp_path):
     encs = [codec.encode(torch.randn(1000), seed=fq.random.derive_seed(5, c)) for c in range(4)]
     weights = [1.0, 2.0, 0.5, 3.0]
     for c in range(3):
-        book.accept(rnd, c, weights[c], encs[c].to_bytes(), "digest",
+        book.accept(rnd, c, weights[c], encs[c].to_bytes(), payload_digest(encs[c].to_bytes()),
                     book.decode(rnd, encs[c], weights[c]), 0.0)
     assert rnd.running_sum is None and list(rnd.rotated_sums) == [(77, encs[0].rotations)]
     book.store.close()
     replayed = RoundBook(Store(tmp_path))
     again = replayed.get("q")
     torch.testing.assert_close(again.rotated_sums, rnd.rotated_sums, rtol=0, atol=0)
-    replayed.accept(again, 3, weights[3], encs[3].to_bytes(), "digest",
+    replayed.accept(again, 3, weights[3], encs[3].to_bytes(),
+                    payload_digest(encs[3].to_bytes()),
                     replayed.decode(again, encs[3], weights[3]), 0.0)  # quorum: closes
     assert again.state == "closed" and not again.rotated_sums
     torch.testing.assert_close(replayed.mean(again), fq.decode_mean(encs, weights),
@@ -227,10 +229,12 @@ def test_a_close_waits_for_pushes_being_logged(tmp_path):
     rnd = book.open(RoundConfig.build("r", "eden", {"bits": 2}, 5, [512], expected_count=3))
     codec = rnd.codec
     encs = [codec.encode(torch.randn(512), seed=fq.random.derive_seed(5, c)) for c in range(2)]
-    book.accept(rnd, 0, 1.0, encs[0].to_bytes(), "d0", book.decode(rnd, encs[0], 1.0), 0.0)
+    book.accept(rnd, 0, 1.0, encs[0].to_bytes(), payload_digest(encs[0].to_bytes()),
+                book.decode(rnd, encs[0], 1.0), 0.0)
     with book.store._lock:  # hold the log's writer: client 1's push stays pending
         pusher = threading.Thread(target=book.accept, args=(
-            rnd, 1, 2.0, encs[1].to_bytes(), "d1", book.decode(rnd, encs[1], 2.0), 0.0))
+            rnd, 1, 2.0, encs[1].to_bytes(), payload_digest(encs[1].to_bytes()),
+            book.decode(rnd, encs[1], 2.0), 0.0))
         pusher.start()
         _wait_until(lambda: 1 in rnd.pending)
         with pytest.raises(AggregationError) as retry:
@@ -274,8 +278,10 @@ def test_a_round_logged_up_to_its_quorum_closes_on_replay(tmp_path):
     rnd = book.open(RoundConfig.build("r", "eden", {"bits": 2}, 5, [300], expected_count=2))
     encs = [rnd.codec.encode(torch.randn(300), seed=fq.random.derive_seed(5, c))
             for c in range(2)]
-    book.accept(rnd, 0, 1.0, encs[0].to_bytes(), "d0", book.decode(rnd, encs[0], 1.0), 0.0)
-    book.store.record_push("r", 1, 3.0, "d1", encs[1].to_bytes(), 1)  # then kill -9
+    book.accept(rnd, 0, 1.0, encs[0].to_bytes(), payload_digest(encs[0].to_bytes()),
+                book.decode(rnd, encs[0], 1.0), 0.0)
+    book.store.record_push("r", 1, 3.0, payload_digest(encs[1].to_bytes()), encs[1].to_bytes(),
+                           1)  # then kill -9
     book.store.close()
     replayed = RoundBook(Store(tmp_path))
     again = replayed.get("r")
@@ -291,7 +297,8 @@ def test_the_quorum_push_can_leave_the_close_to_its_caller(tmp_path):
     book = RoundBook(Store(tmp_path))
     rnd = book.open(RoundConfig.build("r", "eden", {"bits": 2}, 5, [300], expected_count=1))
     enc = rnd.codec.encode(torch.randn(300), seed=fq.random.derive_seed(5, 0))
-    assert book.accept(rnd, 0, 1.0, enc.to_bytes(), "d0", book.decode(rnd, enc, 1.0), 0.0,
+    assert book.accept(rnd, 0, 1.0, enc.to_bytes(), payload_digest(enc.to_bytes()),
+                       book.decode(rnd, enc, 1.0), 0.0,
                        close_on_quorum=False) == (1, "closing")
     with pytest.raises(AggregationError, match="closing") as late:
         book.check_push(rnd, 1)
