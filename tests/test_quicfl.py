@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy.stats import binom, norm
 
 import fedquant as fq
-from fedquant.codecs import quicfl
+from fedquant.codecs import quicfl, rotated
 from fedquant.packing import packed_len
 from fedquant.random import derive_seed
 from fedquant.rotation import padded_size, rotate, slice_layout
@@ -195,7 +195,8 @@ def test_decode_mean_equals_mean_of_decodes(round_seed: int, monkeypatch) -> Non
     encs = [c.encode(xi, seed=derive_seed(9, i)) for i, xi in enumerate(x)]
     weights = [1.0, 2.0, 0.5, 3.0, 1.0, 0.25]
     separate = sum(w * fq.decode(e) for w, e in zip(weights, encs, strict=True)) / sum(weights)
-    monkeypatch.setattr(quicfl, "unrotate", counting_unrotate)
+    monkeypatch.setattr(quicfl, "unrotate", counting_unrotate)  # the rotated-domain sum
+    monkeypatch.setattr(rotated, "unrotate", counting_unrotate)  # per-client decodes
     mean = fq.decode_mean(encs, weights)
     assert torch.allclose(mean, separate, atol=1e-5, rtol=1e-4)
     # one shared rotation: one inverse; per-client rotations: one each
@@ -223,8 +224,8 @@ def test_cpu_quantizer_matches_torch_path(bits: int, shared_bits: int, d: int) -
     z = rotate(x, 5, 0)  # padded, unrotated: the spike stays an outlier
     scales = [float(torch.linalg.vector_norm(z[s.offset: s.offset + s.size].double()))
               / math.sqrt(s.size) for s in slice_layout(d)]
-    m1, p1 = c._quantize_cpu(z, scales, 9, d)
-    m2, p2 = c.quantize(z, scales, 9, d)
+    m1, p1 = c._sample_messages_cpu(z, scales, 9, d)
+    m2, p2 = c.sample_messages(z, scales, 9, d)
     assert torch.equal(m1, m2) and torch.equal(p1, p2) and p1.numel() >= 1
 
 

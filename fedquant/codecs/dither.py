@@ -41,15 +41,9 @@ import math
 import torch
 
 from fedquant import random as fqr
-from fedquant.codecs.base import (
-    Codec,
-    check_input,
-    check_seed,
-    expect_scales,
-    expect_section,
-    register_codec,
-)
-from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout, unrotate
+from fedquant.codecs.base import expect_section, register_codec
+from fedquant.codecs.rotated import RotatedCodec
+from fedquant.rotation import padded_size, slice_layout
 from fedquant.wire import Encoded, Section, WireError
 
 
@@ -102,31 +96,7 @@ def grid_positions(v: torch.Tensor, lo: float, step: float, levels: int) -> torc
     return ((v - lo) * (1.0 / step)).clamp_(0, levels - 1)
 
 
-def rotated_input(codec: Codec, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, int]:
-    """(the vector to quantize, rotation count): rotated and padded, or x itself."""
-    flat = check_input(x)
-    k = resolve_rotations(codec.rotations, flat, "scalar")
-    return (rotate(flat, check_seed(seed), k) if k > 0 else flat), k
-
-
-def rebuild(enc: Encoded, values: torch.Tensor) -> torch.Tensor:
-    """Undo the rotations of the quantized vector (identity when rotations == 0)."""
-    if enc.rotations == 0:
-        return values
-    return unrotate(values, enc.seed, enc.rotations, enc.numel)
-
-
-def validate_uniform(codec: Codec, enc: Encoded) -> None:
-    """Section "q" and the (lo, step) scales of a uniform-grid codec against the shape."""
-    if enc.rotations > 3:
-        raise WireError(f"rotations: must be 0..3, got {enc.rotations}")
-    expect_section(enc, "q", quantized_length(enc.numel, enc.rotations), codec.bits)
-    expect_scales(enc, 2 * len(slice_layout(enc.numel)))
-    if any(step < 0 for step in enc.scales[1::2]):
-        raise WireError("scales: a grid step (odd entries) is negative")
-
-
-class UniformGridCodec(Codec):
+class UniformGridCodec(RotatedCodec):
     """Shared mechanics of the uniform-grid quantizers (dither, stochastic): optional RHTs,
     a per-slice grid lo + j * step with 2^bits levels, one rounding rule per subclass.
 
@@ -141,12 +111,12 @@ class UniformGridCodec(Codec):
     """
 
     unbiased = True
+    raw_without_rotation = True  # rotations = 0 quantizes x itself, unpadded
     purpose: fqr.Purpose
 
     def __init__(self, bits: int = 2, rotations: str = "auto", range: str = "minmax"):  # noqa: A002
         self.bits = check_bits(bits)
-        resolve_rotations(rotations, torch.ones(1))  # validate early
-        self.rotations = str(rotations)
+        self.set_rotations(rotations)
         self.dynamic_range = parse_range(range)
         self.range = "minmax" if self.dynamic_range is None else repr(self.dynamic_range)
 
@@ -158,31 +128,35 @@ class UniformGridCodec(Codec):
         """The receiver's grid positions (float64) of the level indices q."""
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
-        v, k = rotated_input(self, x, seed)
+    def quantize(self, z: torch.Tensor, d: int, seed: int,
+                 rotations: int) -> tuple[list[float], dict[str, Section]]:
         levels = 1 << self.bits
-        u = fqr.uniforms(seed, self.purpose, v.numel(), device=v.device)
-        indices = torch.empty(v.numel(), dtype=torch.int64, device=v.device)
+        u = fqr.uniforms(seed, self.purpose, z.numel(), device=z.device)
+        indices = torch.empty(z.numel(), dtype=torch.int64, device=z.device)
         scales: list[float] = []
-        for lo_i, hi_i in value_blocks(x.numel(), k):
-            lo, step = grid(v[lo_i:hi_i], levels, self.dynamic_range)
-            t = grid_positions(v[lo_i:hi_i], lo, step, levels)
+        for lo_i, hi_i in value_blocks(d, rotations):
+            lo, step = grid(z[lo_i:hi_i], levels, self.dynamic_range)
+            t = grid_positions(z[lo_i:hi_i], lo, step, levels)
             indices[lo_i:hi_i] = self.round_to_levels(t, u[lo_i:hi_i]).clamp_(0, levels - 1)
             scales += [lo, step]
-        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
-                                 sections={"q": Section.from_ints("q", indices, self.bits)})
+        return scales, {"q": Section.from_ints("q", indices, self.bits)}
 
     def validate(self, enc: Encoded) -> None:
-        validate_uniform(self, enc)
+        super().validate(enc)
+        expect_section(enc, "q", quantized_length(enc.numel, enc.rotations), self.bits)
+        self.expect_slice_scales(enc, per_slice=2)
+        if any(step < 0 for step in enc.scales[1::2]):
+            raise WireError("scales: a grid step (odd entries) is negative")
 
-    def decode(self, enc: Encoded, device=None) -> torch.Tensor:
+    def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
+        """lo + step * position per slice, float32 (the rotated domain, or x itself)."""
         positions = self.levels_to_positions(enc.section("q").ints(device), enc.seed)
         values = torch.empty(positions.numel(), dtype=torch.float32, device=positions.device)
         blocks = value_blocks(enc.numel, enc.rotations)
         for (lo_i, hi_i), lo, step in zip(blocks, enc.scales[0::2], enc.scales[1::2],
                                           strict=True):
             values[lo_i:hi_i] = (lo + step * positions[lo_i:hi_i]).to(torch.float32)
-        return rebuild(enc, values)
+        return values
 
 
 @register_codec
@@ -208,4 +182,4 @@ class Dither(UniformGridCodec):
 
 
 __all__ = ["Dither", "UniformGridCodec", "grid", "grid_positions", "parse_range",
-           "quantized_length", "rebuild", "rotated_input", "validate_uniform", "value_blocks"]
+           "quantized_length", "value_blocks"]

@@ -28,19 +28,11 @@ import pathlib
 import torch
 
 from fedquant import cpu_kernels
-from fedquant.codecs.base import (
-    Codec,
-    check_input,
-    check_seed,
-    expect_scales,
-    expect_section,
-    register_codec,
-    restore,
-)
-from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout, unrotate
-from fedquant.wire import Encoded, Section, WireError
+from fedquant.codecs.base import expect_section, register_codec, restore
+from fedquant.codecs.rotated import SCALES, RotatedCodec, check_scale, slice_values
+from fedquant.rotation import padded_size, slice_layout
+from fedquant.wire import Encoded, Section
 
-SCALES = ("unbiased", "biased")
 _TABLE = pathlib.Path(__file__).resolve().parents[1] / "data" / "lloyd_max.json"
 
 
@@ -58,7 +50,7 @@ def nearest_centroid(t: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 
 @register_codec
-class Eden(Codec):
+class Eden(RotatedCodec):
     """EDEN (seed 003 section 4): b-bit Lloyd-Max quantization of the rotated vector.
 
     Args:
@@ -73,25 +65,17 @@ class Eden(Codec):
     def __init__(self, bits: int = 2, scale: str = "unbiased", rotations: str = "auto"):
         if not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        resolve_rotations(rotations, torch.ones(1))  # validate early
-        self.bits, self.scale, self.rotations = bits, scale, str(rotations)
+        self.bits, self.scale = bits, check_scale(scale)
+        self.set_rotations(rotations)
 
-    @property
-    def is_unbiased(self) -> bool:
-        return self.scale == "unbiased"
-
-    def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
-        flat = check_input(x)
-        k = resolve_rotations(self.rotations, flat, "scalar")
-        z = rotate(flat, check_seed(seed), k)
+    def quantize(self, z: torch.Tensor, d: int, seed: int,
+                 rotations: int) -> tuple[list[float], dict[str, Section]]:
         centroids = lloyd_max_centroids(self.bits).to(z.device)
         fast = cpu_kernels.usable(z)  # fused numba passes; same numbers as the torch lines
         indices = torch.empty(z.numel(), dtype=torch.uint8 if fast else torch.int64,
                               device=z.device)
         scales = []
-        for s in slice_layout(flat.numel()):
+        for s in slice_layout(d):
             zs = z[s.offset: s.offset + s.size]
             idx = indices[s.offset: s.offset + s.size]
             if fast:
@@ -101,21 +85,18 @@ class Eden(Codec):
                 t = zs * (math.sqrt(s.size) / max(norm, 1e-300))
                 idx.copy_(nearest_centroid(t, centroids))
                 dot = float(torch.dot(zs.to(torch.float64), centroids[idx]))
-            if norm == 0 or dot <= 0:
-                scales.append(0.0)
-            elif self.scale == "unbiased":
-                scales.append(norm**2 / dot)
-            else:
+
+            def codeword_norm2(idx=idx) -> float:
                 c = centroids[idx.long()]
-                scales.append(dot / float(torch.dot(c, c)))
-        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
-                                 sections={"q": Section.from_ints("q", indices, self.bits)})
+                return float(torch.dot(c, c))
+
+            scales.append(self.slice_scale(norm, dot, codeword_norm2))
+        return scales, {"q": Section.from_ints("q", indices, self.bits)}
 
     def validate(self, enc: Encoded) -> None:
-        if enc.rotations > 3:
-            raise WireError(f"rotations: must be 0..3, got {enc.rotations}")
+        super().validate(enc)
         expect_section(enc, "q", padded_size(enc.numel), self.bits)
-        expect_scales(enc, len(slice_layout(enc.numel)))
+        self.expect_slice_scales(enc)
 
     def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
         """The scaled centroids in the rotated domain (before the inverse RHTs)."""
@@ -126,13 +107,7 @@ class Eden(Codec):
             return cpu_kernels.eden_dequantize(enc.section("q").data, self.bits, centroids,
                                                layout, padded_size(enc.numel))
         values = centroids[enc.section("q").ints(device)]
-        scale = torch.empty_like(values)
-        for s, sc in zip(slice_layout(enc.numel), enc.scales, strict=True):
-            scale[s.offset: s.offset + s.size] = sc
-        return (values * scale).to(torch.float32)
-
-    def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        return unrotate(self.decode_rotated(enc, device), enc.seed, enc.rotations, enc.numel)
+        return (values * slice_values(enc.scales, enc.numel, values.device)).to(torch.float32)
 
 
 @register_codec
@@ -154,4 +129,4 @@ class Drive(Eden):
         return {"scale": self.scale, "rotations": self.rotations}
 
 
-__all__ = ["Eden", "Drive", "lloyd_max_centroids", "nearest_centroid", "restore"]
+__all__ = ["SCALES", "Drive", "Eden", "lloyd_max_centroids", "nearest_centroid", "restore"]

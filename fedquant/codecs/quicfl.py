@@ -42,15 +42,9 @@ import torch
 
 from fedquant import random as fqr
 from fedquant._numba import AVAILABLE, njit
-from fedquant.codecs.base import (
-    Codec,
-    check_input,
-    check_seed,
-    expect_scales,
-    expect_section,
-    register_codec,
-)
-from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout, unrotate
+from fedquant.codecs.base import expect_scales, expect_section, register_codec
+from fedquant.codecs.rotated import RotatedCodec, slice_values
+from fedquant.rotation import padded_size, slice_layout, unrotate
 from fedquant.wire import Encoded, Section, WireError
 
 _TABLES = pathlib.Path(__file__).resolve().parents[1] / "data" / "quicfl_tables.npz"
@@ -279,16 +273,8 @@ def _private_uniforms(seed: int, n: int, device) -> tuple[torch.Tensor, torch.Te
     return high.to(torch.float64) * 2.0**-32, (bits & low32).to(torch.float64) * 2.0**-32
 
 
-def _slice_scales(scales: Sequence[float], d: int, device) -> torch.Tensor:
-    """Per-coordinate scale ||x_slice|| / sqrt(n_slice) over the padded rotated vector."""
-    layout = slice_layout(d)
-    sizes = torch.tensor([s.size for s in layout], device=device)
-    return torch.repeat_interleave(torch.tensor(scales, dtype=torch.float64, device=device),
-                                   sizes)
-
-
 @register_codec
-class QuicFL(Codec):
+class QuicFL(RotatedCodec):
     """QUIC-FL (seed 003 section 5): bounded support + shared-randomness quantization.
 
     Args:
@@ -318,9 +304,9 @@ class QuicFL(Codec):
                              f"these), got {p!r}")
         if not isinstance(round_seed, int) or not -1 <= round_seed < 2**64:
             raise ValueError(f"round_seed must be -1 or an int in [0, 2^64), got {round_seed!r}")
-        resolve_rotations(rotations, torch.ones(1))  # validate early
+        self.set_rotations(rotations)
         self.bits, self.shared_bits, self.p = bits, shared_bits, float(p)
-        self.rotations, self.round_seed = str(rotations), round_seed
+        self.round_seed = round_seed
 
     @property
     def tables(self) -> QuicTables:
@@ -334,32 +320,32 @@ class QuicFL(Codec):
         """Encode x with the client seed `seed`; `round_seed` overrides the parameter."""
         if round_seed is not None and round_seed != self.round_seed:
             return QuicFL(**{**self.params(), "round_seed": round_seed}).encode(x, seed)
-        flat = check_input(x)
-        seed = check_seed(seed)
-        k = resolve_rotations(self.rotations, flat, "scalar")
-        z = rotate(flat, self.rotation_seed(seed), k)
+        return super().encode(x, seed)
+
+    def quantize(self, z: torch.Tensor, d: int, seed: int,
+                 rotations: int) -> tuple[list[float], dict[str, Section]]:
         scales = [float(torch.linalg.vector_norm(z[s.offset: s.offset + s.size]
                                                  .to(torch.float64))) / math.sqrt(s.size)
-                  for s in slice_layout(flat.numel())]
+                  for s in slice_layout(d)]
         if z.device.type == "cpu" and _quantize_numba is not None:
-            messages, positions = self._quantize_cpu(z, scales, seed, flat.numel())
+            messages, positions = self._sample_messages_cpu(z, scales, seed, d)
         else:
-            messages, positions = self.quantize(z, scales, seed, flat.numel())
+            messages, positions = self.sample_messages(z, scales, seed, d)
         sections = {
             "q": Section.from_ints("q", messages, self.bits),
             "outlier_values": Section.from_raw("outlier_values", z[positions].float()),
         }
         where = position_section(positions, z.numel())
         sections[where.name] = where
-        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales), sections=sections)
+        return scales, sections
 
-    def quantize(self, z: torch.Tensor, scales: Sequence[float], seed: int,
-                 d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_messages(self, z: torch.Tensor, scales: Sequence[float], seed: int,
+                        d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(messages of the inliers in order, outlier positions) for the rotated z of a
         d-coordinate input with slice scales ||x_slice|| / sqrt(size) (plain torch)."""
         n, device = z.numel(), z.device
         tables = self.tables.to(device)
-        scale = _slice_scales(scales, d, device)
+        scale = slice_values(scales, d, device)
         t = z.to(torch.float64) / scale.clamp(min=1e-300)  # all-zero slice: t = 0
         outlier = t.abs() > tables.threshold
         positions = torch.nonzero(outlier).reshape(-1)
@@ -368,9 +354,9 @@ class QuicFL(Codec):
         u_grid, u_msg = _private_uniforms(seed, n, device)
         return tables.sample(t[inlier], h[inlier], u_grid[inlier], u_msg[inlier]), positions
 
-    def _quantize_cpu(self, z: torch.Tensor, scales: Sequence[float], seed: int,
-                      d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`quantize` in one numba pass (same numbers, bit for bit)."""
+    def _sample_messages_cpu(self, z: torch.Tensor, scales: Sequence[float], seed: int,
+                             d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`sample_messages` in one numba pass (same numbers, bit for bit)."""
         tables = self.tables
         sizes = np.array([s.size for s in slice_layout(d)], dtype=np.int64)
         messages = np.empty(z.numel(), dtype=np.int64)
@@ -387,8 +373,7 @@ class QuicFL(Codec):
 
     # ---- wire checks ---------------------------------------------------------------------
     def validate(self, enc: Encoded) -> None:
-        if enc.rotations > 3:
-            raise WireError(f"rotations: must be 0..3, got {enc.rotations}")
+        super().validate(enc)
         extra = set(enc.sections) - set(SECTIONS)
         if extra:
             raise WireError(f"sections: unexpected {sorted(extra)}; allowed: {list(SECTIONS)}")
@@ -447,16 +432,15 @@ class QuicFL(Codec):
                          device)[inlier]
         messages = enc.section("q").ints(device)
         out = torch.zeros(n, dtype=torch.float64, device=device)
-        scale = _slice_scales(enc.scales, enc.numel, device)
+        scale = slice_values(enc.scales, enc.numel, device)
         out[inlier] = tables.receiver[messages, h] * scale[inlier]
         out[positions] = values
         return out
 
     def decode(self, enc: Encoded, device=None) -> torch.Tensor:
         z = torch.zeros(padded_size(enc.numel), dtype=torch.float64, device=device)
-        self.accumulate(z, enc)
-        return unrotate(z.to(torch.float32), self.rotation_seed(enc.seed), enc.rotations,
-                        enc.numel)
+        self.accumulate(z, enc)  # the numba receiver on the CPU, decode_rotated elsewhere
+        return self.unrotate(z.to(torch.float32), enc)
 
     def decode_sum(self, encs: Sequence[Encoded], weights: Sequence[float],
                    device=None) -> torch.Tensor:

@@ -31,18 +31,11 @@ import pathlib
 import numpy as np
 import torch
 
-from fedquant.codecs.base import (
-    Codec,
-    check_input,
-    check_seed,
-    expect_scales,
-    expect_section,
-    register_codec,
-)
-from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout, unrotate
-from fedquant.wire import Encoded, Section, WireError
+from fedquant.codecs.base import expect_section, register_codec
+from fedquant.codecs.rotated import SCALES, RotatedCodec, check_scale, slice_values
+from fedquant.rotation import padded_size, slice_layout
+from fedquant.wire import Encoded, Section
 
-SCALES = ("unbiased", "biased")
 SUPPORTED = ((2, 1), (2, 2), (2, 3), (2, 4), (4, 1), (4, 2), (8, 1))
 _TABLE = pathlib.Path(__file__).resolve().parents[1] / "data" / "vq_codebooks.npz"
 _SEARCH_CHUNK = 2**22  # distances held at once in the nearest-centroid search
@@ -80,7 +73,7 @@ def _block_count(d: int, dim: int) -> int:
 
 
 @register_codec
-class VectorQuantizer(Codec):
+class VectorQuantizer(RotatedCodec):
     """Block VQ over three RHTs (seed 003 section 6).
 
     Args:
@@ -93,29 +86,22 @@ class VectorQuantizer(Codec):
     """
 
     name = "vq"
+    kind = "vector"
 
     def __init__(self, bits: int = 1, dim: int = 8, scale: str = "unbiased",
                  rotations: str = "3"):
         if (dim, bits) not in SUPPORTED:
             raise ValueError(f"(dim, bits) = ({dim!r}, {bits!r}) is not supported; "
                              f"supported: {list(SUPPORTED)}")
-        if scale not in SCALES:
-            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-        resolve_rotations(rotations, torch.ones(1), "vector")  # validate early
-        self.bits, self.dim, self.scale, self.rotations = bits, dim, scale, str(rotations)
+        self.bits, self.dim, self.scale = bits, dim, check_scale(scale)
+        self.set_rotations(rotations)
 
-    @property
-    def is_unbiased(self) -> bool:
-        return self.scale == "unbiased"
-
-    def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
-        flat = check_input(x)
-        k = resolve_rotations(self.rotations, flat, "vector")
-        z = rotate(flat, check_seed(seed), k)
-        n_blocks = _block_count(flat.numel(), self.dim)
+    def quantize(self, z: torch.Tensor, d: int, seed: int,
+                 rotations: int) -> tuple[list[float], dict[str, Section]]:
+        n_blocks = _block_count(d, self.dim)
         t = z.new_zeros(n_blocks * self.dim)
         norms = []
-        for s in slice_layout(flat.numel()):
+        for s in slice_layout(d):
             zs = z[s.offset: s.offset + s.size]
             norm = float(torch.linalg.vector_norm(zs.to(torch.float64)))
             norms.append(norm)
@@ -124,36 +110,23 @@ class VectorQuantizer(Codec):
         indices = nearest_block(t.view(n_blocks, self.dim), centroids)
         c = centroids[indices].reshape(-1).to(torch.float64)
         scales = []
-        for s, norm in zip(slice_layout(flat.numel()), norms, strict=True):
+        for s, norm in zip(slice_layout(d), norms, strict=True):
             zs = z[s.offset: s.offset + s.size].to(torch.float64)
             cs = c[s.offset: s.offset + s.size]
-            dot = float(torch.dot(zs, cs))
-            if norm == 0 or dot <= 0:
-                scales.append(0.0)
-            elif self.scale == "unbiased":
-                scales.append(norm * norm / dot)
-            else:
-                scales.append(dot / float(torch.dot(cs, cs)))
-        q = Section.from_ints("q", indices, self.dim * self.bits)
-        return self._new_encoded(x, seed, rotations=k, scales=tuple(scales), sections={"q": q})
+            scales.append(self.slice_scale(norm, float(torch.dot(zs, cs)),
+                                           lambda cs=cs: float(torch.dot(cs, cs))))
+        return scales, {"q": Section.from_ints("q", indices, self.dim * self.bits)}
 
     def validate(self, enc: Encoded) -> None:
-        if enc.rotations > 3:
-            raise WireError(f"rotations: must be 0..3, got {enc.rotations}")
+        super().validate(enc)
         expect_section(enc, "q", _block_count(enc.numel, self.dim), self.dim * self.bits)
-        expect_scales(enc, len(slice_layout(enc.numel)))
+        self.expect_slice_scales(enc)
 
     def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
         """The scaled centroids in the rotated domain (before the inverse RHTs)."""
         centroids = codebook(self.dim, self.bits, device)
         values = centroids[enc.section("q").ints(device)].reshape(-1)[: padded_size(enc.numel)]
-        scale = torch.empty_like(values, dtype=torch.float64)
-        for s, sc in zip(slice_layout(enc.numel), enc.scales, strict=True):
-            scale[s.offset: s.offset + s.size] = sc
-        return (values * scale).to(torch.float32)
-
-    def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        return unrotate(self.decode_rotated(enc, device), enc.seed, enc.rotations, enc.numel)
+        return (values * slice_values(enc.scales, enc.numel, values.device)).to(torch.float32)
 
 
-__all__ = ["SUPPORTED", "VectorQuantizer", "codebook", "nearest_block"]
+__all__ = ["SCALES", "SUPPORTED", "VectorQuantizer", "codebook", "nearest_block"]
