@@ -8,6 +8,10 @@ The tensor comes from ``--tensor`` (a ``torch.save``'d tensor or a ``.npy`` arra
 round's shape) or, with ``--random``, is a standard normal vector of the round's shape drawn
 from ``fq.random.normals(seed)``. The seed of the encoding is always
 ``derive_seed(round_seed, client_id)``.
+
+A failed call is one line on stderr with the status and what went wrong, e.g.
+``UNAVAILABLE: nothing listening at 127.0.0.1:50051``, and exit code 1; ``--retries 0``
+makes exactly one attempt.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import sys
 from typing import Annotated
 
+import grpc
 import numpy as np
 import torch
 import typer
-from fedquant.clients.grpc_client import AggregatorClient
+from fedquant.clients.grpc_client import AggregatorClient, PushConflict
 
 import fedquant as fq
 
@@ -61,19 +67,39 @@ def push(
     """Encode a tensor with the round's codec and seed, and push it to the server."""
     if (tensor is None) == (not random):
         raise typer.BadParameter("pass exactly one of --tensor FILE or --random")
-    token = token_file.read_text().strip() if token_file else None
-    with AggregatorClient(target, insecure=insecure, root_cert=root_cert,
-                          client_cert=client_cert, client_key=client_key, token=token,
-                          retries=retries) as client:
-        if random:
+    if retries < 0:
+        raise typer.BadParameter(f"--retries must be >= 0, got {retries}")
+    x = None
+    if tensor is not None:
+        try:
+            x = load_tensor(tensor)
+        except (OSError, ValueError, RuntimeError) as e:
+            raise typer.BadParameter(f"--tensor {tensor}: {e}") from None
+    try:
+        token = token_file.read_text().strip() if token_file else None
+    except OSError as e:
+        raise typer.BadParameter(f"--token-file {token_file}: {e.strerror}") from None
+    try:
+        summary = _push(target, round_id, client_id, x, seed, weight, token, retries,
+                        wait_mean, mean_out, insecure=insecure, root_cert=root_cert,
+                        client_cert=client_cert, client_key=client_key)
+    except grpc.RpcError as e:
+        print(describe_error(e, target), file=sys.stderr, flush=True)
+        raise typer.Exit(1) from None
+    except (PushConflict, OSError) as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        raise typer.Exit(1) from None
+    print(json.dumps(summary))
+
+
+def _push(target: str, round_id: str, client_id: int, x: torch.Tensor | None, seed: int,
+          weight: float, token: str | None, retries: int, wait_mean: float,
+          mean_out: pathlib.Path | None, **tls) -> dict:
+    with AggregatorClient(target, token=token, retries=retries, **tls) as client:
+        if x is None:  # --random: a vector of the round's shape
             shape = tuple(client.round_status(round_id).shape)
             x = fq.random.normals(seed, fq.random.Purpose.PRIVATE, math.prod(shape))
             x = x.reshape(shape)
-        else:
-            try:
-                x = load_tensor(tensor)
-            except (OSError, ValueError, RuntimeError) as e:
-                raise typer.BadParameter(f"--tensor {tensor}: {e}") from None
         try:
             enc = client.encode(round_id, client_id, x)
         except ValueError as e:
@@ -87,7 +113,20 @@ def push(
             summary["mean_norm"] = float(torch.linalg.vector_norm(mean))
             if mean_out is not None:
                 torch.save(mean, mean_out)
-    print(json.dumps(summary))
+    return summary
+
+
+def describe_error(e: grpc.RpcError, target: str) -> str:
+    """One line for a failed call: ``STATUS: what went wrong``."""
+    code = e.code() if callable(getattr(e, "code", None)) else None
+    details = e.details() if callable(getattr(e, "details", None)) else str(e)
+    details = " ".join(str(details or "").split())
+    name = code.name if code is not None else "ERROR"
+    lowered = details.lower()
+    if code == grpc.StatusCode.UNAVAILABLE and ("connection refused" in lowered
+                                                or "failed to connect" in lowered):
+        return f"UNAVAILABLE: nothing listening at {target}"
+    return f"{name}: {details}"
 
 
 def register(app: typer.Typer) -> None:

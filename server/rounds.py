@@ -11,10 +11,13 @@ in the log, and the closed round leaves memory (it is read back from the log on 
 
 Robustness: every push is decoded on its own before it is added, so a bad client is
 attributed and refused alone: a decode that fails or holds NaN/Inf, or an update whose norm
-exceeds the round's :class:`fedquant.robust.NormPolicy` bound (judged against the norms of
-the pushes accepted so far), is rejected with its reason recorded (``Store.rejections``);
-with ``action="clip"`` it is scaled down to the bound instead. Weights are bounded
-(``MAX_WEIGHT``) so the total weight stays finite. Replay re-checks every logged payload
+exceeds the round's :class:`fedquant.robust.NormPolicy` bound, is rejected with its reason
+recorded (``Store.rejections``); with ``action="clip"`` it is scaled down to the bound
+instead. A push is judged when it arrives against the norms accepted so far, and the round
+is judged again at close against the median of all its norms: a push that fails that final
+check (an outlier that came first, before there was a median) is taken out by re-summing the
+round from the log without it, so the order of arrival gives an attacker nothing. Weights
+are bounded (``MAX_WEIGHT``) so the total weight stays finite. Replay re-checks every logged payload
 (digest, round, codec, shape, seed, decode) and quarantines a bad row instead of refusing
 to start.
 
@@ -209,7 +212,8 @@ class Round:
     total_weight: float = 0.0
     bytes_received: int = 0
     decode_seconds: float = 0.0
-    norms: list[float] = field(default_factory=list)  # of the accepted updates (unclipped)
+    norms: dict[int, float] = field(default_factory=dict)  # client -> update norm (unclipped)
+    factors: dict[int, float] = field(default_factory=dict)  # client -> clip factor applied
     rejected: dict[int, str] = field(default_factory=dict)  # client -> reason
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: threading.Event = field(default_factory=threading.Event)
@@ -289,18 +293,20 @@ class RoundBook:
             norm = contribution_norm(contribution, push.weight)
             if not math.isfinite(norm):
                 raise AggregationError("DATA_LOSS", "decoded update holds NaN or Inf")
-            if not (math.isfinite(push.factor) and 0 < push.factor <= 1):
+            if not (math.isfinite(push.factor) and 0 <= push.factor <= 1):
                 raise AggregationError("DATA_LOSS", f"clip factor {push.factor} out of range")
         except AggregationError as e:
             self._report(rnd.round_id, push.client_id, str(e))
             self.store.quarantine(rnd.round_id, push.client_id, str(e))
             return
         rnd.pushes[push.client_id] = PushRecord(push.weight, push.nbytes, push.sha256)
-        rnd.norms.append(norm)
-        self._add(rnd, scaled(contribution, push.factor))
-        rnd.total_weight += push.weight
+        rnd.norms[push.client_id] = norm
+        rnd.factors[push.client_id] = push.factor
         rnd.bytes_received += push.nbytes
         rnd.next_seq += 1
+        if push.factor > 0:  # 0: screened out at close, kept in the log as a record
+            self._add(rnd, scaled(contribution, push.factor))
+            rnd.total_weight += push.weight
 
     def _report(self, round_id: str, client_id: int | None, reason: str) -> None:
         line = f"round {round_id!r}" + ("" if client_id is None else f", client {client_id}")
@@ -427,7 +433,7 @@ class RoundBook:
         """The norm verdict on one decoded push, against the norms accepted so far."""
         norm = contribution_norm(contribution, weight)
         with rnd.lock:
-            others = list(rnd.norms)
+            others = [n for c, n in rnd.norms.items() if rnd.factors.get(c, 1.0) > 0]
         return self.policy.judge(norm, others)
 
     def reject(self, rnd: Round, client_id: int, reason: str) -> None:
@@ -482,7 +488,8 @@ class RoundBook:
         with rnd.lock:
             del rnd.pending[client_id]
             rnd.pushes[client_id] = PushRecord(weight, len(payload), digest)
-            rnd.norms.append(verdict.norm)
+            rnd.norms[client_id] = verdict.norm
+            rnd.factors[client_id] = verdict.factor
             self._add(rnd, scaled(contribution, verdict.factor))
             rnd.total_weight += weight
             rnd.bytes_received += len(payload)
@@ -530,7 +537,36 @@ class RoundBook:
             if rnd.config.deadline_unix and now >= rnd.config.deadline_unix:
                 self.close(rnd, "deadline")
 
+    def _final_screening(self, rnd: Round) -> None:
+        """Judge every push again against the median of all the round's norms (caller
+        holds the round lock); if a verdict changed, re-sum the round from the log."""
+        if not math.isfinite(self.policy.median_multiple) or not rnd.norms:
+            return
+        bound, rule = self.policy._bound(rnd.norms.values())
+        final = {c: self.policy._verdict(n, bound, rule) for c, n in rnd.norms.items()}
+        changed = {c: v for c, v in final.items() if v.factor < rnd.factors.get(c, 1.0)}
+        if not changed:
+            return
+        for client, verdict in changed.items():
+            reason = f"{verdict.reason}, judged at close"
+            if verdict.factor == 0:
+                rnd.rejected[client] = reason
+                self.store.record_rejection(rnd.round_id, client, reason)
+            self.store.set_factor(rnd.round_id, client, verdict.factor)
+            rnd.factors[client] = verdict.factor
+            log.warning("push_screened_out_at_close", extra={"fields": {
+                "round": rnd.round_id, "client": client, "reason": reason}})
+        rnd.running_sum, rnd.rotated_sums, rnd.total_weight = None, {}, 0.0
+        for push in self.store.pushes(rnd.round_id):
+            factor = rnd.factors.get(push.client_id, 0.0)
+            if factor <= 0 or push.client_id not in rnd.pushes:
+                continue
+            enc = fq.Encoded.from_bytes(push.payload)  # checked when it was accepted
+            self._add(rnd, scaled(self.decode(rnd, enc, push.weight), factor))
+            rnd.total_weight += push.weight
+
     def _close_locked(self, rnd: Round, reason: str) -> None:
+        self._final_screening(rnd)
         mean = None
         total = rnd.running_sum
         for (seed, rotations), rotated in rnd.rotated_sums.items():  # one unrotate per key

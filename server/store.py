@@ -256,6 +256,11 @@ class Store:
     def _mean_path(self, round_id: str) -> pathlib.Path:
         return self.means / f"{round_id}.f32"  # round ids are [A-Za-z0-9_.-]{1,128}
 
+    def set_factor(self, round_id: str, client_id: int, factor: float) -> None:
+        """Record the clip factor of a logged push (0: screened out at close)."""
+        self._write("UPDATE pushes SET factor = ? WHERE round_id = ? AND client_id = ?",
+                    (factor, round_id, str(client_id)))
+
     def record_rejection(self, round_id: str, client_id: int, reason: str) -> None:
         """Record that a push was refused (e.g. by the norm bound): the round's record."""
         self._write("INSERT OR REPLACE INTO rejections (round_id, client_id, reason) "
