@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fedquant.simulations import bench_ddp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -41,7 +42,8 @@ def _model() -> nn.Module:
 
 def _train(rank: int, codec: fq.Codec, error_feedback: bool, start_iter: int,
            steps: int) -> dict:
-    model = DistributedDataParallel(_model())
+    # 8 KB buckets: several buckets, each with its own seeds and residual
+    model = DistributedDataParallel(_model(), bucket_cap_mb=0.008)
     state = CodecState(codec, error_feedback=error_feedback, start_iter=start_iter, seed=SEED)
     records: list[dict] = []
     params = list(model.parameters())
@@ -163,6 +165,7 @@ def test_hook_output_is_the_decoded_mean_of_the_ranks(ranks, name):
         err = float((want - plain).norm() ** 2 / plain.norm() ** 2)
         assert 1e-4 < err < 0.3, err
     assert compressed >= 2
+    assert len({recs[0]["index"] for recs in _pairs(ranks, name)}) >= 2  # several buckets
 
 
 def test_ranks_use_independent_seeds_and_quicfl_shares_its_rotation(ranks):
@@ -277,3 +280,32 @@ def test_codec_for_step_sets_only_a_round_seed():
     quic = codec_for_step(fq.get_codec("quic-fl", bits=2), 123)
     assert quic.round_seed == 123 and quic.bits == 2
     assert math.isfinite(float(quic.encode(torch.randn(64), seed=1).nbytes))
+
+
+# ---- the benchmark ---------------------------------------------------------------------------
+@pytest.mark.parametrize("change, match", [
+    ({"codecs": ["eden:bits=0"]}, "bits"),
+    ({"world_size": 1}, "world_size"),
+    ({"start_iter": 1}, "start_iter"),
+    ({"steps": 3}, "start_iter"),
+    ({"powersgd_ranks": [0]}, "powersgd"),
+    ({"repeats": 0}, "repeats"),
+])
+def test_bench_rejects_bad_settings(change, match):
+    with pytest.raises(ValueError, match=match):
+        bench_ddp.validate({**bench_ddp.DEFAULTS, **change})
+
+
+def test_bench_runs_every_method_and_counts_bytes(tmp_path):
+    cfg = {**bench_ddp.DEFAULTS, "steps": 4, "codecs": ["eden:bits=1"], "powersgd_ranks": [1],
+           "repeats": 1, "hidden": [32], "timeout_s": 120}
+    rows = bench_ddp.write_outputs(bench_ddp.bench_ddp(cfg), cfg, tmp_path)
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["none", "allreduce_hook", "powerSGD r=1", "eden:bits=1"]
+    numel = rows[0]["numel"]
+    assert by["none"]["wire_bytes"] == by["allreduce_hook"]["wire_bytes"] == 4 * numel
+    assert by["allreduce_hook"]["grad_nmse"] < 1e-10
+    assert 0 < by["eden:bits=1"]["payload_bytes"] <= by["eden:bits=1"]["wire_bytes"] < numel
+    assert by["eden:bits=1"]["grad_nmse"] > 1e-3 and by["powerSGD r=1"]["grad_nmse"] > 1e-3
+    assert all(r["replicas_equal"] and r["same_with_measurement"] for r in rows)
+    assert {p.name for p in tmp_path.iterdir()} == {"rows.csv", "runs.json", "report.md"}
