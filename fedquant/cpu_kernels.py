@@ -90,6 +90,11 @@ if AVAILABLE:
         for j in range(out.size):
             out[j] = table[read_bits(data, bits, start + j)]
 
+    @nb.njit(cache=True, nogil=True)  # releases the GIL: workers add in parallel
+    def _axpy(total, values, weight):
+        for i in range(values.size):
+            total[i] += weight * np.float64(values[i])
+
     # fastmath "reassoc" only lets the float64 sums vectorize (a different summation
     # order, as torch's own blocked sums have); no other float semantics change.
     @nb.njit(cache=True, fastmath={"reassoc"})
@@ -103,6 +108,11 @@ if AVAILABLE:
 def moments(x: torch.Tensor) -> tuple[float, float, float]:
     """(sum x^2, sum |x|^3, sum x^4) in float64 of a 1-D float32 CPU tensor."""
     return _moments(x.detach().contiguous().numpy())
+
+
+def axpy(total: torch.Tensor, values: torch.Tensor, weight: float) -> None:
+    """total += weight * values in one pass: float64 CPU `total`, float32 CPU `values`."""
+    _axpy(total.numpy(), values.detach().contiguous().numpy(), weight)
 
 
 def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor,

@@ -1,6 +1,7 @@
 """decode_mean: unbiased averaging (NMSE(n) about vNMSE / n), REFERENCE.md's biased vs
 unbiased figures, weights, and rejected mismatches."""
 
+
 import pytest
 import torch
 from fedquant.simulations.inputs import make_input
@@ -106,3 +107,65 @@ def test_bad_weights_rejected(weights):
 def test_empty_list_rejected():
     with pytest.raises(ValueError, match="at least one"):
         fq.decode_mean([])
+
+
+def test_weights_whose_sum_overflows_rejected():
+    x = torch.randn(50)
+    encs = [fq.get_codec("eden").encode(x, seed=s) for s in range(2)]
+    with pytest.raises(ValueError, match="sum of the weights"):
+        fq.decode_mean(encs, [1e308, 1e308])  # each finite, the sum is inf
+
+
+def _poisoned_eden(monkeypatch) -> fq.Encoded:
+    """A well-formed EDEN payload whose decode yields a NaN: the wire layer already refuses
+    scales and raw values that could overflow, so a defect of a decoder is simulated."""
+    from fedquant.codecs.eden import Eden
+
+    real = Eden.decode_rotated
+
+    def poisoned(self, enc, device=None):
+        values = real(self, enc, device).clone()
+        values[3] = float("nan") if enc.seed == 1 else values[3]
+        return values
+
+    monkeypatch.setattr(Eden, "decode_rotated", poisoned)
+    enc = fq.get_codec("eden", bits=2).encode(torch.randn(300), seed=1)
+    return fq.Encoded.from_bytes(enc.to_bytes())  # it parses: the bytes are valid
+
+
+def test_decode_to_non_finite_is_a_wire_error(monkeypatch):
+    with pytest.raises(fq.WireError, match="eden.*non-finite"):
+        fq.decode(_poisoned_eden(monkeypatch))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_decode_mean_to_non_finite_is_a_wire_error(monkeypatch, workers):
+    bad = _poisoned_eden(monkeypatch)
+    good = fq.get_codec("eden", bits=2).encode(torch.randn(300), seed=2)
+    fq.decode_mean([good, good])  # the poison is only in the seed-1 payload
+    with pytest.raises(fq.WireError, match="eden.*non-finite"):
+        fq.decode_mean([good, bad], workers=workers)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_worker_count_does_not_change_the_mean(workers):
+    xs = [torch.randn(1000, generator=torch.Generator().manual_seed(i)) for i in range(7)]
+    codec = fq.get_codec("eden", bits=2)
+    encs = [codec.encode(x, seed=derive_seed(3, i)) for i, x in enumerate(xs)]
+    w = [1.0, 0.5, 2.0, 0.0, 1.5, 1.0, 0.25]
+    expected = sum(wi * fq.decode(e).double() for wi, e in zip(w, encs, strict=True)) / sum(w)
+    got = fq.decode_mean(encs, w, workers=workers).double()
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_accumulate_adds_in_float64_without_changing_its_input():
+    total = torch.zeros(5, dtype=torch.float64)
+    values = torch.tensor([1.0, 2.0, 3.0, 2.0**-30, -1.0])
+    fq.mean.accumulate(total, values, 0.5)
+    fq.mean.accumulate(total, values, 0.5)
+    torch.testing.assert_close(total, values.double(), atol=0, rtol=0)
+    fq.mean.accumulate(total, values.half(), 1.0)  # float16: the torch path
+    torch.testing.assert_close(total, 2 * values.half().double() + (values.double()
+                               - values.half().double()), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="float64"):
+        fq.mean.accumulate(torch.zeros(5), values)
