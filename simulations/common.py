@@ -19,8 +19,9 @@ import torch
 def check_keys(config: dict, schema: dict, where: str = "") -> None:
     """ValueError naming any unknown or mistyped key, with the allowed keys or values.
 
-    `schema` maps each key to a type (float accepts ints), a nested schema dict, or a tuple
-    of allowed values (a list value must hold only allowed values).
+    `schema` maps each key to a type (float accepts ints), a nested schema dict, a tuple
+    of allowed values (a list value must hold only allowed values), or a one-element list
+    ``[table_schema]`` for a list of tables, each checked against `table_schema`.
     """
     for key, value in config.items():
         path = f"{where}{key}"
@@ -32,6 +33,12 @@ def check_keys(config: dict, schema: dict, where: str = "") -> None:
                 raise ValueError(f"config key {path!r} must be a table with keys "
                                  f"{sorted(expected)}")
             check_keys(value, expected, f"{path}.")
+        elif isinstance(expected, list):
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ValueError(f"config key {path!r} must be a list of tables with keys "
+                                 f"{sorted(expected[0])}")
+            for i, item in enumerate(value):
+                check_keys(item, expected[0], f"{path}[{i}].")
         elif isinstance(expected, tuple):
             items = value if isinstance(value, list) else [value]
             bad = [v for v in items if v not in expected]

@@ -36,6 +36,11 @@ import fedquant as fq
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "compare.toml"
 TOP_KEYS = {"name", "seed", "plugins", "dme", "fl", "speed", "studies", "quick", "full"}
 SPEED_KEYS = {"d", "repeats", "codecs"}
+SECTION_KEYS = {  # the keys of each table; [quick] and [full] hold the same tables
+    "dme": {"d", "clients", "trials", "inputs", "rotations", "codecs"},
+    "fl": {"dataset", "model", "clients", "alpha", "rounds", "codecs"},
+    "speed": SPEED_KEYS,
+}
 BUDGETS = (1, 2, 3, 4)
 
 
@@ -53,20 +58,25 @@ def _merge(base: dict, override: dict) -> dict:
 def load_config(path: Path | None = None, mode: str = "default") -> dict[str, Any]:
     """Read a compare TOML (default: the embedded one) and apply its [quick]/[full] overrides.
 
-    User configs are layered on the embedded default, so they name only what they change.
+    User configs are layered on the embedded default (with its [quick]/[full] overrides
+    for those modes), so they name only what they change, and --quick/--full never replace
+    what the user's file sets; the file's own [quick]/[full] tables apply last. Unknown keys
+    are refused at every level, naming the key and the allowed ones.
     """
     if mode not in ("default", "quick", "full"):
         raise ConfigError(f"mode must be 'default', 'quick' or 'full', got {mode!r}")
     cfg = tomllib.loads(DEFAULT_CONFIG.read_text())
+    if mode != "default":  # the embedded [quick]/[full] first: the user's file wins over them
+        cfg = _merge(cfg, cfg.get(mode, {}))
     if path is not None:
         try:
             user = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise ConfigError(f"cannot read config {path}: {e}") from None
-        _check_keys("", user, TOP_KEYS)
+        _check_tables("", user)
         cfg = _merge(cfg, user)
-    if mode != "default":
-        cfg = _merge(cfg, cfg.get(mode, {}))
+        if mode != "default":  # the user's own [quick]/[full] overrides, if any
+            cfg = _merge(cfg, user.get(mode, {}))
     import_plugins(cfg)
     validate_config(cfg)
     return cfg
@@ -90,9 +100,23 @@ def _check_keys(where: str, table: dict, allowed: set[str]) -> None:
             raise ConfigError(f"unknown key '{where}{key}'; allowed: {sorted(allowed)}")
 
 
+def _check_tables(where: str, cfg: dict, top: set[str] = TOP_KEYS) -> None:
+    """ConfigError naming any unknown key, at every level (the sections, and the same
+    sections inside [quick] and [full])."""
+    _check_keys(where, cfg, top)
+    for key, table in cfg.items():
+        if key in SECTION_KEYS or key in ("quick", "full"):
+            if not isinstance(table, dict):
+                raise ConfigError(f"'{where}{key}' must be a table")
+            if key in SECTION_KEYS:
+                _check_keys(f"{where}{key}.", table, SECTION_KEYS[key])
+            else:
+                _check_tables(f"{where}{key}.", table, TOP_KEYS - {"quick", "full"})
+
+
 def validate_config(cfg: dict[str, Any]) -> None:
     """Check every key and value before any work starts."""
-    _check_keys("", cfg, TOP_KEYS)
+    _check_tables("", cfg)
     if not isinstance(cfg.get("seed"), int) or cfg["seed"] < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {cfg.get('seed')!r}")
     speed = cfg.get("speed", {})
