@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "fedquant.simulations.fl",         # fedquant fl
     "fedquant.server.cli",             # fedquant serve
     "fedquant.clients.cli",            # fedquant push
+    "fedquant.simulations.soak",       # fedquant soak
     "fedquant.simulations.linreg",     # fedquant linreg
     "fedquant.simulations.innerprod",  # fedquant innerprod
     "fedquant.simulations.lplr",       # fedquant lplr
