@@ -13,13 +13,12 @@ scikit-learn's digits, each rank on its own half of the training set, with SGD (
 
 Every method starts from the same initialization and sees the same minibatches. Reported
 per method, as medians over `repeats` training seeds: bytes per step per rank after the
-warm-up; ``grad NMSE``, the mean over compressed steps of ||applied - exact||^2 / ||exact||^2
-where `exact` is the true mean of the ranks' gradients (an extra allreduce, in a second,
+warm-up; ``grad NMSE``, sum ||applied - exact||^2 / sum ||exact||^2 over the compressed
+steps, where `exact` is the true mean of the ranks' gradients (an extra allreduce, in a second,
 untimed run of the same training; with error feedback `applied` also carries the previous
-residual); the
-training loss over the whole training set and the test accuracy after `steps` steps; the
-median ms per step (rank 0, forward + backward + hook + optimizer, one thread per rank);
-and whether the replicas ended bit-identical.
+residual); the training loss over the whole training set and the test accuracy after
+`steps` steps; the median ms per step (rank 0, forward + backward + hook + optimizer, one
+thread per rank); and whether the replicas ended bit-identical.
 
 Bytes are what one rank hands to the collectives in one step: for allreduce the bucket,
 4 * numel (a ring allreduce then transmits 2 (n - 1) / n times that per rank: exactly that
@@ -30,6 +29,7 @@ adds the padding to the longest rank's payload and the 8-byte length of the all-
 (``CodecState.wire_bytes``; an all-gather transmits (n - 1) times it per rank).
 
     fedquant bench-ddp --steps 300
+    fedquant bench-ddp --no-error-feedback --lr 0.3 --codec eden:bits=1 --powersgd-rank 1
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ COLUMNS = ["method", "payload_bytes", "wire_bytes", "x_smaller", "bits_per_coord
 # the printed table's short headers
 SHORT = {"method": "method", "payload_bytes": "B/step", "wire_bytes": "wire B/step",
          "x_smaller": "x smaller", "bits_per_coord": "bits/coord", "grad_nmse": "grad NMSE",
-         "train_loss": "loss",
-         "test_acc": "test acc", "ms_per_step": "ms/step", "replicas_equal": "replicas equal"}
+         "train_loss": "loss", "test_acc": "test acc", "ms_per_step": "ms/step",
+         "replicas_equal": "replicas equal"}
 
 
 def methods(cfg: dict) -> list[str]:
@@ -90,6 +90,8 @@ def validate(cfg: dict) -> dict:
         raise ValueError(f"need 2 <= start_iter < steps - 1 (PowerSGD and error feedback "
                          f"start at step 2 at the earliest), got start_iter="
                          f"{cfg['start_iter']}, steps={cfg['steps']}")
+    if not 0 < cfg["lr"] <= 10:
+        raise ValueError(f"lr must be in (0, 10], got {cfg['lr']!r}")
     if any(isinstance(r, bool) or not isinstance(r, int) or r < 1
            for r in cfg["powersgd_ranks"]):
         raise ValueError(f"powersgd ranks must be positive integers, got {cfg['powersgd_ranks']}")
@@ -157,7 +159,8 @@ def _run_method(rank: int, method: str, cfg: dict, data, measure: bool) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=0.9)
     x, y = data.x_train[rank::world], data.y_train[rank::world]
     gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + rank)
-    times, losses, nmse = [], [], []
+    times, losses = [], []
+    err = norm = 0.0
     for step in range(cfg["steps"]):
         idx = torch.randint(0, len(y), (cfg["batch"],), generator=gen)
         log.update(err=0.0, norm=0.0)
@@ -169,7 +172,7 @@ def _run_method(rank: int, method: str, cfg: dict, data, measure: bool) -> dict:
         times.append(time.perf_counter() - start)
         losses.append(float(loss.detach()))
         if measure and hook is not None and step >= cfg["start_iter"]:
-            nmse.append(log["err"] / max(log["norm"], 1e-300))
+            err, norm = err + log["err"], norm + log["norm"]
     params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(params) for _ in range(world)]
     dist.all_gather(gathered, params)
@@ -182,7 +185,7 @@ def _run_method(rank: int, method: str, cfg: dict, data, measure: bool) -> dict:
     return {"method": method, "seed": cfg["seed"], "numel": numel, "payload_bytes": payload,
             "wire_bytes": wire,
             "x_smaller": 4 * numel / wire, "bits_per_coord": 8 * payload / numel,
-            "grad_nmse": statistics.mean(nmse) if nmse else 0.0,
+            "grad_nmse": err / norm if norm > 0 else 0.0,
             "train_loss": train_loss, "test_acc": test_acc,
             "ms_per_step": statistics.median(times[cfg["start_iter"]:]) * 1e3,
             "replicas_equal": all(torch.equal(g, params) for g in gathered),
@@ -234,7 +237,7 @@ def bench_ddp(cfg: dict) -> list[dict]:
     validate(cfg)
     with tempfile.TemporaryDirectory(prefix="fedquant-bench-ddp-") as tmp:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(r, cfg, f"{tmp}/init", tmp))
+        procs = [ctx.Process(target=_worker, args=(r, cfg, f"{tmp}/init", tmp), daemon=True)
                  for r in range(cfg["world_size"])]
         for p in procs:
             p.start()
@@ -312,6 +315,8 @@ def register(app: typer.Typer) -> None:
             help="error feedback in fedquant's hook")] = True,
         start_iter: Annotated[int, typer.Option(
             help="plain allreduce steps before compression")] = DEFAULTS["start_iter"],
+        lr: Annotated[float, typer.Option(help="SGD learning rate (momentum 0.9)")] = DEFAULTS[
+            "lr"],
         seed: Annotated[int, typer.Option(help="data split, init, batches, codec seeds")] = 0,
         repeats: Annotated[int, typer.Option(
             help="training seeds seed, seed + 1, ...; medians reported")] = DEFAULTS["repeats"],
@@ -321,7 +326,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """DDP comm hooks: fedquant codecs vs allreduce and PowerSGD (bytes, loss, ms)."""
         cfg = {**DEFAULTS, "steps": QUICK_STEPS if quick else steps, "world_size": world_size,
-               "repeats": 1 if quick else repeats,
+               "repeats": 1 if quick else repeats, "lr": lr,
                "codecs": codec or DEFAULTS["codecs"],
                "powersgd_ranks": powersgd_rank or DEFAULTS["powersgd_ranks"],
                "error_feedback": error_feedback, "start_iter": start_iter, "seed": seed}

@@ -109,7 +109,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     tmp = tmp_path_factory.mktemp("ddp")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(r, str(tmp / "init"), str(tmp)))
+    procs = [ctx.Process(target=_worker, args=(r, str(tmp / "init"), str(tmp)), daemon=True)
              for r in range(WORLD)]
     for p in procs:
         p.start()
@@ -290,6 +290,7 @@ def test_codec_for_step_sets_only_a_round_seed():
     ({"steps": 3}, "start_iter"),
     ({"powersgd_ranks": [0]}, "powersgd"),
     ({"repeats": 0}, "repeats"),
+    ({"lr": 0.0}, "lr"),
 ])
 def test_bench_rejects_bad_settings(change, match):
     with pytest.raises(ValueError, match=match):
