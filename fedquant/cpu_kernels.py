@@ -24,6 +24,8 @@ import torch
 from fedquant._numba import AVAILABLE, nb
 from fedquant.packing import padded_bytes, read_bits
 
+# b -> the numpy type whose one (two for b = 1) element(s) hold the float32 values of a byte
+_BYTE_WORDS = {1: np.complex128, 2: np.complex128, 4: np.uint64, 8: np.uint32}
 COUNT_MAX_MIDS = 15  # up to b = 4 the unrolled midpoint count beats binary lifting
 
 
@@ -90,6 +92,21 @@ if AVAILABLE:
         for j in range(out.size):
             out[j] = table[read_bits(data, bits, start + j)]
 
+    @nb.njit(cache=True, nogil=True)
+    def _dequantize_bytes(data, first, rows, out):
+        """out[i] = rows[data[first + i]]: each byte's values as one wide word (the float32
+        values of a byte viewed as uint32 / uint64 / complex128: bit-exact moves)."""
+        for i in range(out.size):
+            out[i] = rows[data[first + i]]
+
+    @nb.njit(cache=True, nogil=True)
+    def _dequantize_bytes2(data, first, rows, out):
+        """As :func:`_dequantize_bytes` with two words per byte (b = 1: 8 values)."""
+        for i in range(out.size >> 1):
+            b = np.int64(data[first + i]) << 1
+            out[2 * i] = rows[b]
+            out[2 * i + 1] = rows[b + 1]
+
     @nb.njit(cache=True, nogil=True)  # releases the GIL: workers add in parallel
     def _axpy(total, values, weight):
         for i in range(values.size):
@@ -148,7 +165,18 @@ def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,
     padded = padded_bytes(data)
     c64 = centroids.to(torch.float64).cpu().numpy()
     out = np.empty(total, dtype=np.float32)
+    per_byte = 8 // bits if 8 % bits == 0 else 0
     for offset, size, scale in slices:
         table = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
-        _dequantize(padded, bits, offset, table, out[offset: offset + size])
+        if per_byte and offset % per_byte == 0 and size % per_byte == 0:
+            # b = 1, 2, 4, 8: one byte holds whole values; a 256-row table of their
+            # float32 values turns each byte into one small copy (no per-value shifts)
+            codes = (np.arange(256)[:, None] >> (bits * np.arange(per_byte))) & ((1 << bits) - 1)
+            rows = table[codes].reshape(-1)
+            word = _BYTE_WORDS[bits]
+            kernel = _dequantize_bytes2 if bits == 1 else _dequantize_bytes
+            kernel(padded, offset // per_byte, rows.view(word),
+                   out[offset: offset + size].view(word))
+        else:
+            _dequantize(padded, bits, offset, table, out[offset: offset + size])
     return torch.from_numpy(out)

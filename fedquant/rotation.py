@@ -93,9 +93,18 @@ def rotate(x: torch.Tensor, seed: int, rotations: int, backend: str = "auto") ->
 
 
 def unrotate(z: torch.Tensor, seed: int, rotations: int, d: int,
-             backend: str = "auto") -> torch.Tensor:
-    """Inverse of :func:`rotate`: the d original coordinates from the padded vector z
-    (z is left unchanged)."""
+             backend: str = "auto", inplace: bool = False) -> torch.Tensor:
+    """Inverse of :func:`rotate`: the d original coordinates from the padded vector z.
+
+    z is left unchanged, unless `inplace`: then every slice is inverted where it lies and
+    the result is a view of z's first d entries (the padded tail slice is always last,
+    so each slice's offset in z is its start in x)."""
+    if inplace:
+        for s in slice_layout(d):
+            buf = z[s.offset: s.offset + s.size]
+            for layer in reversed(range(rotations)):
+                inverse_rht(buf, seed, layer, s.offset, backend, out=buf)
+        return z[:d]
     out = z.new_empty(d)
     for s in slice_layout(d):
         buf = z[s.offset: s.offset + s.size]

@@ -82,15 +82,18 @@ def test_check_input_rejects_nonfinite_but_accepts_huge_finite_values():
             check_input(x)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 8])
-def test_eden_dequantize_matches_torch_lookup(bits):
-    x = _x(5000, seed=bits)  # two slices of different sizes
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("d", [5000, 4226])
+def test_eden_dequantize_matches_torch_lookup(bits, d):
+    # 5000: two slices; 4226: 4096 + 128 + a 2-value tail, which is shorter than a byte's
+    # worth of values (per-byte table path for the first two, bit reader for the tail)
+    x = _x(d, seed=bits)
     codec = fq.get_codec("eden", bits=bits)
     enc = codec.encode(x, seed=1)
     got = codec.decode_rotated(enc)
     values = lloyd_max_centroids(bits)[enc.section("q").ints()]
     scale = torch.empty_like(values)
-    for s, sc in zip(slice_layout(5000), enc.scales, strict=True):
+    for s, sc in zip(slice_layout(d), enc.scales, strict=True):
         scale[s.offset: s.offset + s.size] = sc
     assert torch.equal(got, (values * scale).to(torch.float32))
 

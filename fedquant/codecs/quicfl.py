@@ -440,7 +440,7 @@ class QuicFL(RotatedCodec):
     def decode(self, enc: Encoded, device=None) -> torch.Tensor:
         z = torch.zeros(padded_size(enc.numel), dtype=torch.float64, device=device)
         self.accumulate(z, enc)  # the numba receiver on the CPU, decode_rotated elsewhere
-        return self.unrotate(z.to(torch.float32), enc)
+        return self.unrotate(z.to(torch.float32), enc, inplace=True)
 
     def decode_sum(self, encs: Sequence[Encoded], weights: Sequence[float],
                    device=None) -> torch.Tensor:

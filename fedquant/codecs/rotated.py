@@ -122,17 +122,21 @@ class RotatedCodec(Codec):
         """The client's estimate in the rotated domain (before the inverse RHTs)."""
         raise NotImplementedError
 
-    def unrotate(self, values: torch.Tensor, enc: Encoded) -> torch.Tensor:
-        """Undo the encoding's rotations (identity for a raw vector at rotations = 0)."""
+    def unrotate(self, values: torch.Tensor, enc: Encoded,
+                 inplace: bool = False) -> torch.Tensor:
+        """Undo the encoding's rotations (identity for a raw vector at rotations = 0);
+        `inplace` overwrites `values` (see fedquant.rotation.unrotate)."""
         if enc.rotations == 0 and self.raw_without_rotation:
             return values
-        return unrotate(values, self.rotation_seed(enc.seed), enc.rotations, enc.numel)
+        return unrotate(values, self.rotation_seed(enc.seed), enc.rotations, enc.numel,
+                        inplace=inplace)
 
     def decode(self, enc: Encoded, device: torch.device | str | None = None) -> torch.Tensor:
         values = self.decode_rotated(enc, device)
         if values.dtype != torch.float32:
             values = values.to(torch.float32)
-        return self.unrotate(values, enc)
+        # decode_rotated returns a fresh tensor: invert it where it lies (no allocation)
+        return self.unrotate(values, enc, inplace=True)
 
 
 __all__ = ["MAX_ROTATIONS", "SCALES", "RotatedCodec", "check_scale", "slice_values"]
