@@ -160,10 +160,12 @@ def test_hook_output_is_the_decoded_mean_of_the_ranks(ranks, name):
         want = fq.decode_mean(encs)
         assert torch.equal(recs[0]["out"], want) and torch.equal(recs[1]["out"], want)
         torch.testing.assert_close(want, (fq.decode(encs[0]) + fq.decode(encs[1])) / 2)
-        # compression happened: close to the plain mean of the inputs, but not equal to it
+        # compression happened: the error is about the codec's vNMSE (0.13 for EDEN b = 2,
+        # 0.21 for QUIC-FL b = 2) of the ranks' own inputs, not zero and not the whole signal
         plain = (inputs[0] + inputs[1]) / 2
-        err = float((want - plain).norm() ** 2 / plain.norm() ** 2)
-        assert 1e-4 < err < 0.3, err
+        scale = (inputs[0].norm() ** 2 + inputs[1].norm() ** 2) / 4
+        err = float((want - plain).norm() ** 2 / scale)
+        assert 0.05 < err < 0.5, err
     assert compressed >= 2
     assert len({recs[0]["index"] for recs in _pairs(ranks, name)}) >= 2  # several buckets
 
