@@ -169,3 +169,16 @@ def test_accumulate_adds_in_float64_without_changing_its_input():
                                - values.half().double()), atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="float64"):
         fq.mean.accumulate(torch.zeros(5), values)
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16"])
+def test_identity_sum_reads_payloads_in_place_block_by_block(name):
+    d = 2 * 2**16 + 5  # three blocks of the blocked sum, the last one short
+    xs = [torch.randn(d, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    codec = fq.get_codec(name)
+    encs = [fq.Encoded.from_bytes(codec.encode(x).to_bytes()) for x in xs]
+    w = [0.5, 0.0, 2.0]
+    expected = sum(wi * fq.decode(e).double() for wi, e in zip(w, encs, strict=True)) / 2.5
+    got = fq.decode_mean(encs, w)
+    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
+    assert codec.decode_sum(encs, w).dtype == torch.float64
