@@ -57,17 +57,26 @@ if AVAILABLE:
             s += v * v
         return s
 
-    @nb.njit(cache=True)
-    def _quantize_count(z, factor, mids, out):
-        """b <= 4: the index is a branch-free count of the midpoints below t. `mids` is a
-        tuple, so its length is a compile-time constant: the loop unrolls and the loop over
-        i vectorizes (one compiled variant per b)."""
+    @nb.njit(cache=True, fastmath={"reassoc"})
+    def _quantize_count(z, factor, mids, centroids, out):
+        """b <= 4: the index is a branch-free count of the midpoints below t, and the
+        float64 <z, c> is summed in the same pass, c picked by the same comparisons (the
+        last midpoint below t names c exactly). `mids` and `centroids` are tuples, so
+        their lengths are compile-time constants: the inner loop unrolls and the loop
+        over i vectorizes (one compiled variant per b). Returns <z, c>."""
+        dot = 0.0
         for i in range(z.size):
-            t = z[i] * factor
+            v = z[i]
+            t = v * factor
             k = np.uint8(0)
+            c = centroids[0]
             for m in range(len(mids)):
-                k += np.uint8(mids[m] < t)
+                up = mids[m] < t
+                k += np.uint8(up)
+                c = centroids[m + 1] if up else c
             out[i] = k
+            dot += np.float64(v) * c
+        return dot
 
     @nb.njit(cache=True)
     def _quantize_lift(z, factor, mids, out):
@@ -147,10 +156,11 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor,
     mids = ((c64[1:] + c64[:-1]) / 2).astype(np.float32)
     idx = out.numpy()
     if mids.size <= COUNT_MAX_MIDS:
-        _quantize_count(z, factor, tuple(np.float32(m) for m in mids), idx)
+        dot = _quantize_count(z, factor, tuple(np.float32(m) for m in mids),
+                              tuple(float(c) for c in c64), idx)
     else:
         _quantize_lift(z, factor, mids, idx)
-    dot = _dot_centroids(z, idx, c64)
+        dot = _dot_centroids(z, idx, c64)
     return norm, dot
 
 

@@ -79,6 +79,39 @@ def _pack_numba(values, bits, out):  # pragma: no cover - jit
 
 
 @njit(cache=True)
+def _pack_bytes(values, bits, out):  # pragma: no cover - jit
+    """:func:`_pack_numba` for uint8 values, b = 1, 2 or 4 and a multiple of 8 values:
+    each word of 8 / 4 / 2 values becomes one byte by shifts and masks (vectorizes).
+    False if a value is out of range."""
+    if bits == 1:
+        w = values.view(np.uint64)
+        bad = np.uint64(0)
+        for i in range(out.size):
+            x = w[i]
+            bad |= x
+            x = (x | (x >> np.uint64(7))) & np.uint64(0x0003000300030003)
+            x = (x | (x >> np.uint64(14))) & np.uint64(0x0000000F0000000F)
+            out[i] = np.uint8((x | (x >> np.uint64(28))) & np.uint64(0xFF))
+        return (bad & ~np.uint64(0x0101010101010101)) == 0
+    if bits == 2:
+        w4 = values.view(np.uint32)
+        bad4 = np.uint32(0)
+        for i in range(out.size):
+            x = w4[i]
+            bad4 |= x
+            out[i] = np.uint8((x & 3) | ((x >> 6) & 0xC) | ((x >> 12) & 0x30)
+                              | ((x >> 18) & 0xC0))
+        return (bad4 & ~np.uint32(0x03030303)) == 0
+    w2 = values.view(np.uint16)
+    bad2 = np.uint16(0)
+    for i in range(out.size):
+        x = w2[i]
+        bad2 |= x
+        out[i] = np.uint8((x & 0xF) | ((x >> 4) & 0xF0))
+    return (bad2 & ~np.uint16(0x0F0F)) == 0
+
+
+@njit(cache=True)
 def _unpack_numba(data, bits, out):  # pragma: no cover - jit
     """Unpack `out.size` values of `bits` bits from `data` (see :func:`read_bits`)."""
     for i in range(out.size):
@@ -157,7 +190,12 @@ def pack(values: torch.Tensor, bits: int, backend: str = "auto") -> bytes:
     if not _numba_dtype_ok(v):
         v = v.to(torch.int64)
     out = np.empty(packed_len(v.numel(), bits), dtype=np.uint8)
-    if not _pack_numba(v.cpu().contiguous().numpy(), bits, out):
+    arr = v.cpu().contiguous().numpy()
+    if arr.dtype == np.uint8 and bits in (1, 2, 4) and arr.size % 8 == 0:
+        ok = _pack_bytes(arr, bits, out)  # whole bytes by shifts and masks
+    else:
+        ok = _pack_numba(arr, bits, out)
+    if not ok:
         raise _out_of_range(bits)
     return out.tobytes()
 

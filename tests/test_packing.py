@@ -104,3 +104,15 @@ def test_property_unpack_arbitrary_bytes(bits, count, slack, data):
     assert bool(((got >= 0) & (got < 1 << bits)).all())
     stream = int.from_bytes(blob, "little") & ((1 << (count * bits)) - 1)
     assert pack(got, bits) == stream.to_bytes(len(blob), "little")
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("n", [8, 64, 4096])
+def test_uint8_word_packer_matches_the_generic_one(bits, n):
+    # uint8 values, a multiple of 8 of them: the shift-and-mask packer (_pack_bytes)
+    v = _values(n, bits, seed=n).to(torch.uint8)
+    assert pack(v, bits) == pack(v.to(torch.int64), bits) == pack(v, bits, backend="torch")
+    bad = v.clone()
+    bad[n // 2 + 1] = 1 << bits  # one value just out of range, inside a word
+    with pytest.raises(ValueError, match=f"in \\[0, {1 << bits}\\)"):
+        pack(bad, bits)
