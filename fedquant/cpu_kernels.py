@@ -136,6 +136,11 @@ def moments(x: torch.Tensor) -> tuple[float, float, float]:
     return _moments(x.detach().contiguous().numpy())
 
 
+def sum_squares(z: torch.Tensor) -> float:
+    """sum z^2 in float64 of a 1-D float32 CPU tensor, one pass, no float64 copy."""
+    return _sum_squares(z.detach().contiguous().numpy())
+
+
 def axpy(total: torch.Tensor, values: torch.Tensor, weight: float) -> None:
     """total += weight * values in one pass: float64 CPU `total`, float32 CPU `values`."""
     _axpy(total.numpy(), values.detach().contiguous().numpy(), weight)

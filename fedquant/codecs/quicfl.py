@@ -43,7 +43,7 @@ import torch
 from fedquant import random as fqr
 from fedquant._numba import AVAILABLE, njit
 from fedquant.codecs.base import expect_scales, expect_section, register_codec
-from fedquant.codecs.rotated import RotatedCodec, slice_values
+from fedquant.codecs.rotated import RotatedCodec, slice_norm, slice_values
 from fedquant.rotation import padded_size, slice_layout, unrotate
 from fedquant.wire import Encoded, Section, WireError
 
@@ -200,42 +200,54 @@ def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
 _hash = fqr.hash64_numba  # hash64(seed, purpose, i) given the stream key of (seed, purpose)
 
 
-def _quantize_py(z, scales, sizes, threshold, a0, delta, m, lo, up, shared_bits, key_h,
-                 key_private, messages, positions):  # pragma: no cover - numba-compiled
-    """QuicFL.quantize in one pass: the same float64 operations in the same order, h from
-    the top l bits of the SHARED_INDEX hash, the two private uniforms from the high and
-    low 32 bits of the PRIVATE hash. Returns (number of messages, number of outliers)."""
+def _messages_py(z, scale, threshold, a0, delta, m, lo, up, shared_bits, key_h, key_private,
+                 start, messages, outlier):  # pragma: no cover - numba-compiled
+    """QuicFL.sample_messages on one slice, for every coordinate (outliers too: their
+    message is computed and dropped), branch-free so that the loop vectorizes: the same
+    float64 operations in the same order as the torch path, h from the top l bits of the
+    SHARED_INDEX hash, the two private uniforms from the high and low 32 bits of the
+    PRIVATE hash (coordinate i of the slice is hash index start + i)."""
     n_h = 1 << shared_bits
-    drop = np.uint64(64 - shared_bits)
+    drop = np.uint64(63 - shared_bits)  # h = (hash >> 1) >> drop: no shift by 64 at l = 0
     low32 = np.uint64(0xFFFFFFFF)
+    top = np.float64(m - 2)
+    for i in range(z.size):
+        t = np.float64(z[i]) / scale
+        outlier[i] = abs(t) > threshold
+        index = np.uint64(i) + start
+        h = np.int64((_hash(key_h, index) >> np.uint64(1)) >> drop)
+        bits = _hash(key_private, index)
+        u_grid = np.float64(bits >> np.uint64(32)) * 2.0**-32
+        u_msg = np.float64(bits & low32) * 2.0**-32
+        pos = (t - a0) / delta
+        # clamps as selects (numba's min/max branch on NaN, which blocks SIMD; t is finite)
+        cell = np.floor(pos)
+        cell = 0.0 if cell < 0.0 else cell
+        cell = top if cell > top else cell
+        frac = pos - cell
+        frac = 0.0 if frac < 0.0 else frac
+        frac = 1.0 if frac > 1.0 else frac
+        c = (np.int64(cell) + (1 if u_grid < frac else 0)) * n_h + h
+        messages[i] = lo[c] + (1 if u_msg < up[c] else 0)
+
+
+def _compact_py(all_messages, outlier, messages, positions):  # pragma: no cover - numba
+    """Keep the inliers' messages in order and list the outliers' positions; returns
+    (number of messages, number of outliers)."""
     j = 0
     o = 0
-    i = 0
-    for s in range(sizes.size):
-        scale = max(scales[s], 1e-300)
-        for _ in range(sizes[s]):
-            t = np.float64(z[i]) / scale
-            if abs(t) > threshold:
-                positions[o] = i
-                o += 1
-                i += 1
-                continue
-            h = np.int64(_hash(key_h, i) >> drop) if shared_bits > 0 else 0
-            bits = _hash(key_private, i)
-            u_grid = np.float64(bits >> np.uint64(32)) * 2.0**-32
-            u_msg = np.float64(bits & low32) * 2.0**-32
-            pos = (t - a0) / delta
-            cell = min(max(np.floor(pos), 0.0), np.float64(m - 2))
-            frac = min(max(pos - cell, 0.0), 1.0)
-            g = np.int64(cell) + (1 if u_grid < frac else 0)
-            c = g * n_h + h
-            messages[j] = lo[c] + (1 if u_msg < up[c] else 0)
+    for i in range(all_messages.size):
+        if outlier[i]:
+            positions[o] = i
+            o += 1
+        else:
+            messages[j] = all_messages[i]
             j += 1
-            i += 1
     return j, o
 
 
-_quantize_numba = njit(cache=True)(_quantize_py) if AVAILABLE else None
+_messages_numba = njit(cache=True, nogil=True)(_messages_py) if AVAILABLE else None
+_compact_numba = njit(cache=True, nogil=True)(_compact_py) if AVAILABLE else None
 
 
 def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, scales,
@@ -324,10 +336,9 @@ class QuicFL(RotatedCodec):
 
     def quantize(self, z: torch.Tensor, d: int, seed: int,
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
-        scales = [float(torch.linalg.vector_norm(z[s.offset: s.offset + s.size]
-                                                 .to(torch.float64))) / math.sqrt(s.size)
+        scales = [slice_norm(z[s.offset: s.offset + s.size]) / math.sqrt(s.size)
                   for s in slice_layout(d)]
-        if z.device.type == "cpu" and _quantize_numba is not None:
+        if z.device.type == "cpu" and _messages_numba is not None:
             messages, positions = self._sample_messages_cpu(z, scales, seed, d)
         else:
             messages, positions = self.sample_messages(z, scales, seed, d)
@@ -358,18 +369,23 @@ class QuicFL(RotatedCodec):
                              d: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`sample_messages` in one numba pass (same numbers, bit for bit)."""
         tables = self.tables
-        sizes = np.array([s.size for s in slice_layout(d)], dtype=np.int64)
-        messages = np.empty(z.numel(), dtype=np.int64)
-        positions = np.empty(z.numel(), dtype=np.int64)
         grid = tables.grid.numpy()
-        n_msg, n_out = _quantize_numba(
-            z.numpy(), np.array(scales, dtype=np.float64), sizes, tables.threshold,
-            float(grid[0]), float(grid[1] - grid[0]), grid.size,
-            tables.lo.numpy().reshape(-1), tables.up.numpy().reshape(-1), self.shared_bits,
-            np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX)),
-            np.uint64(fqr.stream_key(seed, fqr.Purpose.PRIVATE)), messages, positions)
-        return (torch.from_numpy(messages[:n_msg].copy()),
-                torch.from_numpy(positions[:n_out].copy()))
+        lo, up = tables.lo.numpy().reshape(-1), tables.up.numpy().reshape(-1)
+        key_h = np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX))
+        key_private = np.uint64(fqr.stream_key(seed, fqr.Purpose.PRIVATE))
+        zn = z.numpy()
+        every = np.empty(z.numel(), dtype=np.uint8)  # bits <= 4: a message fits a byte
+        outlier = np.empty(z.numel(), dtype=np.bool_)
+        for s, scale in zip(slice_layout(d), scales, strict=True):
+            part = slice(s.offset, s.offset + s.size)
+            _messages_numba(zn[part], max(scale, 1e-300), tables.threshold, float(grid[0]),
+                            float(grid[1] - grid[0]), grid.size, lo, up, self.shared_bits,
+                            key_h, key_private, np.uint64(s.offset), every[part],
+                            outlier[part])
+        messages = np.empty(z.numel(), dtype=np.uint8)
+        positions = np.empty(z.numel(), dtype=np.int64)
+        n_msg, n_out = _compact_numba(every, outlier, messages, positions)
+        return torch.from_numpy(messages[:n_msg]), torch.from_numpy(positions[:n_out])
 
     # ---- wire checks ---------------------------------------------------------------------
     def validate(self, enc: Encoded) -> None:

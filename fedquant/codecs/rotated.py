@@ -20,11 +20,13 @@ section checks (docs/kernels.md shows a 1-bit sign codec in about 30 lines).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 import torch
 
+from fedquant import cpu_kernels
 from fedquant.codecs.base import Codec, check_input, check_seed, expect_scales
 from fedquant.rotation import resolve_rotations, rotate, slice_layout, unrotate
 from fedquant.wire import Encoded, Section, WireError
@@ -38,6 +40,13 @@ def check_scale(scale: str) -> str:
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     return scale
+
+
+def slice_norm(z: torch.Tensor) -> float:
+    """||z|| in float64: one fused numba pass for float32 CPU slices, torch elsewhere."""
+    if cpu_kernels.usable(z):
+        return math.sqrt(cpu_kernels.sum_squares(z))
+    return float(torch.linalg.vector_norm(z.to(torch.float64)))
 
 
 def slice_values(scales: Sequence[float], d: int, device: torch.device | str | None = None,
@@ -139,4 +148,5 @@ class RotatedCodec(Codec):
         return self.unrotate(values, enc, inplace=True)
 
 
-__all__ = ["MAX_ROTATIONS", "SCALES", "RotatedCodec", "check_scale", "slice_values"]
+__all__ = ["MAX_ROTATIONS", "SCALES", "RotatedCodec", "check_scale", "slice_norm",
+           "slice_values"]
