@@ -130,3 +130,15 @@ def test_random_subset_varies_and_rejects_bad_k():
     for k in (-1, 11):
         with pytest.raises(ValueError, match="subset size"):
             fqr.random_subset(1, fqr.Purpose.SUBSET, 10, k)
+
+
+@pytest.mark.parametrize("key", sorted(GOLDEN))
+def test_numba_splitmix64_matches_the_golden_values(key):
+    import numpy as np
+
+    seed, purpose, index = key
+    stream = np.uint64(fqr.stream_key(seed, purpose))
+    assert int(fqr.hash64_numba(stream, np.uint64(index))) == GOLDEN[key]
+    assert int(fqr.hash64_numba(stream, index)) == GOLDEN[key]  # a signed index too
+    z = fqr.counter_numba(stream, np.uint64(index))
+    assert float(fqr.sign_numba(z)) == (-1.0 if GOLDEN[key] >> 63 else 1.0)

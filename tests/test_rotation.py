@@ -116,3 +116,73 @@ def test_one_rht_fails_on_two_spikes_two_succeed():
     two = fq.vnmse(x, fq.decode(fq.get_codec("drive", rotations=2).encode(x, seed=1)))
     auto = fq.get_codec("drive").encode(x, seed=1)
     assert one > 0.95 and two < 0.6 and auto.rotations == 2
+
+
+def _layer_signs(x: torch.Tensor, seed: int, k: int) -> list[torch.Tensor]:
+    """The sign diagonals D_0..D_{k-1} that rotate(x, seed, k) applied, recovered from its
+    outputs: rotate(x, k) = H D_{k-1} rotate(x, k - 1) / sqrt(n) and H / sqrt(n) is its
+    own inverse, so D_l = fwht(rotate(x, l + 1)) / rotate(x, l)."""
+    from fedquant.hadamard import fwht_torch
+
+    prev, diagonals = x.double(), []
+    for layer in range(k):
+        cur = rotate(x, seed, layer + 1).double()
+        diagonals.append(fwht_torch(cur) / prev)
+        prev = cur
+    return diagonals
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_composed_layers_have_independent_sign_diagonals(backend, monkeypatch):
+    n = 4096
+    x = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5  # no zeros
+    if backend == "torch":
+        from fedquant import hadamard
+
+        monkeypatch.setattr(hadamard, "_use_numba", lambda _x: False)
+    diagonals = _layer_signs(x, seed=7, k=3)
+    for d in diagonals:  # each layer really is a sign diagonal (float32 rounding aside)
+        assert float((d.abs() - 1).abs().median()) < 1e-5
+        assert float((d.abs() - 1).abs().quantile(0.99)) < 1e-2
+    signs = [d.sign() for d in diagonals]
+    # independent fair signs agree on n/2 +- 4.5 sigma (sigma = sqrt(n)/2 = 32) places; a
+    # composition that reuses D_0 (or any D_l) agrees on all n of them
+    for a in range(3):
+        for b in range(a + 1, 3):
+            agree = int((signs[a] == signs[b]).sum())
+            assert abs(agree - n / 2) < 4.5 * math.sqrt(n) / 2, (a, b, agree)
+    # ... and a slice's signs are not its neighbour's: d = n + n/2 is two slices, the
+    # second one (at offset n) must not reuse the first slice's leading signs
+    m = n // 2
+    z = rotate(torch.cat([x, x[:m]]), 7, 1)
+    from fedquant.hadamard import fwht_torch
+
+    second = (fwht_torch(z[n:].double()) / x[:m].double()).sign()
+    assert abs(int((second == signs[0][:m]).sum()) - m / 2) < 4.5 * math.sqrt(m) / 2
+
+
+def _k_hot(n: int, k: int) -> torch.Tensor:
+    x = torch.zeros(n)
+    x[torch.randperm(n, generator=torch.Generator().manual_seed(k))[:k]] = 1.0
+    return x
+
+
+def test_scalar_auto_threshold_just_below_and_above():
+    # u = x / ||x|| of a k-hot x has ||u||_3^3 = 1 / sqrt(k); the bound 3^(3/4) / sqrt(n)
+    # is crossed between k = 3153 and 3154 at n = 2^14 (k* = n / 3^1.5 = 3153.1)
+    n = 2**14
+    assert 3153 < n / 3**1.5 < 3154
+    assert auto_rotations(_k_hot(n, 3153), "scalar") == 2  # just above the bound
+    assert auto_rotations(_k_hot(n, 3154), "scalar") == 1  # just below it
+    # the check runs per slice with the slice's own size: a flat 2^14 slice followed by a
+    # spiky 4096 + 3 tail needs 2
+    tail = torch.cat([_k_hot(n, 3154), _k_hot(4096, 1), torch.zeros(3)])
+    assert auto_rotations(tail, "scalar") == 2
+
+
+def test_vector_auto_threshold_just_below_at_and_above():
+    # ||u||_4^4 = 1 / k for a k-hot x; the bound 4 / n is met exactly at k = n / 4
+    n = 2**14
+    assert auto_rotations(_k_hot(n, n // 4 - 1), "vector") == 3  # just above the bound
+    assert auto_rotations(_k_hot(n, n // 4), "vector") == 2  # on it: <= passes
+    assert auto_rotations(_k_hot(n, n // 4 + 1), "vector") == 2
