@@ -34,7 +34,7 @@ import math
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -65,7 +65,9 @@ log = logging.getLogger("fedquant.server")
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Aggregator"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # gRPC's default; pushes larger than this are chunked
-MEAN_CHUNK_BYTES = 1024 * 1024
+MEAN_CHUNK_BYTES = 64 * 1024  # small: a thousand concurrent readers hold one chunk each
+MEAN_CACHE_ROUNDS = 4  # closed rounds whose serialized mean stays in memory
+MEAN_CACHE_BYTES = 64 * 1024 * 1024  # larger means are read per burst of calls, not kept
 _STATES = {"open": pb.OPEN, "closing": pb.CLOSED, "closed": pb.CLOSED}  # closing: final
 LOOPBACK_NAMES = ("localhost",)
 
@@ -198,6 +200,9 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         self.gate = _Gate(limits)
         self.loop: asyncio.AbstractEventLoop | None = None
         self._close_events: dict[str, asyncio.Event] = {}
+        # Serialized means of recently closed rounds: the clients waiting for one round
+        # share one read of its file and one copy of its bytes.
+        self._means: OrderedDict[str, asyncio.Future] = OrderedDict()
 
     # ---- plumbing ----------------------------------------------------------------------
     async def _run(self, pool: futures.Executor, fn, *args):
@@ -436,22 +441,46 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
                 raise AggregationError("FAILED_PRECONDITION", f"round {rnd.round_id!r} is "
                                        f"still open ({len(rnd.pushes)}/{rnd.config.quorum} "
                                        "pushes)")
-            mean = await self._run(self.io, self.book.mean, rnd)
-            if mean is None:
+            data = await self._mean_bytes(rnd)
+            if data is None:
                 raise AggregationError("FAILED_PRECONDITION", f"round {rnd.round_id!r} closed "
                                        f"({rnd.close_reason}) with no pushes: no mean")
         except AggregationError as e:
             await self._abort(context, e)
             return
-        data = mean.numpy().astype("<f4").tobytes()
         per_chunk = MEAN_CHUNK_BYTES // 4
-        for start in range(0, mean.numel(), per_chunk):
+        for start in range(0, len(data) // 4, per_chunk):
             chunk = pb.MeanChunk(offset=start, data=data[4 * start: 4 * (start + per_chunk)])
             if start == 0:
                 chunk.shape.extend(rnd.config.shape)
                 chunk.num_pushes = len(rnd.pushes)
                 chunk.total_weight = rnd.total_weight
             yield chunk
+
+
+    async def _mean_bytes(self, rnd: Round) -> bytes | None:
+        """The closed round's mean as little-endian float32 bytes (None: no pushes), read
+        once for all the calls that want it at the same time; small means stay cached."""
+        future = self._means.get(rnd.round_id)
+        if future is None:
+            future = asyncio.ensure_future(self._run(self.io, self._read_mean, rnd))
+            self._means[rnd.round_id] = future
+        try:
+            data = await asyncio.shield(future)
+        except AggregationError:
+            if self._means.get(rnd.round_id) is future:
+                del self._means[rnd.round_id]  # not cached: a later call reads again
+            raise
+        if data is not None and len(data) > MEAN_CACHE_BYTES and (
+                self._means.get(rnd.round_id) is future):
+            del self._means[rnd.round_id]  # served to the calls already waiting, not kept
+        while len(self._means) > MEAN_CACHE_ROUNDS:
+            self._means.popitem(last=False)
+        return data
+
+    def _read_mean(self, rnd: Round) -> bytes | None:
+        mean = self.book.mean(rnd)
+        return None if mean is None else mean.numpy().astype("<f4", copy=False).tobytes()
 
 
 def round_cap(numel: int) -> int:

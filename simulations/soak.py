@@ -7,10 +7,11 @@ round's seed, random bytes, an over-size declaration, and a stream that stalls h
 Every honest client pushes and then waits for the mean (``push --wait-mean``); the operator
 closes the round after the last wave. Reported: acknowledged and refused pushes (by status),
 p50/p99 push latency of the honest clients, waiters served, the server's peak RSS
-(``VmHWM``), wall time, and the largest error of the server's mean against a local
-``fq.decode_mean`` of the honest payloads (0 up to float rounding: the hostile ones left no
-trace). The clients are coroutines over a few ``grpc.aio`` channels, so the load generator
-itself needs no thread per client.
+(``VmHWM``) next to its RSS before the first push (the baseline), wall time, and the
+largest error of the server's mean against a local ``fq.decode_mean`` of the honest
+payloads (0 up to float rounding: the hostile ones left no trace). The clients are
+coroutines over a few ``grpc.aio`` channels, so the load generator itself needs no thread
+per client.
 
     fedquant soak                        # 1000 clients, 10 waves, 5% hostile, d = 2^16
     fedquant soak --clients 200 --dim 4096 --out results/soak-small
@@ -64,9 +65,10 @@ def _server(data_dir: pathlib.Path, idle_timeout_s: float) -> subprocess.Popen:
     return proc
 
 
-def _peak_rss_mib(pid: int) -> float:
+def _rss_mib(pid: int, field: str = "VmHWM") -> float:
+    """The server's peak (VmHWM) or current (VmRSS) resident memory, MiB."""
     for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -127,7 +129,7 @@ async def _mean(stub, timeout_s: float) -> torch.Tensor | str:
 
 
 async def _soak(target: str, admin: str, clients: int, waves: int, bad_fraction: float,
-                dim: int, bits: int, seed: int, log) -> dict:
+                dim: int, bits: int, seed: int, log, pid: int) -> dict:
     rng = np.random.default_rng(seed)
     codec = fq.get_codec("eden", bits=bits)
     n_bad = round(bad_fraction * clients)
@@ -148,6 +150,7 @@ async def _soak(target: str, admin: str, clients: int, waves: int, bad_fraction:
         round_id=ROUND, codec=pb.CodecSpec(name="eden", params=codec.wire_params()),
         round_seed=seed, shape=[dim], expected_count=clients, quorum=clients),
         metadata=admin_md, timeout=60)
+    idle_rss = _rss_mib(pid, "VmRSS")  # the baseline: the server before the first push
 
     outcomes: dict[int, str] = {}
     latencies: list[float] = []
@@ -197,7 +200,7 @@ async def _soak(target: str, admin: str, clients: int, waves: int, bad_fraction:
         "mean_waiters": len(waiters), "mean_waiters_served": len(got),
         "max_abs_error_vs_decode_mean": error,
         "mean_norm": float(torch.linalg.vector_norm(expected)),
-        "wall_s": wall,
+        "wall_s": wall, "server_idle_rss_mib": idle_rss,
     }
 
 
@@ -214,8 +217,8 @@ def run(clients: int = 1000, waves: int = 10, bad_fraction: float = 0.05, dim: i
             target = f"127.0.0.1:{int((data / 'port').read_text())}"
             admin = (data / "admin.token").read_text().strip()
             row = asyncio.run(_soak(target, admin, clients, waves, bad_fraction, dim, bits,
-                                    seed, log))
-            row["server_peak_rss_mib"] = _peak_rss_mib(proc.pid)
+                                    seed, log, proc.pid))
+            row["server_peak_rss_mib"] = _rss_mib(proc.pid)
         finally:
             os.kill(proc.pid, signal.SIGTERM)
             try:
