@@ -108,12 +108,13 @@ _S27, _S30, _S31, _S63 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(
 def counter_numba(key: np.uint64, index: np.uint64) -> np.uint64:  # pragma: no cover - jit
     """The SplitMix64 state of counter `index` in the stream `key`: key + (index + 1) * gamma.
     Consecutive indices differ by gamma, so a kernel walks a stream by ``z += GAMMA_U64``."""
-    return key + (np.uint64(index) + np.uint64(1)) * _GAMMA_U64
+    return np.uint64(key) + (np.uint64(index) + np.uint64(1)) * _GAMMA_U64
 
 
 @njit(cache=True, inline="always")
 def fmix64_numba(z: np.uint64) -> np.uint64:  # pragma: no cover - jit
     """:func:`fmix64` in numba uint64 arithmetic."""
+    z = np.uint64(z)  # an int64 argument would shift arithmetically
     z = (z ^ (z >> _S30)) * _MIX1_U64
     z = (z ^ (z >> _S27)) * _MIX2_U64
     return z ^ (z >> _S31)
@@ -128,6 +129,7 @@ def hash64_numba(key: np.uint64, index: np.uint64) -> np.uint64:  # pragma: no c
 @njit(cache=True, inline="always")
 def sign_numba(z: np.uint64) -> np.float32:  # pragma: no cover - jit
     """+1/-1 (float32) from the top bit of fmix64(z) (the final xor-shift keeps it)."""
+    z = np.uint64(z)  # an int64 argument would shift arithmetically
     z = (z ^ (z >> _S30)) * _MIX1_U64
     z = (z ^ (z >> _S27)) * _MIX2_U64
     return np.float32(1.0) - np.float32(2.0) * np.float32(z >> _S63)
