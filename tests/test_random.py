@@ -141,4 +141,4 @@ def test_numba_splitmix64_matches_the_golden_values(key):
     assert int(fqr.hash64_numba(stream, np.uint64(index))) == GOLDEN[key]
     assert int(fqr.hash64_numba(stream, index)) == GOLDEN[key]  # a signed index too
     z = fqr.counter_numba(stream, np.uint64(index))
-    assert float(fqr.sign_numba(z)) == (-1.0 if GOLDEN[key] >> 63 else 1.0)
+    assert float(fqr.sign_numba(np.uint64(z))) == (-1.0 if GOLDEN[key] >> 63 else 1.0)
