@@ -11,6 +11,12 @@ For every codec setting and every d it measures medians (ms) of
 * ``torch_encode`` (EDEN/DRIVE rows): the same EDEN encode written with plain torch ops
   (torch RHT, ``torch.bucketize``, torch bit packing), as public implementations do.
 
+* ``fwht`` (one table per d): fedquant's RHT (signs, scaling and the out-of-place copy
+  fused, ``fedquant.hadamard.rht(x, out=y)``) and its inverse, against the fastest C FWHTs
+  when they are installed (``ffht`` from PyPI ``ffht-unofficial``, ``fht_cpu`` from
+  ``fht-cpu``; in place, unnormalized, no signs; the benchmark installs nothing) and a
+  copy pass; every codec row also reports encode / one RHT and decode / one inverse RHT.
+
 All baselines run in the same process and the same run, so ratios stay meaningful on a
 shared or throttled machine. Issue 2's targets (2-core CPU, one thread): EDEN b = 2 encode
 at d = 2^24 within 15x of one read+write pass, and >= 10x faster than plain torch.
@@ -115,6 +121,43 @@ def torch_eden_encode(x: torch.Tensor, bits: int, seed: int) -> bytes:
     return packing.pack(idx, bits, backend="torch")
 
 
+def external_fwhts() -> dict[str, Callable[[Any], Any]]:
+    """The C FWHTs importable here (in place on a float32 numpy array), by name."""
+    found: dict[str, Callable[[Any], Any]] = {}
+    if importlib.util.find_spec("ffht") is not None:
+        ffht = importlib.import_module("ffht")
+        found["ffht"] = ffht.fht
+    if importlib.util.find_spec("fht_cpu") is not None:
+        fht_cpu = importlib.import_module("fht_cpu")
+        found["fht_cpu"] = lambda a: fht_cpu.fht(a, inplace=True)
+    return found
+
+
+def bench_fwht(d: int, repeats: int, seed: int = 0) -> dict[str, Any]:
+    """One RHT layer of a power-of-two d: fedquant's kernel (forward and inverse, fused
+    signs, scaling and out-of-place copy into a preallocated output), the C FWHTs that are
+    installed (in place), and a copy pass, medians in ms, with the ratio to the fastest."""
+    if d & (d - 1):
+        raise ValueError(f"the FWHT table needs a power-of-two d, got {d}")
+    x = torch.randn(d, generator=torch.Generator().manual_seed(seed + d))
+    y = torch.empty_like(x)
+    row: dict[str, Any] = {
+        "d": d,
+        "copy_ms": median_ms(lambda: y.copy_(x), max(repeats, 20)),
+        "rht_ms": median_ms(lambda: hadamard.rht(x, seed, 0, out=y), repeats),
+        "inverse_rht_ms": median_ms(lambda: hadamard.inverse_rht(x, seed, 0, out=y),
+                                    repeats),
+    }
+    arr = x.numpy().copy()
+    for name, fht in external_fwhts().items():
+        row[f"{name}_ms"] = median_ms(lambda fht=fht: fht(arr), repeats)
+    external = [v for k, v in row.items() if k in ("ffht_ms", "fht_cpu_ms")]
+    row["fastest_c_ms"] = min(external) if external else None
+    row["rht_x_fastest_c"] = row["rht_ms"] / min(external) if external else None
+    row["rht_x_copy"] = row["rht_ms"] / row["copy_ms"]
+    return row
+
+
 def _row(name: str, params: dict[str, Any], d: int, repeats: int, seed: int,
          baselines: dict[int, dict[str, float]]) -> dict[str, Any]:
     codec = fq.get_codec(name, **params)
@@ -122,9 +165,14 @@ def _row(name: str, params: dict[str, Any], d: int, repeats: int, seed: int,
     if d not in baselines:
         y = torch.empty_like(x)
         slow = min(repeats, BASELINE_REPEATS) if d >= 2**22 else repeats
+        p2 = 1 << (d.bit_length() - 1)  # one RHT of d's leading power-of-two slice
+        xp, yp = x[:p2], torch.empty(p2)
         baselines[d] = {
             "rw_pass_ms": median_ms(lambda: y.copy_(x), max(repeats, 20)),
             "torch_rht_ms": median_ms(lambda: rotate(x, seed, 1, backend="torch"), slow),
+            "rht_ms": median_ms(lambda: hadamard.rht(xp, seed, 0, out=yp), repeats),
+            "inverse_rht_ms": median_ms(lambda: hadamard.inverse_rht(xp, seed, 0, out=yp),
+                                        repeats),
         }
     base = baselines[d]
     enc = codec.encode(x, seed=seed)
@@ -145,6 +193,9 @@ def _row(name: str, params: dict[str, Any], d: int, repeats: int, seed: int,
         "rw_pass_ms": base["rw_pass_ms"], "torch_rht_ms": base["torch_rht_ms"],
         "torch_encode_ms": torch_encode_ms,
         "encode_gbps": gbytes / (encode_ms / 1e3), "decode_gbps": gbytes / (decode_ms / 1e3),
+        "rht_ms": base["rht_ms"], "inverse_rht_ms": base["inverse_rht_ms"],
+        "encode_x_rht": encode_ms / base["rht_ms"],
+        "decode_x_inverse_rht": decode_ms / base["inverse_rht_ms"],
         "encode_x_rw": encode_ms / base["rw_pass_ms"],
         "decode_x_rw": decode_ms / base["rw_pass_ms"],
         "torch_rht_x_encode": base["torch_rht_ms"] / encode_ms,
@@ -232,8 +283,11 @@ def resolve_config(table: dict, quick: bool = False) -> dict:
 
 # ---- outputs ----------------------------------------------------------------------------
 CSV_FIELDS = ["label", "codec", "d", "bits_per_coord", "encode_ms", "decode_ms", "rw_pass_ms",
-              "torch_rht_ms", "torch_encode_ms", "encode_gbps", "decode_gbps", "encode_x_rw",
+              "torch_rht_ms", "torch_encode_ms", "rht_ms", "inverse_rht_ms", "encode_x_rht",
+              "decode_x_inverse_rht", "encode_gbps", "decode_gbps", "encode_x_rw",
               "decode_x_rw", "torch_rht_x_encode", "torch_encode_x_encode"]
+FWHT_FIELDS = ["d", "rht_ms", "inverse_rht_ms", "copy_ms", "ffht_ms", "fht_cpu_ms",
+               "fastest_c_ms", "rht_x_fastest_c", "rht_x_copy"]
 
 
 def _fmt(v: Any) -> str:
@@ -245,27 +299,44 @@ def _fmt(v: Any) -> str:
 
 
 def write_outputs(rows: list[dict], cfg: dict, out_dir: pathlib.Path,
-                  environment: dict[str, Any]) -> None:
-    """rows.csv, rows.json, throughput.png and report.md in `out_dir`."""
+                  environment: dict[str, Any], fwht_rows: list[dict] | None = None) -> None:
+    """rows.csv, fwht.csv, rows.json, throughput.png and report.md in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    fwht_rows = fwht_rows or []
     with open(out_dir / "rows.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
+    with open(out_dir / "fwht.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FWHT_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(fwht_rows)
     met = targets(rows)
     (out_dir / "rows.json").write_text(json.dumps(
-        {"config": cfg, "environment": environment, "rows": rows, "targets": met}, indent=2))
+        {"config": cfg, "environment": environment, "rows": rows, "fwht": fwht_rows,
+         "targets": met}, indent=2))
     _plot(rows, out_dir / "throughput.png")
     lines = ["# fedquant bench", "",
              f"Threads: {environment['threads']}; repeats: {cfg['repeats']} (medians); "
              f"torch {environment['torch']}, numba {environment['numba']}.", "",
-             "| codec | d | bits/coord | encode ms | decode ms | rw pass ms | torch RHT ms "
-             "| encode / rw | torch RHT / encode | torch encode / encode |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "## FWHT (one RHT layer; C kernels in place without signs, when installed)", "",
+             "| d | fedquant RHT ms | inverse ms | ffht ms | fht_cpu ms | copy ms "
+             "| RHT / fastest C | RHT / copy |", "|---|---|---|---|---|---|---|---|"]
+    for r in fwht_rows:
+        lines.append(
+            f"| 2^{math.log2(r['d']):g} | {r['rht_ms']:.3f} | {r['inverse_rht_ms']:.3f} "
+            f"| {_fmt(r.get('ffht_ms'))} | {_fmt(r.get('fht_cpu_ms'))} | {r['copy_ms']:.3f} "
+            f"| {_fmt(r['rht_x_fastest_c'])} | {r['rht_x_copy']:.2f} |")
+    lines += ["", "## Codecs", "",
+              "| codec | d | bits/coord | encode ms | decode ms | encode / RHT "
+              "| decode / inverse RHT | rw pass ms | torch RHT ms | encode / rw "
+              "| torch RHT / encode | torch encode / encode |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['label']} | 2^{math.log2(r['d']):g} | {r['bits_per_coord']:.3f} "
-            f"| {r['encode_ms']:.3f} | {r['decode_ms']:.3f} | {r['rw_pass_ms']:.3f} "
+            f"| {r['encode_ms']:.3f} | {r['decode_ms']:.3f} | {r['encode_x_rht']:.2f} "
+            f"| {r['decode_x_inverse_rht']:.2f} | {r['rw_pass_ms']:.3f} "
             f"| {r['torch_rht_ms']:.2f} | {r['encode_x_rw']:.1f} "
             f"| {r['torch_rht_x_encode']:.1f} | {_fmt(r['torch_encode_x_encode'])} |")
     lines += ["", "## Targets (issue 2)", ""]
@@ -304,29 +375,43 @@ def _plot(rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def print_summary(rows: list[dict]) -> None:
+def print_summary(rows: list[dict], fwht_rows: list[dict] | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    console = Console()
+    console.width = max(console.width, 132)  # the table's columns, unwrapped
+    if fwht_rows:
+        fwht = Table(title="FWHT, one layer (medians, ms)")
+        for col in ("d", "fedquant RHT", "inverse", "ffht", "fht_cpu", "copy",
+                    "RHT/fastest C", "RHT/copy"):
+            fwht.add_column(col, justify="right")
+        for r in fwht_rows:
+            fwht.add_row(f"2^{math.log2(r['d']):g}", f"{r['rht_ms']:.3f}",
+                         f"{r['inverse_rht_ms']:.3f}", _fmt(r.get("ffht_ms")),
+                         _fmt(r.get("fht_cpu_ms")), f"{r['copy_ms']:.3f}",
+                         _fmt(r["rht_x_fastest_c"]), f"{r['rht_x_copy']:.2f}")
+        console.print(fwht)
     table = Table(title="fedquant bench (medians)")
-    for col in ("codec", "d", "encode ms", "decode ms", "rw ms", "torch RHT ms",
-                "enc/rw", "torchRHT/enc", "torchEnc/enc"):
+    for col in ("codec", "d", "encode ms", "decode ms", "enc/RHT", "dec/invRHT", "rw ms",
+                "torch RHT ms", "enc/rw", "torchRHT/enc", "torchEnc/enc"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["label"], f"2^{math.log2(r['d']):g}", f"{r['encode_ms']:.3f}",
-                      f"{r['decode_ms']:.3f}", f"{r['rw_pass_ms']:.3f}",
+                      f"{r['decode_ms']:.3f}", f"{r['encode_x_rht']:.2f}",
+                      f"{r['decode_x_inverse_rht']:.2f}", f"{r['rw_pass_ms']:.3f}",
                       f"{r['torch_rht_ms']:.2f}", f"{r['encode_x_rw']:.1f}",
                       f"{r['torch_rht_x_encode']:.1f}", _fmt(r["torch_encode_x_encode"]))
-    console = Console()
-    console.width = max(console.width, 132)  # the table's columns, unwrapped
     console.print(table)
     for t in targets(rows):
         console.print(f"{t['target']}: {t['value']:.2f} -> "
                       f"{'[green]met[/green]' if t['met'] else '[red]NOT met[/red]'}")
 
 
-def run_bench(cfg: dict, out_dir: pathlib.Path, progress: bool = True) -> list[dict]:
-    """Run the codec bench for a resolved config and write its outputs."""
+def run_bench(cfg: dict, out_dir: pathlib.Path,
+              progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """Run the FWHT and codec benches for a resolved config and write their outputs;
+    returns (codec rows, FWHT rows)."""
     import numba
     from rich.progress import Progress
 
@@ -342,9 +427,12 @@ def run_bench(cfg: dict, out_dir: pathlib.Path, progress: bool = True) -> list[d
         def step(what: str) -> None:
             bar.update(task, advance=1, description=what)
 
+        fwht_rows = [bench_fwht(d, cfg["repeats"], cfg["seed"]) for d in cfg["dims"]
+                     if d & (d - 1) == 0]
         rows = bench_codecs(specs, list(cfg["dims"]), cfg["repeats"], cfg["seed"], step)
-    write_outputs(rows, cfg, out_dir, environment)
-    return rows
+    environment["c_fwhts"] = sorted(external_fwhts())
+    write_outputs(rows, cfg, out_dir, environment, fwht_rows)
+    return rows, fwht_rows
 
 
 # ---- command line -----------------------------------------------------------------------
@@ -389,11 +477,11 @@ def bench_command(
     if threads:
         cfg["threads"] = threads
     try:
-        rows = run_bench(cfg, out)
+        rows, fwht_rows = run_bench(cfg, out)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-    print_summary(rows)
-    typer.echo(f"wrote {out}/rows.csv, rows.json, throughput.png, report.md")
+    print_summary(rows, fwht_rows)
+    typer.echo(f"wrote {out}/rows.csv, fwht.csv, rows.json, throughput.png, report.md")
 
 
 def register(app: typer.Typer) -> None:
@@ -404,5 +492,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")
 
 
-__all__ = ["bench_app", "bench_codecs", "load_config", "parse_codec_spec", "register",
-           "run_bench", "torch_eden_encode"]
+__all__ = ["bench_app", "bench_codecs", "bench_fwht", "external_fwhts", "load_config",
+           "parse_codec_spec", "register", "run_bench", "torch_eden_encode"]

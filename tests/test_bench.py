@@ -83,7 +83,10 @@ def test_cli_tiny_run_writes_files(tmp_path):
     assert [(r["label"], r["d"]) for r in data["rows"]] == [
         ("eden:bits=2", 2048), ("eden:bits=2", 8192), ("fp32", 2048), ("fp32", 8192)]
     assert (out / "rows.csv").read_text().count("\n") == 5
-    assert "encode / rw" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "encode / rw" in report and "encode / RHT" in report
+    assert [r["d"] for r in data["fwht"]] == [2048, 8192]  # the FWHT table, per d
+    assert "RHT / fastest C" in report
 
 
 def test_cli_rejects_bad_codec(tmp_path):
@@ -91,3 +94,33 @@ def test_cli_rejects_bad_codec(tmp_path):
                                       str(tmp_path)])
     assert result.exit_code != 0
     assert "bits" in result.output
+
+
+def test_bench_fwht_row_and_its_ratios(monkeypatch):
+    # a stand-in "C kernel" (the plain torch FWHT on the numpy array): the row reports
+    # whatever is importable and the ratio to the fastest of them
+    import torch
+
+    from fedquant.hadamard import fwht_torch
+
+    def fake(a):
+        a[:] = fwht_torch(torch.from_numpy(a)).numpy()
+
+    monkeypatch.setattr(bench, "external_fwhts", lambda: {"ffht": fake})
+    row = bench.bench_fwht(4096, repeats=2)
+    for key in ("rht_ms", "inverse_rht_ms", "copy_ms", "ffht_ms"):
+        assert math.isfinite(row[key]) and row[key] > 0, key
+    assert row["fastest_c_ms"] == row["ffht_ms"] and "fht_cpu_ms" not in row
+    assert row["rht_x_fastest_c"] == pytest.approx(row["rht_ms"] / row["ffht_ms"])
+    monkeypatch.setattr(bench, "external_fwhts", dict)
+    assert bench.bench_fwht(1024, repeats=1)["rht_x_fastest_c"] is None  # none installed
+    with pytest.raises(ValueError, match="power-of-two"):
+        bench.bench_fwht(1000, repeats=1)
+
+
+def test_codec_rows_report_ratios_to_one_rht():
+    rows = bench.bench_codecs([("eden", {"bits": 2})], [4096, 5000], repeats=2)
+    for r in rows:
+        assert r["encode_x_rht"] == pytest.approx(r["encode_ms"] / r["rht_ms"])
+        assert r["decode_x_inverse_rht"] == pytest.approx(r["decode_ms"]
+                                                          / r["inverse_rht_ms"])
