@@ -32,6 +32,7 @@ import ipaddress
 import logging
 import math
 import os
+import socket
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -49,6 +50,7 @@ from fedquant.server.rounds import (
     Round,
     RoundBook,
     RoundConfig,
+    parse_payload,
 )
 from fedquant.server.security import Authenticator, admin_token, load_tokens, server_credentials
 from fedquant.server.store import Store, StoreError
@@ -378,7 +380,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         `decode_slots` d-sized temporaries exist at once)."""
         started = time.perf_counter()
         try:
-            enc = fq.Encoded.from_bytes(payload)
+            enc = parse_payload(payload)
         except fq.WireError as e:
             raise AggregationError("INVALID_ARGUMENT", f"malformed EncodedUpdate: {e}") from None
         self.book.check_payload(rnd, header.client_id, enc)
@@ -583,6 +585,31 @@ def check_config(cfg: ServerConfig) -> None:
     if cfg.workers < 1 or cfg.decode_slots < 1:
         raise ValueError("--workers and --decode-slots must be >= 1")
     cfg.policy()  # ValueError names a bad norm option
+    for flag, path in (("--tls-cert", cfg.tls_cert), ("--tls-key", cfg.tls_key),
+                       ("--tls-client-ca", cfg.tls_client_ca), ("--tokens", cfg.tokens_file),
+                       ("--admin-token-file", cfg.admin_token_file)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"{flag} {path}: no such readable file")
+    if os.path.exists(cfg.data_dir) and not os.path.isdir(cfg.data_dir):
+        raise ValueError(f"--data-dir {cfg.data_dir}: exists and is not a directory")
+    if cfg.port:
+        _probe_port(cfg.host, cfg.port)
+
+
+def _probe_port(host: str, port: int) -> None:
+    """ValueError if host:port cannot be bound (in use, or not a local address): said in
+    one line before gRPC would log its own multi-line error."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ValueError(f"--host {host} --port {port}: cannot bind ({e.strerror})") from None
 
 
 def start_server(cfg: ServerConfig) -> RunningServer:
@@ -628,7 +655,9 @@ def start_server(cfg: ServerConfig) -> RunningServer:
     async def serve():
         server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # no port sharing: a second server on the same port must fail, not split traffic
+            ("grpc.so_reuseport", 0)])
         pb_grpc.add_AggregatorServicer_to_server(servicer, server)
         health_servicer = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -76,6 +76,15 @@ def payload_digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def parse_payload(payload: bytes | bytearray) -> fq.Encoded:
+    """A push's payload, validated (fq.WireError if malformed).
+
+    No expansion cap: a round's shape is the operator's choice and ``check_payload`` holds
+    every payload to it before anything is decoded, so a tiny payload of a sparse codec
+    for a large round (rand-k keeping a few coordinates) is legitimate here."""
+    return fq.Encoded.from_bytes(payload, max_expansion=math.inf)
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     """What a round expects; `params` is the codec's canonical wire params."""
@@ -283,7 +292,7 @@ class RoundBook:
             if push.client_id < 0 or push.client_id in rnd.pushes:
                 raise AggregationError("DATA_LOSS", "bad or repeated client id")
             try:
-                enc = fq.Encoded.from_bytes(push.payload)
+                enc = parse_payload(push.payload)
             except fq.WireError as e:
                 raise AggregationError("DATA_LOSS", f"malformed payload: {e}") from None
             if rnd.config.cohort and push.client_id not in rnd.config.cohort:
@@ -561,7 +570,7 @@ class RoundBook:
             factor = rnd.factors.get(push.client_id, 0.0)
             if factor <= 0 or push.client_id not in rnd.pushes:
                 continue
-            enc = fq.Encoded.from_bytes(push.payload)  # checked when it was accepted
+            enc = parse_payload(push.payload)  # checked when it was accepted
             self._add(rnd, scaled(self.decode(rnd, enc, push.weight), factor))
             rnd.total_weight += push.weight
 

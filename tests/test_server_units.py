@@ -307,3 +307,71 @@ def test_the_quorum_push_can_leave_the_close_to_its_caller(tmp_path):
     assert rnd.state == "closed" and rnd.close_reason == "quorum" and rnd.closed.is_set()
     torch.testing.assert_close(book.mean(rnd), fq.decode(enc), rtol=1e-6, atol=1e-6)
     book.store.close()
+
+
+def _eden_push(book, rnd, client, x, weight=1.0):
+    enc = rnd.codec.encode(x, seed=fq.random.derive_seed(rnd.config.round_seed, client))
+    blob = enc.to_bytes()
+    book.check_payload(rnd, client, enc)
+    book.accept(rnd, client, weight, blob, payload_digest(blob),
+                book.decode(rnd, enc, weight), 0.0)
+    return enc
+
+
+def test_clipping_first_outlier_is_judged_again_at_close_and_replayed_the_same(tmp_path):
+    """With clipping by 3 x the median norm, an outlier pushed first (no median yet) is
+    accepted whole at push time and clipped at close; the mean equals the robust mean of the
+    decoded updates, also after a restart that replays the logged factors."""
+    from fedquant.robust import NormPolicy, robust_mean
+    policy = NormPolicy(median_multiple=3.0, action="clip")
+    book = RoundBook(Store(tmp_path), policy=policy)
+    rnd = book.open(RoundConfig.build("c", "eden", {"bits": 4}, 9, [256], expected_count=4))
+    gen = torch.Generator().manual_seed(3)
+    xs = [torch.randn(256, generator=gen) * 100, *(torch.randn(256, generator=gen)
+                                                   for _ in range(3))]
+    encs = [_eden_push(book, rnd, c, x) for c, x in enumerate(xs[:3])]
+    assert rnd.factors[0] == 1.0  # accepted whole: no median with one norm
+    book.store.close()
+    replayed = RoundBook(Store(tmp_path), policy=policy)  # crash before the close
+    again = replayed.get("c")
+    encs.append(_eden_push(replayed, again, 3, xs[3]))  # quorum: closes, final screening
+    assert again.state == "closed" and 0 < again.factors[0] < 1
+    decoded = {c: fq.decode(e) for c, e in enumerate(encs)}
+    expected, result = robust_mean(decoded, policy)
+    assert set(result.clipped) == {0}
+    torch.testing.assert_close(replayed.mean(again), expected, rtol=1e-5, atol=1e-5)
+    factors = {p.client_id: p.factor for p in replayed.store.pushes("c", with_payload=False)}
+    assert 0 < factors[0] < 1 and factors[1] == 1.0
+
+
+def test_rejected_at_close_is_recorded_and_left_out_of_the_weight(tmp_path):
+    from fedquant.robust import NormPolicy
+    book = RoundBook(Store(tmp_path), policy=NormPolicy(median_multiple=3.0))
+    rnd = book.open(RoundConfig.build("r", "eden", {"bits": 2}, 4, [128], expected_count=4))
+    gen = torch.Generator().manual_seed(5)
+    encs = [_eden_push(book, rnd, c, torch.randn(128, generator=gen) * (1e6 if c == 0 else 1),
+                       weight=1.0 + c) for c in range(4)]
+    assert rnd.state == "closed" and 0 in rnd.rejected and "judged at close" in rnd.rejected[0]
+    assert book.store.rejections("r") == rnd.rejected
+    mean = book.mean(rnd)
+    torch.testing.assert_close(mean, fq.decode_mean(encs[1:], [2.0, 3.0, 4.0]),
+                               rtol=1e-5, atol=1e-6)
+    assert book.get("r").total_weight == 10.0  # the closed round's record, from the log
+
+
+def test_weights_and_round_bounds_are_refused():
+    for kwargs, word in (({"deadline_s": 1e300}, "deadline_s"),
+                         ({"cohort": list(range(10_001))}, "cohort"),
+                         ({"expected_count": 10**6}, "expected")):
+        with pytest.raises(ValueError, match=word):
+            RoundConfig.build("b", "eden", {}, 0, [4], **kwargs)
+
+
+def test_closed_rounds_leave_memory(tmp_path):
+    book = RoundBook(Store(tmp_path))
+    rnd = book.open(RoundConfig.build("m", "eden", {"bits": 2}, 1, [64], expected_count=1))
+    _eden_push(book, rnd, 0, torch.randn(64))
+    assert rnd.state == "closed" and "m" not in book.round_ids()
+    again = book.get("m")  # read back from the log
+    assert again is not rnd and again.state == "closed" and list(again.pushes) == [0]
+    book.store.close()
