@@ -26,6 +26,7 @@ from fedquant.codecs.base import Codec, codec_for, restore
 from fedquant.wire import Encoded, WireError
 
 MAX_WORKERS = 32
+PARALLEL_MIN = 1 << 22  # coordinates to decode in all before threads pay for themselves
 
 
 def _check_finite(values: torch.Tensor, codec: str) -> None:
@@ -89,12 +90,14 @@ def weighted_sum(codec: Codec, encs: Sequence[Encoded], weights: Sequence[float]
                  workers: int | None = None) -> torch.Tensor:
     """sum_i w_i decode(enc_i) in float64 (flat): the codec's own ``decode_sum`` where it
     has one, else per-client decodes split over `workers` threads on the CPU (default:
-    one per core) into float64 partial sums, added in a fixed order."""
+    one per core once there are PARALLEL_MIN coordinates to decode) into float64 partial
+    sums, added in a fixed order."""
     if type(codec).decode_sum is not Codec.decode_sum:
         return codec.decode_sum(encs, weights, device).to(torch.float64)
     on_cpu = device is None or torch.device(device).type == "cpu"
     if workers is None:
-        workers = min(os.cpu_count() or 1, MAX_WORKERS) if on_cpu else 1
+        big = len(encs) * encs[0].numel >= PARALLEL_MIN
+        workers = min(os.cpu_count() or 1, MAX_WORKERS) if on_cpu and big else 1
     workers = max(1, min(int(workers), len(encs)))
     if workers == 1:
         parts = [_partial_sum(codec, encs, weights, device)]

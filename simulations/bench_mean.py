@@ -6,10 +6,15 @@ For each n it times (medians, ms, in one process and one run):
   adds the clients' values in the rotated domain and inverts the rotation once:
   n * (dequantize) + 1 * (inverse RHTs);
 * ``separate``: n calls of ``fq.decode`` summed and divided by n: n * (dequantize + RHTs);
-* ``rw_pass``: one read+write pass of a d-float32 array (``y.copy_(x)``), the memory floor.
+* ``rw_pass``: one read+write pass of a d-float32 array (``y.copy_(x)``), the memory floor;
+* ``plain_adds``: n plain float32 additions ``acc.add_(x_i)`` of d-vectors, what an
+  uncompressed server does at the least;
+* ``inverse_rht``: one inverse RHT of d (d a power of two) times n, what a server that
+  decodes n differently rotated clients pays at the least.
 
-It reports ``speedup`` = separate / decode_mean and ``x_rw`` = decode_mean / (n * rw_pass),
-the cost per client in read+write passes, and checks that both means agree. Encodings are
+It reports ``speedup`` = separate / decode_mean, ``x_rw`` = decode_mean / (n * rw_pass),
+``x_adds`` = decode_mean / plain_adds and ``x_inverse_rht`` = decode_mean / (n inverse RHTs),
+and checks that both means agree. ``codec`` may be one spec or a list of them. Encodings are
 made from ``distinct`` client vectors and reused cyclically up to n (decoding cost does not
 depend on the values). Config: ``simulations/configs/bench_mean.toml``.
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
 import statistics
 import time
@@ -31,15 +37,18 @@ import torch
 import typer
 
 import fedquant as fq
+from fedquant import hadamard
 from fedquant.codecs.base import codec_class
 from fedquant.random import derive_seed
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "bench_mean.toml"
-DEFAULTS: dict[str, Any] = {"codec": "quic-fl:bits=2", "d": 2**20, "clients": [1, 10, 100],
-                            "repeats": 3, "distinct": 10, "threads": 1, "seed": 0}
+DEFAULTS: dict[str, Any] = {"codec": ["eden:bits=2", "quic-fl:bits=2", "fp32"], "d": 2**20,
+                            "clients": [10, 100, 1000], "repeats": 3, "distinct": 10,
+                            "threads": 1, "seed": 0}
 QUICK_KEYS = ("d", "clients", "repeats", "distinct")
-FIELDS = ["codec", "d", "n", "decode_mean_ms", "separate_ms", "rw_pass_ms", "speedup",
-          "x_rw", "max_abs_diff", "bits_per_coord"]
+FIELDS = ["codec", "d", "n", "decode_mean_ms", "separate_ms", "rw_pass_ms", "plain_adds_ms",
+          "inverse_rht_ms", "speedup", "x_rw", "x_adds", "x_inverse_rht", "max_abs_diff",
+          "bits_per_coord"]
 
 
 # ---- config -------------------------------------------------------------------------------
@@ -80,8 +89,19 @@ def validate_config(table: dict) -> dict:
                 isinstance(c, bool) or not isinstance(c, int) or not 1 <= c <= 10_000 for c in n):
             raise ValueError(f"config key 'clients' must be a non-empty list of integers in "
                              f"[1, 10000], got {n!r}")
-    _codec_spec(table.get("codec", DEFAULTS["codec"]))
+    for spec in _specs(table.get("codec", DEFAULTS["codec"])):
+        _codec_spec(spec)
     return table
+
+
+def _specs(codec: str | list[str]) -> list[str]:
+    """The config's codec key as a list of specs."""
+    if isinstance(codec, str):
+        return [codec]
+    if not isinstance(codec, list) or not codec or not all(isinstance(c, str) for c in codec):
+        raise ValueError(f"config key 'codec' must be a spec or a non-empty list of specs, "
+                         f"got {codec!r}")
+    return codec
 
 
 def load_config(path: str | pathlib.Path = DEFAULT_CONFIG, quick: bool = False) -> dict:
@@ -113,21 +133,42 @@ def _separate_mean(encs: list[fq.Encoded]) -> torch.Tensor:
 
 
 def bench_mean(cfg: dict, step: Callable[[str], None] = lambda _: None) -> list[dict]:
-    """One row per n of cfg['clients'] (see the module docstring)."""
-    name, params = _codec_spec(cfg["codec"])
+    """One row per (codec, n) of cfg['codec'] x cfg['clients'] (see the module docstring)."""
+    d = cfg["d"]
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    vectors = [torch.randn(d, generator=gen)
+               for _ in range(min(cfg["distinct"], max(cfg["clients"])))]
+    x, y = torch.randn(d, generator=gen), torch.empty(d)
+    rw_ms = median_ms(lambda: y.copy_(x), max(cfg["repeats"], 20))
+    inverse_ms = None
+    if d & (d - 1) == 0:
+        inverse_ms = median_ms(lambda: hadamard.inverse_rht(x, 1, 0, out=y),
+                               max(cfg["repeats"], 10))
+    rows = []
+    for spec in _specs(cfg["codec"]):
+        rows += _codec_rows(spec, cfg, vectors, rw_ms, inverse_ms, step)
+    return rows
+
+
+def _plain_adds(vectors: list[torch.Tensor], n: int) -> torch.Tensor:
+    acc = torch.zeros_like(vectors[0])
+    for i in range(n):
+        acc.add_(vectors[i % len(vectors)])
+    return acc
+
+
+def _codec_rows(spec: str, cfg: dict, vectors: list[torch.Tensor], rw_ms: float,
+                inverse_ms: float | None, step: Callable[[str], None]) -> list[dict]:
+    name, params = _codec_spec(spec)
     klass = codec_class(name)
     if "round_seed" in klass._defaults() and "round_seed" not in params:
         params["round_seed"] = str(cfg["seed"] + 1)  # one rotation for the whole round
     codec = klass.from_params(params)
     d = cfg["d"]
-    gen = torch.Generator().manual_seed(cfg["seed"])
     pool = []
-    for i in range(min(cfg["distinct"], max(cfg["clients"]))):
-        pool.append(codec.encode(torch.randn(d, generator=gen),
-                                 seed=derive_seed(cfg["seed"], i)))
-        step(f"encoding client {i + 1}")
-    x, y = torch.randn(d, generator=gen), torch.empty(d)
-    rw_ms = median_ms(lambda: y.copy_(x), max(cfg["repeats"], 20))
+    for i, v in enumerate(vectors):
+        pool.append(codec.encode(v, seed=derive_seed(cfg["seed"], i)))
+        step(f"{spec}: encoding client {i + 1}")
     rows = []
     for n in cfg["clients"]:
         encs = [pool[i % len(pool)] for i in range(n)]
@@ -136,12 +177,17 @@ def bench_mean(cfg: dict, step: Callable[[str], None] = lambda _: None) -> list[
         mean_ms = median_ms(lambda encs=encs: fq.decode_mean(encs), cfg["repeats"])
         separate_ms = median_ms(lambda encs=encs: _separate_mean(encs),
                                 1 if n >= 100 else cfg["repeats"])
-        rows.append({"codec": cfg["codec"], "d": d, "n": n, "decode_mean_ms": mean_ms,
+        adds_ms = median_ms(lambda n=n: _plain_adds(vectors, n), cfg["repeats"])
+        rows.append({"codec": spec, "d": d, "n": n, "decode_mean_ms": mean_ms,
                      "separate_ms": separate_ms, "rw_pass_ms": rw_ms,
+                     "plain_adds_ms": adds_ms,
+                     "inverse_rht_ms": None if inverse_ms is None else n * inverse_ms,
                      "speedup": separate_ms / mean_ms, "x_rw": mean_ms / (n * rw_ms),
+                     "x_adds": mean_ms / adds_ms,
+                     "x_inverse_rht": None if inverse_ms is None else mean_ms / (n * inverse_ms),
                      "max_abs_diff": float((fast - slow).abs().max()),
                      "bits_per_coord": pool[0].bits_per_coordinate})
-        step(f"n = {n}")
+        step(f"{spec}: n = {n}")
     return rows
 
 
@@ -152,18 +198,27 @@ def _plot(rows: list[dict], path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = [r["n"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.loglog(n, [r["decode_mean_ms"] for r in rows], "o-", label="decode_mean (one unrotate)")
-    ax.loglog(n, [r["separate_ms"] for r in rows], "s-", label="n separate decodes")
-    ax.loglog(n, [r["n"] * r["rw_pass_ms"] for r in rows], "k--", label="n read+write passes")
+    for spec in dict.fromkeys(r["codec"] for r in rows):
+        mine = [r for r in rows if r["codec"] == spec]
+        ax.loglog([r["n"] for r in mine], [r["decode_mean_ms"] for r in mine], "o-",
+                  label=f"decode_mean {spec}")
+    first = [r for r in rows if r["codec"] == rows[0]["codec"]]
+    n = [r["n"] for r in first]
+    ax.loglog(n, [r["plain_adds_ms"] for r in first], "k--", label="n plain fp32 adds")
+    if first[0]["inverse_rht_ms"] is not None:
+        ax.loglog(n, [r["inverse_rht_ms"] for r in first], "k:", label="n inverse RHTs")
     ax.set_xlabel("clients n")
     ax.set_ylabel("ms")
-    ax.set_title(f"{rows[0]['codec']}, d = {rows[0]['d']}")
-    ax.legend(fontsize=8)
+    ax.set_title(f"d = {rows[0]['d']}")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _fmt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
 
 
 def write_outputs(rows: list[dict], cfg: dict, out_dir: pathlib.Path) -> None:
@@ -173,18 +228,23 @@ def write_outputs(rows: list[dict], cfg: dict, out_dir: pathlib.Path) -> None:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpus": os.cpu_count()}
     (out_dir / "rows.json").write_text(json.dumps({"config": cfg, "environment": env,
                                                    "rows": rows}, indent=1))
     _plot(rows, out_dir / "bench_mean.png")
     lines = ["# fedquant bench mean", "",
-             f"{cfg['codec']} at d = {cfg['d']}, {env['threads']} thread(s), medians of "
-             f"{cfg['repeats']} runs. decode_mean sums in the rotated domain and inverts the "
-             "rotation once; `separate` decodes each client.", "",
-             "| n | decode_mean ms | separate ms | speedup | rw pass ms | decode_mean / (n rw) "
-             "| max abs diff |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['n']} | {r['decode_mean_ms']:.2f} | {r['separate_ms']:.2f} | "
-              f"{r['speedup']:.2f} | {r['rw_pass_ms']:.3f} | {r['x_rw']:.1f} | "
+             f"d = {cfg['d']}, {env['threads']} torch thread(s), decode_mean over "
+             f"{env['cpus']} CPU(s), medians of {cfg['repeats']} runs. `separate` decodes "
+             "each client and sums; `plain adds` is n float32 `add_` of uncompressed "
+             "vectors; `inverse RHTs` is n times one inverse RHT.", "",
+             "| codec | n | decode_mean ms | separate ms | plain adds ms | n inverse RHTs ms "
+             "| / plain adds | / inverse RHTs | speedup | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['codec']} | {r['n']} | {r['decode_mean_ms']:.2f} | "
+              f"{r['separate_ms']:.2f} | {r['plain_adds_ms']:.2f} | "
+              f"{_fmt(r['inverse_rht_ms'])} | {r['x_adds']:.2f} | "
+              f"{_fmt(r['x_inverse_rht'])} | {r['speedup']:.2f} | "
               f"{r['max_abs_diff']:.2g} |" for r in rows]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
@@ -193,12 +253,14 @@ def print_summary(rows: list[dict]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"fedquant bench mean: {rows[0]['codec']}, d = {rows[0]['d']}")
-    for col in ("n", "decode_mean ms", "separate ms", "speedup", "per client / rw pass"):
+    table = Table(title=f"fedquant bench mean, d = {rows[0]['d']}")
+    for col in ("codec", "n", "decode_mean ms", "separate ms", "/ plain adds",
+                "/ inverse RHTs", "speedup"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["n"]), f"{r['decode_mean_ms']:.2f}", f"{r['separate_ms']:.2f}",
-                      f"{r['speedup']:.2f}x", f"{r['x_rw']:.1f}")
+        table.add_row(r["codec"], str(r["n"]), f"{r['decode_mean_ms']:.2f}",
+                      f"{r['separate_ms']:.2f}", f"{r['x_adds']:.2f}",
+                      _fmt(r["x_inverse_rht"]), f"{r['speedup']:.2f}x")
     Console().print(table)
 
 
@@ -207,7 +269,8 @@ def run_bench_mean(cfg: dict, out_dir: pathlib.Path, progress: bool = True) -> l
     from rich.progress import Progress
 
     torch.set_num_threads(cfg["threads"])
-    steps = min(cfg["distinct"], max(cfg["clients"])) + len(cfg["clients"])
+    steps = (min(cfg["distinct"], max(cfg["clients"])) + len(cfg["clients"])) * len(
+        _specs(cfg["codec"]))
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task("bench mean", total=steps)
         rows = bench_mean(cfg, lambda what: bar.update(task, advance=1, description=what))
@@ -221,7 +284,8 @@ def bench_mean_command(
     out: Annotated[pathlib.Path, typer.Option(help="Output folder.")] = pathlib.Path(
         "results/bench_mean"),
 ) -> None:
-    """decode_mean time for n = 1, 10, 100 at d = 2^20 against n separate decodes."""
+    """decode_mean for n = 10, 100, 1000 at d = 2^20 against n separate decodes, n plain
+    fp32 adds and n inverse RHTs."""
     try:
         cfg = load_config(config, quick)
     except (ValueError, OSError, tomllib.TOMLDecodeError) as e:

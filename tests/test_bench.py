@@ -124,3 +124,21 @@ def test_codec_rows_report_ratios_to_one_rht():
         assert r["encode_x_rht"] == pytest.approx(r["encode_ms"] / r["rht_ms"])
         assert r["decode_x_inverse_rht"] == pytest.approx(r["decode_ms"]
                                                           / r["inverse_rht_ms"])
+
+
+def test_bench_mean_rows_have_their_baselines(tmp_path):
+    from fedquant.simulations import bench_mean
+
+    cfg = {**bench_mean.DEFAULTS, "codec": ["eden:bits=2", "fp32"], "d": 4096,
+           "clients": [1, 3], "repeats": 1, "distinct": 2}
+    rows = bench_mean.bench_mean(cfg)
+    assert [(r["codec"], r["n"]) for r in rows] == [
+        ("eden:bits=2", 1), ("eden:bits=2", 3), ("fp32", 1), ("fp32", 3)]
+    for r in rows:
+        assert r["x_adds"] == pytest.approx(r["decode_mean_ms"] / r["plain_adds_ms"])
+        assert r["x_inverse_rht"] == pytest.approx(r["decode_mean_ms"] / r["inverse_rht_ms"])
+        assert r["max_abs_diff"] < 1e-5  # decode_mean agrees with the separate decodes
+    bench_mean.write_outputs(rows, cfg, tmp_path)
+    assert "/ plain adds" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="codec"):
+        bench_mean.validate_config({"codec": []})
