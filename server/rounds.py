@@ -274,6 +274,7 @@ class RoundBook:
                 continue
             rnd = Round(config)
             self._rounds[rnd.round_id] = rnd
+            rnd.rejected = store.rejections(rnd.round_id)
             for push in store.pushes(rnd.round_id):
                 self._replay(rnd, push)
             if rnd.config.quorum and len(rnd.pushes) >= rnd.config.quorum:
