@@ -320,6 +320,8 @@ def finite_words(data: bytes, dtype: torch.dtype) -> bool:
     if kind is None:
         raise ValueError(f"dtype must be a float type, got {dtype}")
     words = np.frombuffer(data, dtype=kind)
-    if math.isfinite(float(np.sum(words, dtype=np.float64))):
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is the NaN we look for
+        total = float(np.sum(words, dtype=np.float64))
+    if math.isfinite(total):
         return True
     return dtype == torch.float64 and bool(np.isfinite(words).all())
