@@ -27,6 +27,7 @@ from fedquant.packing import padded_bytes, read_bits
 # b -> the numpy type whose one (two for b = 1) element(s) hold the float32 values of a byte
 _BYTE_WORDS = {1: np.complex128, 2: np.complex128, 4: np.uint64, 8: np.uint32}
 COUNT_MAX_MIDS = 15  # up to b = 4 the unrolled midpoint count beats binary lifting
+FUSED_DOT_MAX_MIDS = 3  # b <= 2: <z, c> summed in the quantizing pass
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -77,6 +78,16 @@ if AVAILABLE:
             out[i] = k
             dot += np.float64(v) * c
         return dot
+
+    @nb.njit(cache=True)
+    def _quantize_count_only(z, factor, mids, out):
+        """:func:`_quantize_count` without the dot (b = 3, 4)."""
+        for i in range(z.size):
+            t = z[i] * factor
+            k = np.uint8(0)
+            for m in range(len(mids)):
+                k += np.uint8(mids[m] < t)
+            out[i] = k
 
     @nb.njit(cache=True)
     def _quantize_lift(z, factor, mids, out):
@@ -161,8 +172,12 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor,
     mids = ((c64[1:] + c64[:-1]) / 2).astype(np.float32)
     idx = out.numpy()
     if mids.size <= COUNT_MAX_MIDS:
-        dot = _quantize_count(z, factor, tuple(np.float32(m) for m in mids),
-                              tuple(float(c) for c in c64), idx)
+        if mids.size <= FUSED_DOT_MAX_MIDS:
+            dot = _quantize_count(z, factor, tuple(np.float32(m) for m in mids),
+                                  tuple(float(c) for c in c64), idx)
+        else:  # longer select chains stop vectorizing: count, then the gathered dot
+            _quantize_count_only(z, factor, tuple(np.float32(m) for m in mids), idx)
+            dot = _dot_centroids(z, idx, c64)
     else:
         _quantize_lift(z, factor, mids, idx)
         dot = _dot_centroids(z, idx, c64)
