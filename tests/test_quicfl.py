@@ -356,7 +356,8 @@ def test_fuzz_outlier_sections(gaps: bytes, values: int, bitmap: bool, bits: byt
 def test_bench_mean_writes_outputs_and_means_agree(tmp_path) -> None:
     from fedquant.simulations import bench_mean
 
-    cfg = {**bench_mean.DEFAULTS, "d": 4096, "clients": [1, 4], "repeats": 1, "distinct": 2}
+    cfg = {**bench_mean.DEFAULTS, "codec": "quic-fl:bits=2", "d": 4096, "clients": [1, 4],
+           "repeats": 1, "distinct": 2}
     rows = bench_mean.run_bench_mean(cfg, tmp_path, progress=False)
     assert [r["n"] for r in rows] == [1, 4]
     assert all(r["max_abs_diff"] < 1e-4 for r in rows)

@@ -260,20 +260,27 @@ def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, sca
     j = 0
     o = 0
     k = outlier_pos.size
-    drop = np.uint64(64 - shared_bits)
+    drop = np.uint64(63 - shared_bits)  # h = (hash >> 1) >> drop: no shift by 64 at l = 0
     for s in range(offsets.size):
         scale = scales[s] * weight
-        for i in range(offsets[s], offsets[s] + sizes[s]):
-            if o < k and outlier_pos[o] == i:
+        i = offsets[s]
+        end = i + sizes[s]
+        while i < end:
+            stop = outlier_pos[o] if o < k and outlier_pos[o] < end else end
+            run = stop - i  # inliers i .. stop - 1: a branch-free loop (it vectorizes)
+            dst, msg = out[i:stop], messages[j:j + run]
+            for t in range(run):
+                h = np.int64((_hash(key, np.uint64(i + t)) >> np.uint64(1)) >> drop)
+                dst[t] += scale * receiver[msg[t], h]
+            j += run
+            i = stop
+            if i < end:  # the outlier at i
                 out[i] += weight * outlier_vals[o]
                 o += 1
-                continue
-            h = np.int64(_hash(key, i) >> drop) if shared_bits > 0 else 0
-            out[i] += scale * receiver[messages[j], h]
-            j += 1
+                i += 1
 
 
-_accumulate_numba = njit(cache=True)(_accumulate_py) if AVAILABLE else None
+_accumulate_numba = njit(cache=True, nogil=True)(_accumulate_py) if AVAILABLE else None
 
 
 def _private_uniforms(seed: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
