@@ -322,7 +322,8 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
     async def _next(self, chunks) -> pb.PushChunk | None:
         """The next chunk, None at the end; CANCELLED after idle_timeout_s without one."""
         try:
-            return await asyncio.wait_for(anext(chunks, None), self.limits.idle_timeout_s)
+            async with asyncio.timeout(self.limits.idle_timeout_s):  # no task per chunk
+                return await anext(chunks, None)
         except TimeoutError:
             raise AggregationError("CANCELLED", f"no data for {self.limits.idle_timeout_s:g} s"
                                    " (--idle-timeout-s): push cancelled") from None
@@ -341,7 +342,10 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             key = f"client {header.client_id}"
             self.gate.claim(key)
             held.append((self.gate.unclaim, key))
-        rnd = await self._run(self.io, self._round_for_push, header.round_id, header.client_id)
+        rnd = self.book.get_open(header.round_id)
+        if rnd is None:  # closed or unknown: ask the log (off the event loop)
+            rnd = await self._run(self.io, self.book.get, header.round_id)
+        self.book.check_push(rnd, header.client_id)
         cap = min(self.limits.max_push_bytes, round_cap(rnd.config.numel))
         if header.total_bytes > cap:
             raise AggregationError("RESOURCE_EXHAUSTED", f"total_bytes {header.total_bytes} "
@@ -368,11 +372,6 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             raise AggregationError("INVALID_ARGUMENT", f"received {filled} bytes, "
                                    f"declared total_bytes {total}")
         return header, rnd, payload
-
-    def _round_for_push(self, round_id: str, client_id: int) -> Round:
-        rnd = self.book.get(round_id)
-        self.book.check_push(rnd, client_id)
-        return rnd
 
     def _decode_and_accept(self, rnd: Round, header: pb.PushHeader,
                            payload: bytearray) -> pb.PushAck:

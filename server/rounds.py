@@ -343,6 +343,11 @@ class RoundBook:
         rnd.closed.set()
         return rnd
 
+    def get_open(self, round_id: str) -> Round | None:
+        """The open round of this id from memory, or None (closed, unknown): no log read."""
+        with self._lock:
+            return self._rounds.get(round_id)
+
     def round_ids(self) -> list[str]:
         """Ids of the open rounds (those in memory)."""
         with self._lock:
