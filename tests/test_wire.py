@@ -408,18 +408,19 @@ def test_non_zero_padding_bits_are_a_wire_error():
         fq.Encoded.from_bytes(_mutated(blob, set_high_bit))
 
 
-def test_bits_lie_with_consistent_length_is_caught_by_the_padding():
-    # values packed with 3 bits, header says 2 bits and a count whose length matches
+def test_packed_with_2_labelled_3_with_consistent_length_is_caught():
+    # 8 values packed with 2 bits fill 2 bytes; a 3-bit dither of 5 values also takes 2
+    # bytes, its last bit being padding, which the 2-bit data sets
     from fedquant.packing import pack
-    values = torch.full((13,), 7, dtype=torch.int64)  # 39 bits in 5 bytes
-    data = pack(values, 3)
+    enc = fq.get_codec("dither", bits=3, rotations="0").encode(_x((5,), torch.float32))
+    assert enc.section("q").count == 5 and len(enc.section("q").data) == 2
+    lying = pack(torch.tensor([1, 2, 3, 0, 1, 2, 3, 3]), 2)
+    assert len(lying) == 2
 
     def relabel(msg):
-        del msg.sections[:]
-        msg.sections.add(name="q", bits=2, count=17, data=data)  # ceil(34 / 8) = 5 bytes
-    blob = _mutated(_blob("eden", shape=(16,), bits=2), relabel)
-    with pytest.raises(fq.WireError):
-        fq.Encoded.from_bytes(blob)
+        msg.sections[0].data = lying
+    with pytest.raises(fq.WireError, match="padding bits"):
+        fq.Encoded.from_bytes(_mutated(enc.to_bytes(), relabel))
 
 
 @pytest.mark.parametrize("name", ["dither", "stochastic", "eden", "drive", "vq",
