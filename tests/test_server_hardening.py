@@ -22,6 +22,7 @@ from fedquant.server.aggregator import ServerConfig, start_server
 from helpers_server import ROOT, ServerProcess
 
 import fedquant as fq
+from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
 from fedquant._proto import update_pb2
 
@@ -343,3 +344,38 @@ def test_push_cli_to_a_closed_port_is_one_line_and_honours_retries_0():
     assert time.monotonic() - started < 5
     assert run.exit_code == 1
     assert run.output.strip() == f"UNAVAILABLE: nothing listening at 127.0.0.1:{port}"
+
+
+def test_stalled_pushes_cannot_buffer_more_than_the_server_wide_cap(tmp_path):
+    """Each push reserves its declared bytes; beyond --max-buffered-bytes the next one is
+    told to retry (UNAVAILABLE) before anything is buffered, and stalled ones are cancelled
+    by the idle timeout, which frees their reservation."""
+    d = 20_000  # fp32: 80 kB per push
+    proc = ServerProcess(tmp_path, "--insecure", "--max-buffered-bytes", "200000",
+                         "--idle-timeout-s", "1")
+    release = threading.Event()
+    channel = grpc.insecure_channel(proc.target)
+    try:
+        with AggregatorClient(proc.target, insecure=True, token=proc.admin_token) as op:
+            op.open_round("buf", "fp32", round_seed=1, shape=[d], expected=4)
+            blobs = [op.encode("buf", i, torch.randn(d)).to_bytes() for i in range(4)]
+        stub = pb_grpc.AggregatorStub(channel)
+
+        def stalled(i):
+            yield pb.PushChunk(header=pb.PushHeader(round_id="buf", client_id=i, weight=1.0,
+                                                    total_bytes=len(blobs[i])),
+                               data=blobs[i][:1000])
+            release.wait(20)
+
+        calls = [stub.Push.future(stalled(i), timeout=20) for i in range(3)]
+        time.sleep(0.5)
+        codes = sorted(f.code().name for f in calls if f.done())
+        assert codes == ["UNAVAILABLE"], codes  # 2 x 80 kB reserved, the third refused
+        time.sleep(1.5)  # the idle timeout cancels the two stalled pushes
+        assert all(f.done() for f in calls)
+        with AggregatorClient(proc.target, insecure=True, retries=0) as c:
+            assert c.push("buf", 3, blobs[3]).nbytes == len(blobs[3])  # room again
+    finally:
+        release.set()
+        channel.close()
+        proc.stop()
