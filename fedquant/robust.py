@@ -24,6 +24,13 @@ API::
 
     # streaming (one update at a time, the server's case)
     verdict = policy.judge(norm, previous_norms)   # Verdict(norm, bound, factor, reason)
+    # a fixed bound for a batch (what screen does)
+    bound, rule = policy.bound_and_rule(norms.values())
+    verdict = policy.verdict(norm, bound, rule)
+
+A Verdict's `factor` is what to multiply the update by (1.0 accepted, in (0, 1) clipped,
+0.0 rejected) and its `reason` says why ("" when accepted unchanged); `accepted` and
+`clipped` are properties.
 """
 
 from __future__ import annotations
@@ -126,10 +133,11 @@ class NormPolicy:
 
     def bound(self, norms: Iterable[float]) -> float:
         """The bound for a round whose updates have `norms` (non-finite ones are ignored)."""
-        return self._bound(norms)[0]
+        return self.bound_and_rule(norms)[0]
 
-    def _bound(self, norms: Iterable[float]) -> tuple[float, str]:
-        """The bound and which rule set it."""
+    def bound_and_rule(self, norms: Iterable[float]) -> tuple[float, str]:
+        """The bound for a round whose updates have `norms`, and the rule that set it
+        ("max_norm" or "K x median norm"), for the reasons of :meth:`verdict`."""
         finite = [n for n in norms if math.isfinite(n)]
         if math.isfinite(self.median_multiple) and len(finite) >= self.min_count:
             by_median = self.median_multiple * statistics.median(finite)
@@ -140,9 +148,11 @@ class NormPolicy:
     def judge(self, norm: float, others: Iterable[float] = ()) -> Verdict:
         """The verdict on one update of norm `norm`, the median (if any) being taken over
         `others` and `norm` itself (the streaming case: the norms seen so far)."""
-        return self._verdict(norm, *self._bound([*others, norm]))
+        return self.verdict(norm, *self.bound_and_rule([*others, norm]))
 
-    def _verdict(self, norm: float, bound: float, rule: str) -> Verdict:
+    def verdict(self, norm: float, bound: float, rule: str = "max_norm") -> Verdict:
+        """The verdict on an update of norm `norm` against a given `bound` (from
+        :meth:`bound_and_rule`): the batch case, every update against the same bound."""
         if not math.isfinite(norm):
             return Verdict(math.inf, bound, 0.0, "update holds NaN or Inf")
         if norm <= bound:
@@ -179,8 +189,8 @@ class Screening:
 def screen(norms: Mapping[K, float], policy: NormPolicy) -> Screening:
     """Judge a whole round at once: every update against the same bound (the median taken
     over all the round's finite norms)."""
-    bound, rule = policy._bound(norms.values())
-    return Screening({key: policy._verdict(norm, bound, rule) for key, norm in norms.items()})
+    bound, rule = policy.bound_and_rule(norms.values())
+    return Screening({key: policy.verdict(norm, bound, rule) for key, norm in norms.items()})
 
 
 def robust_mean(updates: Mapping[K, torch.Tensor], policy: NormPolicy,

@@ -557,8 +557,8 @@ class RoundBook:
         holds the round lock); if a verdict changed, re-sum the round from the log."""
         if not math.isfinite(self.policy.median_multiple) or not rnd.norms:
             return
-        bound, rule = self.policy._bound(rnd.norms.values())
-        final = {c: self.policy._verdict(n, bound, rule) for c, n in rnd.norms.items()}
+        bound, rule = self.policy.bound_and_rule(rnd.norms.values())
+        final = {c: self.policy.verdict(n, bound, rule) for c, n in rnd.norms.items()}
         changed = {c: v for c, v in final.items() if v.factor < rnd.factors.get(c, 1.0)}
         if not changed:
             return
