@@ -300,7 +300,13 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
             except TimeoutError:
                 raise AggregationError("CANCELLED", f"push not received within "
                                        f"{self.limits.push_timeout_s:g} s: cancelled") from None
-            ack = await self._run(self.decoder, self._decode_and_accept, rnd, header, payload)
+            job = asyncio.get_running_loop().run_in_executor(
+                self.decoder, self._decode_and_accept, rnd, header, payload)
+            try:
+                ack = await asyncio.shield(job)
+            except asyncio.CancelledError:  # the client left while its push is decoded:
+                await asyncio.wait({job})  # its bytes stay reserved until the decode ends
+                raise
             log.info("push_accepted", extra={"fields": {
                 "round": rnd.round_id, "client": header.client_id, "bytes": len(payload)}})
             return ack
