@@ -5,6 +5,8 @@ client_id)``, streams the serialized update in 1 MiB chunks (so updates above gR
 message limit work), retries on UNAVAILABLE with exponential backoff, and fetches the mean.
 Retrying is idempotent: a second push of a client is answered ALREADY_EXISTS with the
 digest of the recorded payload, which counts as success when it matches ours.
+Opening and closing rounds needs the server's admin token (``token=``: the tokens file's
+"operator" entry, or the one the server wrote to ``<data-dir>/admin.token``).
 
 Example::
 
