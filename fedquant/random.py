@@ -132,7 +132,8 @@ def sign_numba(z: np.uint64) -> np.float32:  # pragma: no cover - jit
     z = np.uint64(z)  # an int64 argument would shift arithmetically
     z = (z ^ (z >> _S30)) * _MIX1_U64
     z = (z ^ (z >> _S27)) * _MIX2_U64
-    return np.float32(1.0) - np.float32(2.0) * np.float32(z >> _S63)
+    # through int64: a uint64 -> float conversion is a slow branchy sequence
+    return np.float32(1.0) - np.float32(2.0) * np.float32(np.int64(z >> _S63))
 
 
 GAMMA_U64 = _GAMMA_U64

@@ -217,8 +217,9 @@ def _messages_py(z, scale, threshold, a0, delta, m, lo, up, shared_bits, key_h, 
         index = np.uint64(i) + start
         h = np.int64((_hash(key_h, index) >> np.uint64(1)) >> drop)
         bits = _hash(key_private, index)
-        u_grid = np.float64(bits >> np.uint64(32)) * 2.0**-32
-        u_msg = np.float64(bits & low32) * 2.0**-32
+        # through int64: a uint64 -> float64 conversion is a slow branchy sequence
+        u_grid = np.float64(np.int64(bits >> np.uint64(32))) * 2.0**-32
+        u_msg = np.float64(np.int64(bits & low32)) * 2.0**-32
         pos = (t - a0) / delta
         # clamps as selects (numba's min/max branch on NaN, which blocks SIMD; t is finite)
         cell = np.floor(pos)
