@@ -200,13 +200,14 @@ def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
 _hash = fqr.hash64_numba  # hash64(seed, purpose, i) given the stream key of (seed, purpose)
 
 
-def _messages_py(z, scale, threshold, a0, delta, m, lo, up, shared_bits, key_h, key_private,
-                 start, messages, outlier):  # pragma: no cover - numba-compiled
-    """QuicFL.sample_messages on one slice, for every coordinate (outliers too: their
-    message is computed and dropped), branch-free so that the loop vectorizes: the same
-    float64 operations in the same order as the torch path, h from the top l bits of the
-    SHARED_INDEX hash, the two private uniforms from the high and low 32 bits of the
-    PRIVATE hash (coordinate i of the slice is hash index start + i)."""
+def _cells_py(z, scale, threshold, a0, delta, m, shared_bits, key_h, key_private, start,
+              cells, coins, outlier):  # pragma: no cover - numba-compiled
+    """The gather-free part of QuicFL.sample_messages on one slice, for every coordinate
+    (outliers too), so that the loop vectorizes: the table cell (grid point, h) each
+    coordinate rounds to and its message coin. The same float64 operations in the same
+    order as the torch path; h is the top l bits of the SHARED_INDEX hash, the two private
+    uniforms the high and low 32 bits of the PRIVATE hash (coordinate i of the slice is
+    hash index start + i). The coin is kept as its 32 bits (uniform = coin * 2^-32)."""
     n_h = 1 << shared_bits
     drop = np.uint64(63 - shared_bits)  # h = (hash >> 1) >> drop: no shift by 64 at l = 0
     low32 = np.uint64(0xFFFFFFFF)
@@ -219,7 +220,7 @@ def _messages_py(z, scale, threshold, a0, delta, m, lo, up, shared_bits, key_h, 
         bits = _hash(key_private, index)
         # through int64: a uint64 -> float64 conversion is a slow branchy sequence
         u_grid = np.float64(np.int64(bits >> np.uint64(32))) * 2.0**-32
-        u_msg = np.float64(np.int64(bits & low32)) * 2.0**-32
+        coins[i] = np.uint32(bits & low32)
         pos = (t - a0) / delta
         # clamps as selects (numba's min/max branch on NaN, which blocks SIMD; t is finite)
         cell = np.floor(pos)
@@ -228,26 +229,28 @@ def _messages_py(z, scale, threshold, a0, delta, m, lo, up, shared_bits, key_h, 
         frac = pos - cell
         frac = 0.0 if frac < 0.0 else frac
         frac = 1.0 if frac > 1.0 else frac
-        c = (np.int64(cell) + (1 if u_grid < frac else 0)) * n_h + h
-        messages[i] = lo[c] + (1 if u_msg < up[c] else 0)
+        cells[i] = np.int32((np.int64(cell) + (1 if u_grid < frac else 0)) * n_h + h)
 
 
-def _compact_py(all_messages, outlier, messages, positions):  # pragma: no cover - numba
-    """Keep the inliers' messages in order and list the outliers' positions; returns
-    (number of messages, number of outliers)."""
+def _compact_py(cells, coins, outlier, lo, up, messages, positions):  # pragma: no cover
+    """The table lookups (gathers, which keep :func:`_cells_py` from vectorizing) and the
+    compaction: the inliers' messages lo[cell] + (coin < up[cell]) in order, and the
+    outliers' positions. Returns (number of messages, number of outliers)."""
     j = 0
     o = 0
-    for i in range(all_messages.size):
+    for i in range(cells.size):
         if outlier[i]:
             positions[o] = i
             o += 1
         else:
-            messages[j] = all_messages[i]
+            c = cells[i]
+            u_msg = np.float64(np.int64(coins[i])) * 2.0**-32
+            messages[j] = lo[c] + (1 if u_msg < up[c] else 0)
             j += 1
     return j, o
 
 
-_messages_numba = njit(cache=True, nogil=True)(_messages_py) if AVAILABLE else None
+_cells_numba = njit(cache=True, nogil=True)(_cells_py) if AVAILABLE else None
 _compact_numba = njit(cache=True, nogil=True)(_compact_py) if AVAILABLE else None
 
 
@@ -346,7 +349,7 @@ class QuicFL(RotatedCodec):
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
         scales = [slice_norm(z[s.offset: s.offset + s.size]) / math.sqrt(s.size)
                   for s in slice_layout(d)]
-        if z.device.type == "cpu" and _messages_numba is not None:
+        if z.device.type == "cpu" and _cells_numba is not None:
             messages, positions = self._sample_messages_cpu(z, scales, seed, d)
         else:
             messages, positions = self.sample_messages(z, scales, seed, d)
@@ -375,24 +378,25 @@ class QuicFL(RotatedCodec):
 
     def _sample_messages_cpu(self, z: torch.Tensor, scales: Sequence[float], seed: int,
                              d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`sample_messages` in one numba pass (same numbers, bit for bit)."""
+        """:meth:`sample_messages` in two numba passes (same numbers, bit for bit)."""
         tables = self.tables
         grid = tables.grid.numpy()
         lo, up = tables.lo.numpy().reshape(-1), tables.up.numpy().reshape(-1)
         key_h = np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX))
         key_private = np.uint64(fqr.stream_key(seed, fqr.Purpose.PRIVATE))
         zn = z.numpy()
-        every = np.empty(z.numel(), dtype=np.uint8)  # bits <= 4: a message fits a byte
+        cells = np.empty(z.numel(), dtype=np.int32)
+        coins = np.empty(z.numel(), dtype=np.uint32)
         outlier = np.empty(z.numel(), dtype=np.bool_)
         for s, scale in zip(slice_layout(d), scales, strict=True):
             part = slice(s.offset, s.offset + s.size)
-            _messages_numba(zn[part], max(scale, 1e-300), tables.threshold, float(grid[0]),
-                            float(grid[1] - grid[0]), grid.size, lo, up, self.shared_bits,
-                            key_h, key_private, np.uint64(s.offset), every[part],
-                            outlier[part])
-        messages = np.empty(z.numel(), dtype=np.uint8)
+            _cells_numba(zn[part], max(scale, 1e-300), tables.threshold, float(grid[0]),
+                         float(grid[1] - grid[0]), grid.size, self.shared_bits, key_h,
+                         key_private, np.uint64(s.offset), cells[part], coins[part],
+                         outlier[part])
+        messages = np.empty(z.numel(), dtype=np.uint8)  # bits <= 4: a message fits a byte
         positions = np.empty(z.numel(), dtype=np.int64)
-        n_msg, n_out = _compact_numba(every, outlier, messages, positions)
+        n_msg, n_out = _compact_numba(cells, coins, outlier, lo, up, messages, positions)
         return torch.from_numpy(messages[:n_msg]), torch.from_numpy(positions[:n_out])
 
     # ---- wire checks ---------------------------------------------------------------------
