@@ -307,7 +307,7 @@ class RoundBook:
                 raise AggregationError("DATA_LOSS", f"clip factor {push.factor} out of range")
         except AggregationError as e:
             self._report(rnd.round_id, push.client_id, str(e))
-            self.store.quarantine(rnd.round_id, push.client_id, str(e))
+            self.store.quarantine(rnd.round_id, push.key or push.client_id, str(e))
             return
         rnd.pushes[push.client_id] = PushRecord(push.weight, push.nbytes, push.sha256)
         rnd.norms[push.client_id] = norm

@@ -90,6 +90,7 @@ class LoggedPush:
     nbytes: int
     payload: bytes  # b"" when read without payloads
     factor: float = 1.0  # clipping factor applied to the update (fedquant.robust)
+    key: str = ""  # the client_id column as stored (to quarantine a row whose id is corrupt)
 
 
 @dataclass(frozen=True)
@@ -266,8 +267,9 @@ class Store:
         self._write("INSERT OR REPLACE INTO rejections (round_id, client_id, reason) "
                     "VALUES (?, ?, ?)", (round_id, str(client_id), reason))
 
-    def quarantine(self, round_id: str, client_id: int, reason: str) -> None:
-        """Move a logged push that failed a replay check to the quarantine table."""
+    def quarantine(self, round_id: str, client_id: int | str, reason: str) -> None:
+        """Move a logged push that failed a replay check to the quarantine table
+        (`client_id` as an int, or the column's text as stored)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -317,7 +319,8 @@ class Store:
                         "SELECT payload FROM pushes WHERE round_id = ? AND client_id = ?",
                         (round_id, client_id)).fetchone()
                 payload = b"" if row is None else row[0]
-            yield LoggedPush(_client_id(client_id), weight, sha256, nbytes, payload, factor)
+            yield LoggedPush(_client_id(client_id), weight, sha256, nbytes, payload, factor,
+                             str(client_id))
 
     def rejections(self, round_id: str) -> dict[int, str]:
         """{client: reason} of the round's pushes refused by the norm bound."""

@@ -375,3 +375,29 @@ def test_closed_rounds_leave_memory(tmp_path):
     again = book.get("m")  # read back from the log
     assert again is not rnd and again.state == "closed" and list(again.pushes) == [0]
     book.store.close()
+
+
+def test_replay_quarantines_bad_rows_and_starts(tmp_path):
+    """A row with a corrupt client id, one whose payload does not match its digest and one
+    of another round are each moved to quarantine with the reason; the rest replays."""
+    book = RoundBook(Store(tmp_path))
+    rnd = book.open(RoundConfig.build("q", "eden", {"bits": 2}, 1, [64], expected_count=9))
+    other = book.open(RoundConfig.build("o", "eden", {"bits": 2}, 2, [64], expected_count=9))
+    good = _eden_push(book, rnd, 1, torch.randn(64))
+    _eden_push(book, rnd, 2, torch.randn(64))
+    foreign = _eden_push(book, other, 3, torch.randn(64)).to_bytes()
+    db = book.store._db
+    db.execute("UPDATE pushes SET client_id = 'x7' WHERE round_id = 'q' AND client_id = '2'")
+    book.store.record_push("q", 4, 1.0, "0" * 64, good.to_bytes(), 7)  # digest mismatch
+    book.store.record_push("q", 3, 1.0, payload_digest(foreign), foreign, 8)  # other round
+    book.store.close()
+    replayed = RoundBook(Store(tmp_path))
+    assert list(replayed.get("q").pushes) == [1]
+    reasons = {c: r for _, c, r in replayed.store.quarantined()}
+    assert set(reasons) == {"x7", "4", "3"}
+    assert "sha256" in reasons["4"] and "seed" in reasons["3"]
+    assert len(replayed.problems) == 3 and all("round 'q'" in p for p in replayed.problems)
+    replayed.store.close()
+    again = RoundBook(Store(tmp_path))
+    assert not again.problems  # quarantined once, not at every start
+    again.store.close()
