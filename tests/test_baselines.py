@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import fedquant as fq
 from fedquant._proto import update_pb2
 from fedquant.codecs.sparse import decode_positions, encode_positions
-from fedquant.wire import Encoded
+from fedquant.wire import Encoded, Section
 
 D = 1000  # small and not a power of two: exercises the slice layout and tails
 
@@ -231,3 +231,22 @@ def test_absurd_counts_are_rejected_before_allocation():
     msg.shape[:] = [2**30]
     with pytest.raises(fq.WireError, match="cap"):
         Encoded.from_bytes(msg.SerializeToString())
+
+
+def test_position_code_refuses_both_or_neither_and_bad_definitions():
+    from fedquant.codecs.positions import PositionCode
+    from fedquant.codecs.sparse import KEPT_POSITIONS
+
+    positions = torch.tensor([1, 5, 9])
+    gaps = KEPT_POSITIONS._gap_sections(positions)
+    bitmap = torch.zeros(16, dtype=torch.uint8)
+    bitmap[positions] = 1
+    both = {**gaps, "bitmap": Section.from_ints("bitmap", bitmap, 1)}
+    for sections, word in ((both, "both"), ({}, "neither")):
+        enc = Encoded("topk", {}, (16,), torch.float32, 0, sections=sections)
+        with pytest.raises(fq.WireError, match=f"exactly one.*{word}"):
+            KEPT_POSITIONS.decode(enc, 16, 3)
+    with pytest.raises(ValueError, match="gap_code"):
+        PositionCode("gamma", bitmap="b", gaps=("g",), bitmap_on_tie=True)
+    with pytest.raises(ValueError, match="2 gap section"):
+        PositionCode("rice", bitmap="b", gaps=("g",), bitmap_on_tie=True)

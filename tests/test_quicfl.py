@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy.stats import binom, norm
 
 import fedquant as fq
+from fedquant.codecs import positions as position_code
 from fedquant.codecs import quicfl, rotated
 from fedquant.packing import packed_len
 from fedquant.random import derive_seed
@@ -116,7 +117,7 @@ def test_outliers_sent_exactly() -> None:
     assert torch.equal(y[expected], x[expected])  # bit-exact float32 values
     assert c.stats(enc)["outlier_fraction"] == expected.numel() / 4096
     # the shorter coding was chosen (sum t^2 = n caps outliers at n / T^2: gaps win here)
-    gaps = quicfl._varints(np.diff(expected.numpy(), prepend=-1) - 1)
+    gaps = position_code.varint_bytes(np.diff(expected.numpy(), prepend=-1) - 1)
     assert len(enc.section("outlier_gaps").data) == len(gaps) < packed_len(4096, 1)
 
 
@@ -124,8 +125,8 @@ def test_outliers_sent_exactly() -> None:
 def test_position_coding_picks_the_shorter(step: int, name: str) -> None:
     n = 4096
     positions = torch.arange(3, n, step)
-    section = quicfl.position_section(positions, n)
-    gaps = quicfl._varints(np.diff(positions.numpy(), prepend=-1) - 1)
+    (section,) = quicfl.OUTLIER_POSITIONS.encode(positions, n).values()
+    gaps = position_code.varint_bytes(np.diff(positions.numpy(), prepend=-1) - 1)
     assert section.name == name
     assert len(section.data) == min(len(gaps), packed_len(n, 1))
     enc = fq.Encoded("quic-fl", {}, (n,), torch.float32, 0, sections={name: section})
@@ -134,7 +135,8 @@ def test_position_coding_picks_the_shorter(step: int, name: str) -> None:
 
 def test_varint_round_trip() -> None:
     values = np.array([0, 1, 127, 128, 16383, 16384, 2**31, 2**35 - 1], dtype=np.int64)
-    assert np.array_equal(quicfl._parse_varints(quicfl._varints(values), "f"), values)
+    data = position_code.varint_bytes(values)
+    assert np.array_equal(position_code.parse_varints(data, "f"), values)
 
 
 # ---- statistics: unbiasedness and vNMSE ----------------------------------------------------

@@ -43,6 +43,7 @@ import torch
 from fedquant import random as fqr
 from fedquant._numba import AVAILABLE, njit
 from fedquant.codecs.base import expect_scales, expect_section, register_codec
+from fedquant.codecs.positions import PositionCode
 from fedquant.codecs.rotated import RotatedCodec, slice_norm, slice_values
 from fedquant.rotation import padded_size, slice_layout, unrotate
 from fedquant.wire import Encoded, Section, WireError
@@ -50,7 +51,6 @@ from fedquant.wire import Encoded, Section, WireError
 _TABLES = pathlib.Path(__file__).resolve().parents[1] / "data" / "quicfl_tables.npz"
 DEFAULT_SHARED_BITS = {1: 6, 2: 5, 3: 4, 4: 4}
 SHIPPED_P = (2.0**-9,)
-MAX_VARINT_BYTES = 5  # 35 bits: every gap of a vector of at most 2^31 * 8 coordinates
 SECTIONS = ("q", "outlier_values", "outlier_gaps", "outlier_bitmap")
 
 
@@ -120,80 +120,14 @@ def quic_tables(bits: int, shared_bits: int) -> QuicTables:
     )
 
 
-# ---- outlier positions: varint-coded sorted gaps, or a bitmap ----------------------------
-def _varints(values: np.ndarray) -> bytes:
-    """LEB128: 7 bits per byte, least significant first, high bit = more bytes follow."""
-    values = values.astype(np.uint64)
-    nbytes = np.ones(values.size, dtype=np.int64)
-    for k in range(1, MAX_VARINT_BYTES):
-        nbytes += values >= np.uint64(1 << (7 * k))
-    group = np.repeat(np.arange(values.size), nbytes)
-    starts = np.cumsum(nbytes) - nbytes
-    place = np.arange(group.size) - starts[group]
-    out = (values[group] >> (7 * place).astype(np.uint64)) & np.uint64(0x7F)
-    more = place < nbytes[group] - 1
-    return (out | (more.astype(np.uint64) << np.uint64(7))).astype(np.uint8).tobytes()
-
-
-def _parse_varints(data: bytes, field: str) -> np.ndarray:
-    """Inverse of :func:`_varints`; WireError on truncated, overlong or non-canonical codes."""
-    arr = np.frombuffer(data, dtype=np.uint8)
-    if arr.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.flatnonzero(arr < 0x80)
-    if ends.size == 0 or ends[-1] != arr.size - 1:
-        raise WireError(f"{field}: truncated varint at the end")
-    starts = np.concatenate(([0], ends[:-1] + 1))
-    lengths = ends - starts + 1
-    if lengths.max() > MAX_VARINT_BYTES:
-        raise WireError(f"{field}: varint longer than {MAX_VARINT_BYTES} bytes")
-    if np.any((lengths > 1) & (arr[ends] == 0)):
-        raise WireError(f"{field}: non-canonical varint (trailing zero byte)")
-    group = np.repeat(np.arange(ends.size), lengths)
-    place = np.arange(arr.size) - starts[group]
-    parts = (arr & 0x7F).astype(np.int64) << (7 * place)
-    return np.add.reduceat(parts, starts)
-
-
-def position_section(positions: torch.Tensor, n: int) -> Section:
-    """Sorted unique positions in [0, n) as the shorter of gaps and bitmap."""
-    pos = positions.cpu().numpy().astype(np.int64)
-    gaps = np.diff(pos, prepend=-1) - 1  # first gap is pos[0]; then pos[i] - pos[i-1] - 1
-    gap_bytes = _varints(gaps)
-    if len(gap_bytes) <= (n + 7) // 8:
-        return Section("outlier_gaps", 8, len(gap_bytes), gap_bytes)
-    mask = torch.zeros(n, dtype=torch.int64)
-    mask[positions.cpu()] = 1
-    return Section.from_ints("outlier_bitmap", mask, 1)
+# ---- outlier positions: varint-coded sorted gaps, or a bitmap (codecs/positions.py) -------
+OUTLIER_POSITIONS = PositionCode("varint", bitmap="outlier_bitmap", gaps=("outlier_gaps",),
+                                 bitmap_on_tie=False, what="the outlier value count")
 
 
 def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
     """Validated outlier positions (int64, sorted, unique, in [0, n)) of an encoding."""
-    has_gaps, has_bitmap = "outlier_gaps" in enc.sections, "outlier_bitmap" in enc.sections
-    if has_gaps == has_bitmap:
-        raise WireError("sections: need exactly one of 'outlier_gaps' and 'outlier_bitmap'")
-    if has_bitmap:
-        expect_section(enc, "outlier_bitmap", n, 1)
-        positions = torch.nonzero(enc.section("outlier_bitmap").ints()).reshape(-1)
-        if positions.numel() != count:
-            raise WireError(f"sections['outlier_bitmap']: {positions.numel()} bits set, "
-                            f"expected {count} (the outlier value count)")
-        return positions
-    section = enc.section("outlier_gaps")
-    if section.bits != 8:
-        raise WireError(f"sections['outlier_gaps'].bits: expected 8, got {section.bits}")
-    gaps = _parse_varints(section.data, "sections['outlier_gaps']")
-    if gaps.size != count:
-        raise WireError(f"sections['outlier_gaps']: {gaps.size} gaps, expected {count} "
-                        "(the outlier value count)")
-    if gaps.size and int(gaps.max()) >= n:
-        raise WireError(f"sections['outlier_gaps']: gap {int(gaps.max())} exceeds the "
-                        f"rotated length {n}")
-    positions = np.cumsum(gaps + 1) - 1
-    if positions.size and positions[-1] >= n:
-        raise WireError(f"sections['outlier_gaps']: position {int(positions[-1])} is outside "
-                        f"[0, {n})")
-    return torch.from_numpy(positions)
+    return OUTLIER_POSITIONS.decode(enc, n, count)
 
 
 # ---- CPU kernels (numba): sender and receiver in one pass each ----------------------------
@@ -357,8 +291,7 @@ class QuicFL(RotatedCodec):
             "q": Section.from_ints("q", messages, self.bits),
             "outlier_values": Section.from_raw("outlier_values", z[positions].float()),
         }
-        where = position_section(positions, z.numel())
-        sections[where.name] = where
+        sections.update(OUTLIER_POSITIONS.encode(positions, z.numel()))
         return scales, sections
 
     def sample_messages(self, z: torch.Tensor, scales: Sequence[float], seed: int,

@@ -24,11 +24,10 @@ import torch
 
 from fedquant import random as fqr
 from fedquant.codecs.base import Codec, check_input, check_seed, expect_section, register_codec
-from fedquant.packing import packed_len
-from fedquant.wire import Encoded, Section, WireError
+from fedquant.codecs.positions import PositionCode
+from fedquant.wire import Encoded, Section
 
 VALUE_FORMATS = {"fp32": torch.float32, "fp16": torch.float16}
-MAX_RICE_BITS = 31
 
 
 def sparse_count(d: int, fraction: float, count: int) -> int:
@@ -40,70 +39,21 @@ def sparse_count(d: int, fraction: float, count: int) -> int:
     return min(d, max(1, round(fraction * d)))
 
 
-def _rice_bits(gaps: torch.Tensor) -> int:
-    """The Rice parameter r that minimizes k*r + sum(gaps >> r) + k."""
-    costs = [r * gaps.numel() + int((gaps >> r).sum()) for r in range(MAX_RICE_BITS + 1)]
-    return min(range(MAX_RICE_BITS + 1), key=costs.__getitem__)
+# the kept positions: a bitmap or a Rice code of their gaps (fedquant/codecs/positions.py)
+KEPT_POSITIONS = PositionCode("rice", bitmap="bitmap", gaps=("gap_low", "gap_high"),
+                              bitmap_on_tie=True)
 
 
 def encode_positions(positions: torch.Tensor, d: int) -> dict[str, Section]:
     """Sorted distinct positions in [0, d) as a bitmap or a Rice code of their gaps,
     whichever takes fewer bytes."""
-    k = positions.numel()
-    prev = torch.cat((positions.new_full((1,), -1), positions[:-1]))
-    gaps = positions - prev - 1
-    r = _rice_bits(gaps) if k else 0
-    high = gaps >> r
-    unary_len = int(high.sum()) + k
-    if packed_len(d, 1) <= packed_len(k * r, 1) + packed_len(unary_len, 1):
-        bitmap = torch.zeros(d, dtype=torch.uint8, device=positions.device)
-        bitmap[positions] = 1
-        return {"bitmap": Section.from_ints("bitmap", bitmap, 1)}
-    low = torch.empty(k, r, dtype=torch.uint8, device=positions.device)
-    for j in range(r):
-        low[:, j] = (gaps >> j) & 1
-    # unary: high[i] ones then a zero that ends gap i
-    unary = torch.ones(unary_len, dtype=torch.uint8, device=positions.device)
-    unary[torch.cumsum(high + 1, 0) - 1] = 0
-    return {"gap_low": Section.from_ints("gap_low", low.reshape(-1), 1),
-            "gap_high": Section.from_ints("gap_high", unary, 1)}
+    return KEPT_POSITIONS.encode(positions, d)
 
 
 def decode_positions(enc: Encoded, k: int, device=None) -> torch.Tensor:
     """The k sorted positions; WireError if the sections do not describe k distinct
     positions in [0, numel)."""
-    d = enc.numel
-    if "bitmap" in enc.sections:
-        expect_section(enc, "bitmap", d, 1)
-        positions = torch.nonzero(enc.section("bitmap").ints(device)).reshape(-1)
-        if positions.numel() != k:
-            raise WireError(f"sections['bitmap']: {positions.numel()} bits set, expected {k}")
-        return positions
-    low_s, high_s = enc.section("gap_low"), enc.section("gap_high")
-    if low_s.bits != 1 or high_s.bits != 1:
-        raise WireError("sections['gap_low'/'gap_high'].bits: expected 1")
-    r = low_s.count // k if k else 0
-    if low_s.count != k * r or r > MAX_RICE_BITS:
-        raise WireError(f"sections['gap_low'].count: {low_s.count} is not k * r for k = {k} "
-                        f"and r <= {MAX_RICE_BITS}")
-    if high_s.count < k or high_s.count > d + k:
-        raise WireError(f"sections['gap_high'].count: {high_s.count} outside [{k}, {d + k}]")
-    if k == 0:
-        return torch.zeros(0, dtype=torch.int64, device=device)
-    unary = high_s.ints(device)
-    ends = torch.nonzero(unary == 0).reshape(-1)
-    if ends.numel() != k or int(ends[-1]) != high_s.count - 1:
-        raise WireError(f"sections['gap_high']: expected {k} unary codes ending the section")
-    high = torch.diff(ends, prepend=ends.new_full((1,), -1)) - 1
-    if bool((high > (d >> r)).any()):
-        raise WireError("sections['gap_high']: a gap exceeds the vector length")
-    weights = torch.pow(2, torch.arange(r, device=unary.device, dtype=torch.int64))
-    low = (low_s.ints(device).view(k, r) * weights).sum(1)
-    positions = torch.cumsum((high << r) + low + 1, 0) - 1
-    if int(positions[-1]) >= d:
-        raise WireError(f"sections['gap_low'/'gap_high']: position {int(positions[-1])} "
-                        f"is outside [0, {d})")
-    return positions
+    return KEPT_POSITIONS.decode(enc, enc.numel, k, device)
 
 
 class _Sparse(Codec):
