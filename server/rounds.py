@@ -264,13 +264,14 @@ class RoundBook:
         self._lock = threading.Lock()
         self.problems: list[str] = []  # one line per quarantined row, for the start-up log
         for logged in store.rounds(state="open"):
-            if logged.config is None:
-                self._report(logged.round_id, None, "the round's config is not valid JSON")
-                continue
             try:
+                if logged.config is None:
+                    raise ValueError("not valid JSON")
                 config = RoundConfig.from_json(logged.config)
             except (TypeError, ValueError) as e:
-                self._report(logged.round_id, None, f"the round's config is invalid: {e}")
+                reason = f"the round's config is invalid: {e}"
+                self._report(logged.round_id, None, reason)
+                store.quarantine_round(logged.round_id, reason)
                 continue
             rnd = Round(config)
             self._rounds[rnd.round_id] = rnd

@@ -286,6 +286,11 @@ class Store:
             self._db.execute("COMMIT")
 
     # ---- reads -------------------------------------------------------------------------
+    def quarantine_round(self, round_id: str, reason: str) -> None:
+        """Set aside a round whose row replay cannot use (its pushes stay in the log)."""
+        self._write("UPDATE rounds SET state = 'quarantined', close_reason = ? "
+                    "WHERE round_id = ?", (reason, round_id))
+
     def rounds(self, state: str | None = None) -> list[LoggedRound]:
         """Logged rounds (only those in `state` if given). A row whose config is not valid
         JSON is returned with ``config=None`` (the caller reports it)."""

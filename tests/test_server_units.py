@@ -398,6 +398,13 @@ def test_replay_quarantines_bad_rows_and_starts(tmp_path):
     assert "sha256" in reasons["4"] and "seed" in reasons["3"]
     assert len(replayed.problems) == 3 and all("round 'q'" in p for p in replayed.problems)
     replayed.store.close()
-    again = RoundBook(Store(tmp_path))
-    assert not again.problems  # quarantined once, not at every start
+    store = Store(tmp_path)
+    store._db.execute("UPDATE rounds SET config = '{broken' WHERE round_id = 'o'")
+    again = RoundBook(store)
+    assert again.problems == ["round 'o': the round's config is invalid: not valid JSON"]
     again.store.close()
+    last = RoundBook(Store(tmp_path))
+    assert not last.problems  # quarantined once, not at every start
+    with pytest.raises(AggregationError, match="does not exist"):
+        last.get("o")
+    last.store.close()
