@@ -202,12 +202,15 @@ def pack(values: torch.Tensor, bits: int, backend: str = "auto") -> bytes:
 
 def unpack(
     data: bytes, bits: int, count: int, device: torch.device | str | None = None,
-    backend: str = "auto",
+    backend: str = "auto", dtype: torch.dtype = torch.int64,
 ) -> torch.Tensor:
-    """Inverse of :func:`pack`: `count` values (int64) on `device`.
+    """Inverse of :func:`pack`: `count` values (int64, or `dtype`: torch.uint8 holds any
+    b <= 8 value in an eighth of the memory) on `device`.
 
     backend: "auto" (numba when the result lives on the CPU, else torch), "numba", "torch".
     """
+    if dtype not in (torch.int64, torch.uint8):
+        raise ValueError(f"dtype must be torch.int64 or torch.uint8, got {dtype}")
     _check_bits(bits)
     _check_backend(backend)
     if count < 0:
@@ -219,8 +222,9 @@ def unpack(
         )
     on_cpu = device is None or torch.device(device).type == "cpu"
     if backend == "numba" or (backend == "auto" and NUMBA_AVAILABLE and on_cpu):
-        out = np.empty(count, dtype=np.int64)  # numpy asks for huge pages: fewer faults
+        # numpy asks for huge pages: fewer faults
+        out = np.empty(count, dtype=np.uint8 if dtype == torch.uint8 else np.int64)
         _unpack_numba(padded_bytes(data), bits, out)
         return torch.from_numpy(out).to(device)
     raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
-    return _unpack_torch(raw.to(device), bits, count)
+    return _unpack_torch(raw.to(device), bits, count).to(dtype)

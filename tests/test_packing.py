@@ -116,3 +116,12 @@ def test_uint8_word_packer_matches_the_generic_one(bits, n):
     bad[n // 2 + 1] = 1 << bits  # one value just out of range, inside a word
     with pytest.raises(ValueError, match=f"in \\[0, {1 << bits}\\)"):
         pack(bad, bits)
+
+
+@pytest.mark.parametrize("backend", ["numba", "torch"])
+def test_unpack_to_uint8(backend):
+    v = _values(1001, 3, seed=5)
+    got = unpack(pack(v, 3), 3, 1001, backend=backend, dtype=torch.uint8)
+    assert got.dtype == torch.uint8 and torch.equal(got.long(), v)
+    with pytest.raises(ValueError, match="dtype"):
+        unpack(pack(v, 3), 3, 1001, dtype=torch.int32)
