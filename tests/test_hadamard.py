@@ -115,3 +115,33 @@ def test_input_is_not_modified_and_views_work():
 def test_bad_input_is_rejected(bad):
     with pytest.raises(ValueError):
         hadamard_numba.rht(bad, 1, 0)
+
+
+@pytest.mark.parametrize("n", [16, 2**12, 2**18])  # one block, in-L2 block, two passes
+def test_out_and_in_place_give_the_same_numbers(n):
+    x = _x(n, seed=3)
+    want, want_inv = hadamard_numba.rht(x, 8, 1, 64), hadamard_numba.inverse_rht(x, 8, 1, 64)
+    out = torch.empty(n)
+    assert hadamard_numba.rht(x, 8, 1, 64, out=out) is out
+    assert torch.equal(out, want)
+    y = x.clone()
+    hadamard_numba.rht(y, 8, 1, 64, out=y)  # in place
+    assert torch.equal(y, want)
+    y = x.clone()
+    hadamard_numba.inverse_rht(y, 8, 1, 64, out=y)
+    assert torch.equal(y, want_inv)
+    # the torch path honours out= too
+    t = torch.empty(n)
+    hadamard.rht(x, 8, 1, 64, backend="torch", out=t)
+    torch.testing.assert_close(t, want, atol=3e-6, rtol=1e-5)
+
+
+def test_bad_out_rejected():
+    x = _x(64)
+    with pytest.raises(ValueError, match="out"):
+        hadamard_numba.rht(x, 1, 0, out=torch.empty(32))
+    with pytest.raises(ValueError, match="out"):
+        hadamard_numba.rht(x, 1, 0, out=torch.empty(64, dtype=torch.float64))
+    buf = torch.zeros(96)
+    with pytest.raises(ValueError, match="overlaps"):
+        hadamard_numba.rht(buf[:64], 1, 0, out=buf[32:])
