@@ -194,3 +194,12 @@ def test_fuzz_vq_blobs(data):
     else:
         msg.params["dim"] = data.draw(st.sampled_from(["1", "3", "4", "8", "x", "-2"]))
     _parse_and_decode(msg.SerializeToString())
+
+
+@pytest.mark.parametrize("name", ["vq", "eden", "quic-fl", "dither"])
+def test_empty_tensor_round_trips(name):
+    # d = 0: no slices, no scales (slice_values of an empty layout must not fail)
+    x = torch.zeros(0, 3)
+    enc = fq.Encoded.from_bytes(fq.get_codec(name).encode(x, seed=1).to_bytes())
+    out = fq.decode(enc)
+    assert out.shape == (0, 3) and out.dtype == torch.float32

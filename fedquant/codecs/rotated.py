@@ -52,7 +52,7 @@ def slice_norm(z: torch.Tensor) -> float:
 def slice_values(scales: Sequence[float], d: int, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Each slice's scale repeated over its coordinates of the padded rotated vector."""
-    sizes = torch.tensor([s.size for s in slice_layout(d)], device=device)
+    sizes = torch.tensor([s.size for s in slice_layout(d)], dtype=torch.int64, device=device)
     return torch.repeat_interleave(torch.tensor(list(scales), dtype=dtype, device=device),
                                    sizes)
 
