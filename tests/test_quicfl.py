@@ -369,3 +369,24 @@ def test_bench_mean_writes_outputs_and_means_agree(tmp_path) -> None:
         bench_mean.validate_config({"clientz": [1]})
     with pytest.raises(ValueError, match="config key 'codec'.*bits"):
         bench_mean.validate_config({"codec": "quic-fl:bits=9"})
+
+
+def test_cpu_receiver_with_outliers_at_slice_edges_and_long_runs() -> None:
+    # rotations=0: the rotated domain is x itself (zero-padded), so the outliers sit where
+    # the spikes are. Uniform values have no outliers of their own (|t| <= sqrt(3) < T),
+    # so the inlier runs are longer than the receiver's cell chunk (quicfl.CELL_CHUNK);
+    # the second slice starts with an outlier right after an inlier ends the first one
+    d = 2**14 + 2**12 + 100
+    x = torch.rand(d, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    edges = [0, 2**14, 2**14 + 2**12 - 1, 2**14 + 2**12, d - 1]
+    x[edges] = 50.0
+    c = codec(bits=2, rotations=0, round_seed=4)
+    enc = fq.Encoded.from_bytes(c.encode(x, seed=9).to_bytes())
+    positions = quicfl.outlier_positions(enc, padded_size(d),
+                                         enc.section("outlier_values").count)
+    assert positions.tolist() == edges
+    assert quicfl.CELL_CHUNK < 2**14 - 1  # the first slice's run is cut into chunks
+    out = torch.zeros(padded_size(d), dtype=torch.float64)
+    c.accumulate(out, enc, 0.5)
+    assert torch.allclose(out, 0.5 * c.decode_rotated(enc), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fq.decode(enc)[edges], x[edges])  # outliers exact

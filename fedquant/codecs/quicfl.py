@@ -200,26 +200,34 @@ def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, sca
     o = 0
     k = outlier_pos.size
     drop = np.uint64(63 - shared_bits)  # h = (hash >> 1) >> drop: no shift by 64 at l = 0
+    n_h = receiver.shape[1]
+    table = receiver.ravel()
+    cells = np.empty(CELL_CHUNK, dtype=np.int32)
     for s in range(offsets.size):
         scale = scales[s] * weight
         i = offsets[s]
         end = i + sizes[s]
         while i < end:
             stop = outlier_pos[o] if o < k and outlier_pos[o] < end else end
-            run = stop - i  # inliers i .. stop - 1: a branch-free loop (it vectorizes)
+            stop = min(stop, i + CELL_CHUNK)
+            run = stop - i  # inliers i .. stop - 1, with no outlier among them
             dst, msg = out[i:stop], messages[j:j + run]
+            # the table cells (message, h) first: hashing without gathers vectorizes
             for t in range(run):
                 h = np.int64((_hash(key, np.uint64(i + t)) >> np.uint64(1)) >> drop)
-                dst[t] += scale * receiver[msg[t], h]
+                cells[t] = np.int32(np.int64(msg[t]) * n_h + h)
+            for t in range(run):
+                dst[t] += scale * table[cells[t]]
             j += run
             i = stop
-            if i < end:  # the outlier at i
+            if i < end and o < k and outlier_pos[o] == i:  # the outlier at i (or a chunk end)
                 out[i] += weight * outlier_vals[o]
                 o += 1
                 i += 1
 
 
 _accumulate_numba = njit(cache=True, nogil=True)(_accumulate_py) if AVAILABLE else None
+CELL_CHUNK = 1 << 12  # table cells computed ahead in runs of at most this many
 
 
 def _private_uniforms(seed: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
