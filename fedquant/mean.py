@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -87,33 +87,57 @@ def _partial_sum(codec: Codec, encs: Sequence[Encoded], weights: Sequence[float]
     return total
 
 
-def weighted_sum(codec: Codec, encs: Sequence[Encoded], weights: Sequence[float],
-                 device: torch.device | str | None = None,
-                 workers: int | None = None) -> torch.Tensor:
-    """sum_i w_i decode(enc_i) in float64 (flat): the codec's own ``decode_sum`` where it
-    has one, else per-client decodes split over `workers` threads on the CPU (default:
-    one per core once there are PARALLEL_MIN coordinates to decode) into float64 partial
-    sums, added in a fixed order."""
-    if type(codec).decode_sum is not Codec.decode_sum:
-        return codec.decode_sum(encs, weights, device).to(torch.float64)
+def split_sum(part: Callable[[list[Encoded], list[float]], torch.Tensor | None],
+              encs: Sequence[Encoded], weights: Sequence[float],
+              device: torch.device | str | None = None,
+              workers: int | None = None) -> torch.Tensor | None:
+    """sum over contiguous shares of the clients of part(share, share_weights), the shares
+    run on `workers` threads on the CPU (default: one per core once there are
+    PARALLEL_MIN coordinates in all; one on other devices), the partial sums added in a
+    fixed order. `part` returns a float64 sum (or None for a share of zero weights)."""
+    encs, weights = list(encs), list(weights)
     on_cpu = device is None or torch.device(device).type == "cpu"
     if workers is None:
-        big = len(encs) * encs[0].numel >= PARALLEL_MIN
+        big = bool(encs) and len(encs) * encs[0].numel >= PARALLEL_MIN
         workers = min(os.cpu_count() or 1, MAX_WORKERS) if on_cpu and big else 1
     workers = max(1, min(int(workers), len(encs)))
     if workers == 1:
-        parts = [_partial_sum(codec, encs, weights, device)]
+        parts = [part(encs, weights)]
     else:
         bounds = [len(encs) * k // workers for k in range(workers + 1)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_partial_sum, codec, encs[lo:hi], weights[lo:hi], device)
+            futures = [pool.submit(part, encs[lo:hi], weights[lo:hi])
                        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
             parts = [f.result() for f in futures]
     parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
     total = parts[0]
     for p in parts[1:]:
         total.add_(p)
     return total
+
+
+def decoded_sum(codec: Codec, encs: Sequence[Encoded], weights: Sequence[float],
+                device: torch.device | str | None = None,
+                workers: int | None = None) -> torch.Tensor:
+    """sum_i w_i decode(enc_i) in float64 (flat) by per-client decodes, split over
+    threads (:func:`split_sum`)."""
+    total = split_sum(lambda e, w: _partial_sum(codec, e, w, device), encs, weights,
+                      device, workers)
+    if total is None:  # all weights zero
+        return torch.zeros(encs[0].numel, dtype=torch.float64, device=device)
+    return total
+
+
+def weighted_sum(codec: Codec, encs: Sequence[Encoded], weights: Sequence[float],
+                 device: torch.device | str | None = None,
+                 workers: int | None = None) -> torch.Tensor:
+    """sum_i w_i decode(enc_i) in float64 (flat): the codec's own ``decode_sum`` where it
+    has one, else :func:`decoded_sum`."""
+    if type(codec).decode_sum is not Codec.decode_sum:
+        return codec.decode_sum(encs, weights, device).to(torch.float64)
+    return decoded_sum(codec, encs, weights, device, workers)
 
 
 def decode_mean(encs: Sequence[Encoded], weights: Sequence[float] | None = None,
@@ -141,4 +165,4 @@ def decode_mean(encs: Sequence[Encoded], weights: Sequence[float] | None = None,
     return restore(mean, first)
 
 
-__all__ = ["accumulate", "decode", "decode_mean", "weighted_sum"]
+__all__ = ["accumulate", "decode", "decode_mean", "decoded_sum", "split_sum", "weighted_sum"]

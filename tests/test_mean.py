@@ -182,3 +182,17 @@ def test_identity_sum_reads_payloads_in_place_block_by_block(name):
     got = fq.decode_mean(encs, w)
     torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
     assert codec.decode_sum(encs, w).dtype == torch.float64
+
+
+@pytest.mark.parametrize("spec", [("quic-fl", {"round_seed": 7}), ("quic-fl", {}),
+                                  ("eden", {"bits": 2})])
+def test_threaded_sums_equal_the_serial_ones(spec, monkeypatch):
+    name, params = spec
+    codec = fq.get_codec(name, **params)
+    xs = [torch.randn(700, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    encs = [codec.encode(x, seed=derive_seed(2, i)) for i, x in enumerate(xs)]
+    w = [1.0, 2.0, 0.5, 0.0, 3.0]
+    serial = fq.decode_mean(encs, w)
+    monkeypatch.setattr(fq.mean, "PARALLEL_MIN", 0)  # threads even for tiny inputs
+    threaded = fq.decode_mean(encs, w)
+    torch.testing.assert_close(threaded, serial, atol=1e-6, rtol=1e-6)

@@ -428,13 +428,21 @@ class QuicFL(RotatedCodec):
     def decode_sum(self, encs: Sequence[Encoded], weights: Sequence[float],
                    device=None) -> torch.Tensor:
         """sum_i w_i decode(enc_i): one inverse rotation when all share the rotation."""
+        from fedquant.mean import decoded_sum, split_sum  # (mean imports the codecs)
+
         encs = list(encs)
         rotation_keys = {(codec_rotation_seed(e), e.rotations) for e in encs}
-        if len(rotation_keys) != 1:
-            return super().decode_sum(encs, weights, device)
-        total = torch.zeros(padded_size(encs[0].numel), dtype=torch.float64, device=device)
-        for enc, w in zip(encs, weights, strict=True):
-            self.accumulate(total, enc, w)
+        if len(rotation_keys) != 1:  # per-client rotations: per-client decodes, threaded
+            return decoded_sum(self, encs, weights, device).to(torch.float32)
+        n = padded_size(encs[0].numel)
+
+        def share(part: list[Encoded], part_weights: list[float]) -> torch.Tensor:
+            total = torch.zeros(n, dtype=torch.float64, device=device)
+            for enc, w in zip(part, part_weights, strict=True):
+                self.accumulate(total, enc, w)  # the numba receiver releases the GIL
+            return total
+
+        total = split_sum(share, encs, weights, device)
         (rot_seed, k), = rotation_keys
         return unrotate(total.to(torch.float32), rot_seed, k, encs[0].numel)
 
