@@ -1,40 +1,31 @@
-"""The Flower ``ClientApp``: train locally, compress the update with fedquant, reply bytes.
+"""The project's Flower ``ClientApp``: the built-in task plus fedquant's ``compression_mod``.
 
-On a ``train`` message the client loads the global model (one flat array), trains on its
-partition (``partition-id`` / ``num-partitions`` from the node config), computes
-delta = local - global, adds its error-feedback residual when enabled (kept in
-``context.state``), encodes the whole delta as ONE ``fq.Encoded`` with the codec the server
-named in the message config, and replies with the payload bytes in a ConfigRecord plus
-``num-examples`` and ``payload-bytes`` in a MetricRecord. Its seed is
-``fq.random.derive_seed(round_seed, node_id)`` (seed policy "per-client"), so the server can
-check it. The work itself is :func:`simulations.fl_task.client_update`, which the in-process
-runner of ``fedquant fl`` calls too.
+On a train message the client loads the global model (``ArrayRecord(model.state_dict())``),
+trains on its partition (``partition-id`` / ``num-partitions`` from the node config) and
+replies with its model; :func:`fedquant.flower.compression_mod` turns that reply into one
+compressed update with the codec the server's :class:`fedquant.flower.CompressedStrategy`
+named. The data, model and training are :mod:`fedquant.fl.task`, which the in-process
+runner of ``fedquant fl`` uses too.
 
 Run config keys (``[tool.flwr.app.config]`` in pyproject.toml): dataset, model, hidden,
-partitioning, alpha, data-seed, torch-threads; the server sends codec, codec-params,
-rotations, seed-policy, error-feedback, local-epochs, batch-size, lr and round-seed.
+partitioning, alpha, data-seed, torch-threads; the server sends local-epochs, batch-size
+and lr in the train config.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from fedquant.simulations import fl_task
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-app = ClientApp()
+from fedquant.fl import client_seed
+from fedquant.fl import task as fl_task
+from fedquant.flower import compression_mod
+from fedquant.flower.keys import ROUND_SEED_KEY, SEED_POLICY_KEY
 
-#: keys of the reply: the ConfigRecord holding the payload and the MetricRecord
-UPDATE_KEY, PAYLOAD_KEY, METRICS_KEY = "update", "payload", "metrics"
-_RESIDUAL_KEY, _PARTITION_KEY = "fedquant-residual", "fedquant-partition"
+app = ClientApp(mods=[compression_mod])
 
-
-def _setting(msg_config: ConfigRecord, context: Context, key: str, default):
-    """A setting from the message config (server's word), else the run config, else default."""
-    if key in msg_config:
-        return msg_config[key]
-    return context.run_config.get(key, default)
+_PARTITION_KEY = "fedquant-partition"
 
 
 def _partition(context: Context) -> tuple[fl_task.Task, torch.Tensor, torch.Tensor]:
@@ -57,47 +48,29 @@ def _partition(context: Context) -> tuple[fl_task.Task, torch.Tensor, torch.Tens
     return task, x, y
 
 
-def _global_flat(msg: Message) -> torch.Tensor:
-    arrays = msg.content.array_records["arrays"]
-    return torch.from_numpy(np.ascontiguousarray(arrays["flat"].numpy(), dtype=np.float32))
-
-
-def _model(task: fl_task.Task, context: Context) -> torch.nn.Module:
+def _model(task: fl_task.Task, context: Context, msg: Message) -> torch.nn.Module:
     rc = context.run_config
-    return fl_task.make_model(task, str(rc.get("model", "mlp")), int(rc.get("hidden", 128)))
+    model = fl_task.make_model(task, str(rc.get("model", "mlp")), int(rc.get("hidden", 128)))
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return model
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training + compression of the update; see the module docstring."""
+    """Local SGD from the global model; the mod compresses the reply."""
     torch.set_num_threads(int(context.run_config.get("torch-threads", 1)))
-    cfg = msg.content.config_records["config"]
+    cfg = msg.content["config"]
     task, x, y = _partition(context)
-    global_flat = _global_flat(msg)
-    codec = fl_task.make_codec(str(_setting(cfg, context, "codec", "eden")),
-                               str(_setting(cfg, context, "codec-params", "bits=2")),
-                               str(_setting(cfg, context, "rotations", "")))
-    round_seed = int(str(cfg["round-seed"]))
-    seed = fl_task.client_seed(round_seed, context.node_id,
-                               str(_setting(cfg, context, "seed-policy", "per-client")))
-    residual = None
-    if bool(_setting(cfg, context, "error-feedback", False)):
-        kept = context.state.array_records.get(_RESIDUAL_KEY)
-        residual = (torch.from_numpy(kept["residual"].numpy().copy()) if kept is not None
-                    else torch.zeros_like(global_flat))
-    train_cfg = fl_task.TrainConfig(int(_setting(cfg, context, "local-epochs", 1)),
-                                    int(_setting(cfg, context, "batch-size", 32)),
-                                    float(_setting(cfg, context, "lr", 0.1)))
-    update = fl_task.client_update(task, _model(task, context), global_flat, x, y, train_cfg,
-                                   codec, seed, residual, round_seed)
-    if update.residual is not None:
-        context.state[_RESIDUAL_KEY] = ArrayRecord({"residual": Array(update.residual.numpy())})
-    content = RecordDict({
-        UPDATE_KEY: ConfigRecord({PAYLOAD_KEY: update.payload}),
-        METRICS_KEY: MetricRecord({"num-examples": update.num_examples,
-                                   "payload-bytes": len(update.payload),
-                                   "train-loss": update.train_loss}),
-    })
+    model = _model(task, context, msg)
+    # local shuffling uses the client's protocol seed, as the in-process runner does
+    seed = client_seed(int(str(cfg[ROUND_SEED_KEY])), context.node_id,
+                       str(cfg.get(SEED_POLICY_KEY, "per-client")))
+    train_cfg = fl_task.TrainConfig(int(cfg.get("local-epochs", 1)),
+                                    int(cfg.get("batch-size", 32)), float(cfg.get("lr", 0.1)))
+    loss = fl_task.train_local(task, model, x, y, train_cfg, seed)
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                          "metrics": MetricRecord({"num-examples": len(x),
+                                                   "train-loss": loss})})
     return Message(content=content, reply_to=msg)
 
 
@@ -105,10 +78,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation of the global model on the client's own partition."""
     task, x, y = _partition(context)
-    model = _model(task, context)
-    fl_task.set_flat(model, _global_flat(msg))
+    model = _model(task, context, msg)
     local = fl_task.Task(task.name, task.kind, task.train_x, task.train_y, x, y,
                          task.num_classes, task.image_shape)
     loss, accuracy = fl_task.evaluate(local, model)
     metrics = MetricRecord({"num-examples": len(x), "loss": loss, "accuracy": accuracy})
-    return Message(content=RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

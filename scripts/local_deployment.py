@@ -320,8 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--supernodes", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--codec", default="eden")
-    parser.add_argument("--codec-params", default="bits=2")
+    parser.add_argument("--codec", default="eden:bits=2",
+                        help="codec spec, name:key=value,... (default: %(default)s)")
     parser.add_argument("--simulation", action="store_true",
                         help="Flower's simulation engine instead of SuperNode processes")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "local_deployment")
@@ -331,8 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.write_compose:
         args.write_compose.write_text(compose_yaml(args.supernodes))
         return
-    rows = run_app(args.out, {"num-server-rounds": args.rounds, "codec": args.codec,
-                              "codec-params": args.codec_params},
+    rows = run_app(args.out, {"num-server-rounds": args.rounds, "codec": args.codec},
                    num_supernodes=args.supernodes, simulation=args.simulation)
     for row in rows:
         print(json.dumps(row))

@@ -8,9 +8,9 @@ their running total, downlink bytes and wall time per round (round 0 = the initi
 
 Two engines run the same rounds:
 
-* ``inprocess`` (default, seconds): calls :func:`simulations.fl_task.client_update` (the
-  ClientApp's train+compress function) and :func:`simulations.fl_task.aggregate_payloads`
-  (the strategy's aggregation function) directly, without the Flower runtime. Downlink is
+* ``inprocess`` (default, seconds): trains with :mod:`fedquant.fl.task` and runs the
+  protocol of :mod:`fedquant.fl` (the seeds, ``encode_update``, ``aggregate_payloads``)
+  directly, without the Flower runtime. Downlink is
   counted as the raw fp32 model (4 bytes per parameter) per sampled client.
 * ``flower``: ``flwr run`` of the Flower app on Flower's simulation engine, one run per
   compressor (``scripts/local_deployment.py``); downlink is the serialized model array.
@@ -20,7 +20,7 @@ compressor is quantized with ``fedquant.ptq`` (``final_ptq_method``: spfq, seed 
 Algorithm 1; gpfq; msq) on ``final_ptq_calib`` rows of the training pool, and the accuracy
 before and after, the drop and the model's size in bytes (fp32 vs quantized) go to
 final_ptq.csv, rows.json, report.md and the printed summary
-(:func:`simulations.fl_task.quantize_final`, which the ServerApp calls too).
+(:func:`fedquant.fl.task.quantize_final`, which the ServerApp calls too).
 
 It writes rows.csv, rows.json, accuracy_vs_rounds.png, accuracy_vs_uplink.png and
 report.md, and prints a summary table. ``run_fl`` is the function behind the command
@@ -44,10 +44,11 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
-from fedquant.simulations import fl_task
 from fedquant.simulations.common import one_thread
 
 import fedquant as fq
+from fedquant.fl import protocol
+from fedquant.fl import task as fl_task
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "fl.toml"
 DEFAULTS: dict[str, Any] = {
@@ -96,7 +97,7 @@ def _check_codec(i: int, entry: Any) -> dict:
     _check(f"codecs[{i}].error_feedback", entry["error_feedback"], bool)
     _check(f"codecs[{i}].optional", entry["optional"], bool)
     if entry["name"] in fq.available_codecs():
-        fl_task.make_codec(entry["name"], entry["params"])  # ValueError names a bad param
+        make_codec(entry["name"], entry["params"])  # ValueError names a bad param
     elif not entry["optional"]:
         raise ValueError(f"config key 'codecs[{i}].name' is {entry['name']!r}; available: "
                          f"{fq.available_codecs()} (or set optional = true)")
@@ -131,7 +132,7 @@ def validate(config: dict) -> dict:
                          f"{list(fl_task.DATASETS)} or 'hf:<name>'")
     _check("model", cfg["model"], str, fl_task.MODELS)
     _check("partitioning", cfg["partitioning"], str, fl_task.PARTITIONINGS)
-    _check("seed_policy", cfg["seed_policy"], str, fl_task.SEED_POLICIES)
+    _check("seed_policy", cfg["seed_policy"], str, protocol.SEED_POLICIES)
     _check("engine", cfg["engine"], str, ENGINES)
     _check("rotations", cfg["rotations"], (str, int))
     if str(cfg["rotations"]) not in ("", "auto", "0", "1", "2", "3"):
@@ -168,13 +169,24 @@ def _apply_quick(cfg: dict) -> dict:
     return cfg
 
 
+def make_codec(name: str, params: dict, rotations: str = "") -> fq.Codec:
+    """The codec `name` with the TOML table `params` (values parsed by the codec's types);
+    a non-empty `rotations` fills in the codec's ``rotations`` parameter where it has one
+    and `params` does not set it."""
+    klass = fq.codecs.codec_class(name)
+    text = {k: fq.codecs.base._to_text(v) for k, v in params.items()}
+    if rotations and "rotations" in klass._defaults() and "rotations" not in text:
+        text["rotations"] = str(rotations)
+    return klass.from_params(text)
+
+
 # ---- the in-process engine ------------------------------------------------------------
 def _run_codec_inprocess(cfg: dict, spec: dict, task: fl_task.Task, data: list, advance):
-    codec = fl_task.make_codec(spec["name"], spec["params"], str(cfg["rotations"]))
+    codec = make_codec(spec["name"], spec["params"], str(cfg["rotations"]))
     model = fl_task.make_model(task, cfg["model"], cfg["hidden"], seed=cfg["seed"])
     global_flat = fl_task.get_flat(model)
     train_cfg = fl_task.TrainConfig(cfg["local_epochs"], cfg["batch_size"], float(cfg["lr"]))
-    residuals = {i: torch.zeros_like(global_flat) for i in range(len(data))}
+    residuals: dict = {i: torch.zeros_like(global_flat) for i in range(len(data))}
     rng = np.random.default_rng(cfg["seed"])
     per_round = max(1, int(cfg["fraction_train"] * len(data)))
     loss, acc = fl_task.evaluate(task, model)
@@ -186,20 +198,21 @@ def _run_codec_inprocess(cfg: dict, spec: dict, task: fl_task.Task, data: list, 
     cum = 0
     for rnd in range(1, cfg["rounds"] + 1):
         start = time.perf_counter()
-        round_seed = fl_task.round_seed(cfg["seed"], rnd)
+        round_seed = protocol.round_seed(cfg["seed"], rnd)
+        round_codec = protocol.codec_for_round(codec, round_seed)
         sampled = sorted(rng.choice(len(data), per_round, replace=False).tolist())
         payloads = []
         for node in sampled:
             x, y = data[node]
-            seed = fl_task.client_seed(round_seed, node, cfg["seed_policy"])
-            update = fl_task.client_update(
-                task, model, global_flat, x, y, train_cfg, codec, seed,
-                residuals[node] if spec["error_feedback"] else None, round_seed)
-            if update.residual is not None:
-                residuals[node] = update.residual
-            payloads.append(fl_task.Payload(node, update.payload, update.num_examples, seed))
-        result = fl_task.aggregate_payloads(global_flat, payloads, codec.name,
-                                            float(cfg["server_lr"]))
+            seed = protocol.client_seed(round_seed, node, cfg["seed_policy"])
+            fl_task.set_flat(model, global_flat)
+            fl_task.train_local(task, model, x, y, train_cfg, seed)
+            enc, residuals[node] = protocol.encode_update(
+                fl_task.get_flat(model) - global_flat, round_codec, seed,
+                residuals[node] if spec["error_feedback"] else None)
+            payloads.append(protocol.Payload(node, enc.to_bytes(), len(x), seed))
+        result = protocol.aggregate_payloads(global_flat, payloads, round_codec,
+                                             float(cfg["server_lr"]))
         global_flat = result.global_flat
         fl_task.set_flat(model, global_flat)
         loss, acc = fl_task.evaluate(task, model)
@@ -243,9 +256,9 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
         "alpha": float(cfg["alpha"]), "seed": cfg["seed"], "data-seed": cfg["seed"],
         "local-epochs": cfg["local_epochs"], "batch-size": cfg["batch_size"],
         "lr": float(cfg["lr"]), "server-lr": float(cfg["server_lr"]),
-        "fraction-train": float(cfg["fraction_train"]), "codec": spec["name"],
-        "codec-params": ",".join(f"{k}={v}" for k, v in spec["params"].items()),
-        "rotations": str(cfg["rotations"]), "seed-policy": cfg["seed_policy"],
+        "fraction-train": float(cfg["fraction_train"]),
+        "codec": fq.codec_spec(make_codec(spec["name"], spec["params"], str(cfg["rotations"]))),
+        "seed-policy": cfg["seed_policy"],
         "error-feedback": spec["error_feedback"], "final-ptq-bits": cfg["final_ptq_bits"],
         "final-ptq-method": cfg["final_ptq_method"], "final-ptq-calib": cfg["final_ptq_calib"]}
     safe = "".join(ch if ch.isalnum() else "_" for ch in spec["label"])
@@ -258,7 +271,8 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
             continue
         cum += r["uplink_bytes"]
         rows.append({"label": spec["label"], "codec": spec["name"],
-                     "params": run_config["codec-params"], "round": r["round"],
+                     "params": ",".join(f"{k}={v}" for k, v in spec["params"].items()),
+                     "round": r["round"],
                      "accuracy": r["accuracy"], "loss": r["loss"],
                      "uplink_bytes": r["uplink_bytes"], "cum_uplink_bytes": cum,
                      "downlink_bytes": r["downlink_bytes"], "clients": r["replied"],

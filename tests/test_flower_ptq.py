@@ -1,5 +1,6 @@
 """Final-model post-training quantization (fedquant.ptq, seed 004) in federated learning:
-`fedquant fl`'s in-process runner, FedQuantAvg's final step, and the ServerApp's last line.
+`fedquant fl`'s in-process runner, the final step (fl_task.quantize_final), and the
+ServerApp's last line.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import json
 import pytest
 import torch
 from fedquant.server import flower_server
-from fedquant.server.flower_server import FedQuantAvg
-from fedquant.simulations import fl, fl_task
-from flwr.app import Array, ArrayRecord, Context, RecordDict
+from fedquant.simulations import fl
+from flwr.app import Context, RecordDict
 from test_flower_apps import NODES, InProcessGrid, _context, _server_identity  # noqa: F401
+
+from fedquant.fl import task as fl_task
 
 
 def _numel(model: str) -> int:
@@ -49,7 +51,6 @@ def test_final_ptq_is_off_by_default(tmp_path):
                        "codecs": [{"name": "fp32"}]})
     assert fl.run_fl_with_ptq(cfg, tmp_path, progress=False)[1] == []
     assert not (tmp_path / "final_ptq.csv").exists()
-    assert FedQuantAvg().quantize_final(None, None, ArrayRecord()) is None
 
 
 def _trained(model: str) -> tuple[fl_task.Task, torch.nn.Module]:
@@ -61,17 +62,20 @@ def _trained(model: str) -> tuple[fl_task.Task, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("method", ["spfq", "gpfq", "msq"])
-def test_strategy_final_step_quantizes_the_final_global_model(method):
+def test_final_step_quantizes_the_final_global_model(method):
     task, net = _trained("mlp")
-    arrays = ArrayRecord({"flat": Array(fl_task.get_flat(net).numpy())})
-    strategy = FedQuantAvg(final_ptq_bits=4, final_ptq_method=method, final_ptq_calib=64)
+    flat = fl_task.get_flat(net)
     fresh = fl_task.make_model(task, "mlp", seed=7)  # the server's model object, reloaded
-    result = strategy.quantize_final(task, fresh, arrays)
+
+    def quantize():
+        return fl_task.quantize_final(task, fresh, flat, 4, method, 64, seed=0)
+
+    result = quantize()
     assert result["accuracy_before"] == pytest.approx(fl_task.evaluate(task, net)[1])
     assert result["accuracy_before"] > 0.85 and abs(result["accuracy_drop"]) < 0.05
     assert result["fp32_bytes"] == 4 * _numel("mlp")
     assert result["ptq_bytes"] < result["fp32_bytes"] / 4
-    assert strategy.quantize_final(task, fresh, arrays) == result  # seeded by the run seed
+    assert quantize() == result  # seeded
 
 
 def test_server_app_writes_the_final_ptq_line_after_the_rounds(tmp_path):
@@ -79,8 +83,8 @@ def test_server_app_writes_the_final_ptq_line_after_the_rounds(tmp_path):
     interface in this process (the process runs are in test_flower_runtime.py)."""
     metrics = tmp_path / "metrics.jsonl"
     contexts = {n: _context(n, i, lr=0.2) for i, n in enumerate(NODES)}
-    run_config = {"num-server-rounds": 2, "model": "logreg", "codec": "eden",
-                  "codec-params": "bits=2", "final-ptq-bits": 4, "final-ptq-calib": 128,
+    run_config = {"num-server-rounds": 2, "model": "logreg", "codec": "eden:bits=2",
+                  "final-ptq-bits": 4, "final-ptq-calib": 128,
                   "metrics-path": str(metrics), "lr": 0.2}
     flower_server.app(InProcessGrid(contexts), Context(
         run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=run_config))
@@ -92,15 +96,17 @@ def test_server_app_writes_the_final_ptq_line_after_the_rounds(tmp_path):
     assert ptq["fp32_bytes"] == 4 * _numel("logreg") > 4 * ptq["ptq_bytes"]
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"final_ptq_bits": 1}, "'final-ptq-bits'"),
-    ({"final_ptq_bits": 9}, "'final-ptq-bits'"),
-    ({"final_ptq_bits": 4, "final_ptq_method": "round"}, "'final-ptq-method'"),
-    ({"final_ptq_bits": 4, "final_ptq_calib": 0}, "'final-ptq-calib'"),
+@pytest.mark.parametrize("run_config,message", [
+    ({"final-ptq-bits": 1}, "'final-ptq-bits'"),
+    ({"final-ptq-bits": 9}, "'final-ptq-bits'"),
+    ({"final-ptq-bits": 4, "final-ptq-method": "round"}, "'final-ptq-method'"),
+    ({"final-ptq-bits": 4, "final-ptq-calib": 0}, "'final-ptq-calib'"),
 ])
-def test_strategy_rejects_bad_ptq_settings_up_front(kwargs, message):
+def test_server_app_rejects_bad_ptq_settings_before_round_one(run_config, message):
+    grid = InProcessGrid({})  # no node: a round would fail differently
     with pytest.raises(ValueError, match=message):
-        FedQuantAvg(**kwargs)
+        flower_server.app(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(),
+                                        run_config=run_config))
 
 
 @pytest.mark.parametrize("change,message", [

@@ -10,13 +10,13 @@ import socket
 
 import pytest
 import torch
-from fedquant.simulations import fl_task
 
 import fedquant as fq
+from fedquant.fl import task as fl_task
 from scripts import local_deployment as dep
 
 RUN_CONFIG = {"num-server-rounds": 2, "model": "logreg", "partitioning": "iid",
-              "local-epochs": 1, "lr": 0.2, "codec": "eden", "codec-params": "bits=2"}
+              "local-epochs": 1, "lr": 0.2, "codec": "eden:bits=2"}
 
 
 def _check_rounds(rows: list[dict]) -> None:

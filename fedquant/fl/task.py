@@ -1,17 +1,16 @@
-"""The federated-learning task shared by the Flower apps and the in-process runner.
+"""The built-in federated-learning task shared by the Flower apps and the in-process runner.
 
-One place for everything both sides of a federated run need, with no Flower runtime and no
-gRPC in it, so that ``fedquant fl`` (in-process), the Flower ``ClientApp`` and the Flower
-``ServerApp`` call literally the same functions:
+Data, models, local training and evaluation, with no Flower runtime and no gRPC in it, so
+that ``fedquant fl`` (in-process), the Flower ``ClientApp`` and the Flower ``ServerApp`` call
+literally the same functions (the protocol itself, seeds, compression and aggregation, is
+:mod:`fedquant.fl.protocol`):
 
 * data: scikit-learn's bundled digits (real, offline), a synthetic linear regression, or a
   Hugging Face dataset by name (``hf:ylecun/mnist``; needs the network), partitioned IID or
   Dirichlet(alpha) with flwr-datasets partitioners over an in-memory ``datasets.Dataset``;
 * models: logistic regression, a small MLP, a small CNN (images), linear regression;
-* :func:`client_update`: local SGD, delta = local - global, optional error feedback,
-  compression of the whole flattened delta into one ``fq.Encoded``;
-* :func:`aggregate_payloads`: parse every payload defensively, drop malformed ones with a
-  reason, ``fq.decode_mean`` weighted by examples, apply with the server learning rate.
+* :func:`train_local` and :func:`evaluate`: local SGD and held-out loss/accuracy;
+* :func:`quantize_final`: post-training quantization of the final global model.
 
 Example::
 
@@ -24,8 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +35,6 @@ import fedquant as fq
 DATASETS = ("digits", "linreg")  # plus "hf:<name>" for a Hugging Face dataset
 MODELS = ("logreg", "mlp", "cnn", "linear")
 PARTITIONINGS = ("iid", "dirichlet")
-SEED_POLICIES = ("per-client", "shared")
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -280,152 +277,6 @@ def evaluate(task: Task, model: nn.Module) -> tuple[float, float]:
     if task.kind == "classification":
         return loss, float((out.argmax(-1) == y).float().mean())
     return loss, 1.0 - loss / float(y.var(unbiased=False))
-
-
-# ---- compression ----------------------------------------------------------------------
-def parse_params(text: str) -> dict[str, str]:
-    """'bits=2, scale=unbiased' -> {'bits': '2', 'scale': 'unbiased'} (codec params as text)."""
-    params = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"codec params must look like 'bits=2,scale=unbiased'; "
-                             f"bad item {item!r}")
-        params[key.strip()] = value.strip()
-    return params
-
-
-def make_codec(name: str, params: str | dict = "", rotations: str = "") -> fq.Codec:
-    """The codec `name` with text `params`; a non-empty `rotations` fills in the codec's
-    ``rotations`` parameter where it has one and `params` does not set it."""
-    params = parse_params(params) if isinstance(params, str) else {
-        k: fq.codecs.base._to_text(v) for k, v in params.items()}
-    klass = fq.codecs.codec_class(name)
-    if rotations and "rotations" in klass._defaults() and "rotations" not in params:
-        params["rotations"] = str(rotations)
-    return klass.from_params(params)
-
-
-def for_round(codec: fq.Codec, round_seed_: int) -> fq.Codec:
-    """The codec for one round: a codec with a ``round_seed`` parameter (QUIC-FL) gets the
-    round's seed, so all clients share one rotation and the server sums in rotated space."""
-    if "round_seed" not in codec.params() or codec.params()["round_seed"] == round_seed_:
-        return codec
-    return type(codec)(**{**codec.params(), "round_seed": round_seed_})
-
-
-def round_seed(run_seed: int, server_round: int) -> int:
-    """The server's seed for one round (clients derive theirs from it and their node id)."""
-    return fq.random.derive_seed(fq.random.hash64(run_seed, fq.random.Purpose.CLIENT, 0),
-                                 server_round)
-
-
-def client_seed(round_seed_: int, node_id: int, policy: str = "per-client") -> int:
-    """Seed policy: each client its own seed, or the round seed shared by all clients."""
-    if policy not in SEED_POLICIES:
-        raise ValueError(f"seed-policy must be one of {SEED_POLICIES}, got {policy!r}")
-    return fq.random.derive_seed(round_seed_, node_id) if policy == "per-client" else round_seed_
-
-
-@dataclass
-class ClientUpdate:
-    """What a client sends (payload, num_examples) and keeps (residual for error feedback)."""
-
-    payload: bytes
-    num_examples: int
-    train_loss: float
-    residual: torch.Tensor | None = None
-
-
-def client_update(task: Task, model: nn.Module, global_flat: torch.Tensor, x: torch.Tensor,
-                  y: torch.Tensor, cfg: TrainConfig, codec: fq.Codec, seed: int,
-                  residual: torch.Tensor | None = None,
-                  round_seed_: int | None = None) -> ClientUpdate:
-    """Train from the global model, compress delta (+ residual) with `codec` under `seed`.
-
-    `round_seed_` (the server's round seed) goes to codecs that share a rotation per round.
-
-    With error feedback (`residual` given, possibly zeros) the client sends
-    encode(delta + residual) and keeps residual' = delta + residual - decode(sent).
-    """
-    set_flat(model, global_flat)
-    loss = train_local(task, model, x, y, cfg, seed)
-    delta = get_flat(model) - global_flat
-    if residual is not None:
-        delta = delta + residual
-    if round_seed_ is not None:
-        codec = for_round(codec, round_seed_)
-    enc = codec.encode(delta, seed=seed)
-    if residual is not None:
-        residual = delta - fq.decode(enc)
-    return ClientUpdate(enc.to_bytes(), len(x), loss, residual)
-
-
-@dataclass(frozen=True)
-class Payload:
-    """One client's reply as the server received it."""
-
-    node_id: int
-    data: bytes
-    num_examples: float
-    expected_seed: int | None = None  # the seed the seed policy says it must carry
-
-
-@dataclass
-class Aggregate:
-    """The new global model and what happened to each payload."""
-
-    global_flat: torch.Tensor
-    accepted: list[int] = field(default_factory=list)
-    rejected: dict[int, str] = field(default_factory=dict)
-    uplink_bytes: int = 0  # sum of len(payload) over every reply received
-
-
-def check_payload(p: Payload, numel: int, codec_name: str) -> fq.Encoded:
-    """Parse one payload; fq.WireError / ValueError say what is wrong with it."""
-    if not isinstance(p.data, bytes | bytearray):
-        raise fq.WireError(f"payload must be bytes, got {type(p.data).__name__}")
-    enc = fq.Encoded.from_bytes(bytes(p.data), max_elements=numel)
-    if enc.codec != codec_name:
-        raise fq.WireError(f"codec: expected {codec_name!r}, got {enc.codec!r}")
-    if enc.numel != numel:
-        raise fq.WireError(f"shape: expected {numel} elements, got {list(enc.shape)}")
-    if p.expected_seed is not None and enc.seed != p.expected_seed:
-        raise fq.WireError(f"seed: expected {p.expected_seed} from the seed policy, "
-                           f"got {enc.seed}")
-    if not (isinstance(p.num_examples, int | float) and math.isfinite(p.num_examples)
-            and p.num_examples > 0):
-        raise ValueError(f"num-examples must be a positive number, got {p.num_examples!r}")
-    return enc
-
-
-def aggregate_payloads(global_flat: torch.Tensor, payloads: Sequence[Payload],
-                       codec_name: str, server_lr: float = 1.0) -> Aggregate:
-    """global + server_lr * fq.decode_mean(valid payloads, weights = num_examples).
-
-    A payload that does not parse, is of another codec or size, or carries the wrong seed,
-    is dropped with its reason in ``rejected``; the others still make the round.
-    """
-    result = Aggregate(global_flat, uplink_bytes=sum(len(p.data) for p in payloads
-                                                      if isinstance(p.data, bytes)))
-    encs, weights = [], []
-    for p in payloads:
-        try:
-            enc = check_payload(p, global_flat.numel(), codec_name)
-        except ValueError as err:  # fq.WireError is a ValueError
-            result.rejected[p.node_id] = str(err)
-            continue
-        encs.append(enc)
-        weights.append(float(p.num_examples))
-        result.accepted.append(p.node_id)
-    if encs:
-        mean_delta = fq.decode_mean(encs, weights).to(global_flat.device).reshape(-1)
-        if bool(torch.isfinite(mean_delta).all()):
-            result.global_flat = global_flat + server_lr * mean_delta
-        else:  # finite scales can still overflow; keep the model rather than poison it
-            result.rejected.update({n: "decoded mean is not finite" for n in result.accepted})
-            result.accepted = []
-    return result
 
 
 # ---- post-training quantization of the final model --------------------------------------

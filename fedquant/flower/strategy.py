@@ -1,0 +1,214 @@
+"""``CompressedStrategy``: the server half of fedquant's Flower integration.
+
+Wraps ANY ``flwr.serverapp.strategy.Strategy`` (FedAvg, FedAdam, FedProx, FedTrimmedAvg,
+Flower's DP wrappers, your own). Each round it adds the codec spec and the round seed to
+the train config, and before the inner strategy's ``aggregate_train`` it decodes every
+compressed reply back into an ordinary ArrayRecord with the original keys, shapes and
+dtypes (weights = global + decoded update), so the inner strategy sees exactly what it
+would see without compression. A reply whose payload is malformed, of another codec or
+parameters than the round's, carries the wrong seed, or decodes to non-finite values is
+dropped and counted; it never fails the round for the others.
+
+Codecs: EDEN (Vargaftik et al., ICML 2022, https://arxiv.org/abs/2108.08842), DRIVE
+(Vargaftik et al., NeurIPS 2021, https://arxiv.org/abs/2105.08339), QUIC-FL (Ben Basat et
+al., https://arxiv.org/abs/2205.13341) and the others of ``fq.available_codecs()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+import fedquant as fq
+from fedquant.fl import (
+    SEED_POLICIES,
+    Payload,
+    check_payload,
+    client_seed,
+    codec_for_round,
+    round_seed,
+    split_keys,
+    unflatten_arrays,
+)
+from fedquant.fl.arrays import DEFAULT_RAW_PATTERNS
+from fedquant.flower import keys
+
+
+class CompressedStrategy(Strategy):
+    """Compress the clients' train replies of any strategy with a fedquant codec.
+
+    Use :func:`fedquant.flower.compression_mod` in the ClientApp.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The strategy whose train replies are compressed (it aggregates the decoded ones).
+    codec : str | fq.Codec (default: "eden:bits=2")
+        The codec, as a spec string ("name:key=value,...") or a codec instance.
+    raw_patterns : Sequence[str] (default: ("*running_mean", "*running_var"))
+        Glob patterns of float arrays that travel uncompressed; integer and bool arrays
+        always do.
+    seed_policy : str (default: "per-client")
+        "per-client": each client's seed is derived from the round seed and its node id;
+        "shared": every client uses the round seed (one shared rotation).
+    error_feedback : bool (default: False)
+        Ask clients to keep their compression residual and add it to the next update.
+    run_seed : int (default: 0)
+        Seed from which every round seed is derived.
+
+    Attributes
+    ----------
+    round_stats : dict[int, dict]
+        Per round: replies, accepted, dropped (node id -> reason), payload_bytes (sum of
+        ``len(payload)``), uplink_bytes (payloads plus raw arrays).
+
+    Examples
+    --------
+    ::
+
+        strategy = CompressedStrategy(FedAdam(...), codec="eden:bits=2")
+        app = ClientApp(mods=[compression_mod])
+    """
+
+    def __init__(self, strategy: Strategy, codec: str | fq.Codec = "eden:bits=2", *,
+                 raw_patterns: Sequence[str] = DEFAULT_RAW_PATTERNS,
+                 seed_policy: str = "per-client", error_feedback: bool = False,
+                 run_seed: int = 0) -> None:
+        if not isinstance(strategy, Strategy):
+            raise TypeError(f"CompressedStrategy wraps a flwr Strategy, got "
+                            f"{type(strategy).__name__}")
+        if seed_policy not in SEED_POLICIES:
+            raise ValueError(f"seed_policy must be one of {SEED_POLICIES}, got {seed_policy!r}")
+        self.strategy = strategy
+        self.codec = codec if isinstance(codec, fq.Codec) else fq.get_codec(codec)
+        self.raw_patterns = tuple(raw_patterns)
+        keys.raw_patterns_text(self.raw_patterns)  # ValueError now, not in round 1
+        self.seed_policy, self.error_feedback = seed_policy, bool(error_feedback)
+        self.run_seed = int(run_seed)
+        self.round_stats: dict[int, dict] = {}
+        self._global: dict[str, np.ndarray] | None = None
+        self._round: tuple[int, int, fq.Codec] | None = None
+
+    def __repr__(self) -> str:
+        return f"CompressedStrategy({self.strategy!r}, codec={fq.codec_spec(self.codec)!r})"
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> fedquant compression: %s, seeds %s, raw %s, error feedback %s",
+            fq.codec_spec(self.codec), self.seed_policy, self.raw_patterns or "none",
+            self.error_feedback)
+        self.strategy.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The inner strategy's train messages, with the fedquant settings in the config."""
+        seed = round_seed(self.run_seed, server_round)
+        codec = codec_for_round(self.codec, seed)
+        self._round = (server_round, seed, codec)
+        self._global = dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True))
+        config[keys.CODEC_KEY] = fq.codec_spec(codec)
+        config[keys.ROUND_SEED_KEY] = str(seed)
+        config[keys.SEED_POLICY_KEY] = self.seed_policy
+        config[keys.RAW_KEYS_KEY] = keys.raw_patterns_text(self.raw_patterns)
+        config[keys.ERROR_FEEDBACK_KEY] = self.error_feedback
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message],
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode the replies, drop the bad ones, let the inner strategy aggregate."""
+        if self._global is None or self._round is None or self._round[0] != server_round:
+            raise RuntimeError("CompressedStrategy has no global model for this round. Ensure "
+                               "that `configure_train` has been called before aggregation.")
+        _, seed, codec = self._round
+        compressed, raw = split_keys(self._global, self.raw_patterns)
+        numel = sum(self._global[k].size for k in compressed)
+        stats = {"replies": 0, "accepted": 0, "dropped": {}, "payload_bytes": 0,
+                 "uplink_bytes": 0}
+        kept = []
+        for msg in replies:
+            stats["replies"] += 1
+            if msg.has_error():  # the inner strategy logs and counts errors its own way
+                kept.append(msg)
+                continue
+            node = msg.metadata.src_node_id
+            try:
+                record_key, record = _single_record(msg)
+                blob = _payload(record)
+                stats["payload_bytes"] += len(blob)
+                stats["uplink_bytes"] += len(blob) + sum(len(record[k].data) for k in raw
+                                                         if k in record)
+                expected = client_seed(seed, node, self.seed_policy)
+                enc = check_payload(Payload(node, blob, 1.0, expected), numel, codec)
+                update = fq.decode(enc)
+                if not bool(torch.isfinite(update).all()):
+                    raise fq.WireError("the update decodes to non-finite values")
+                msg.content.array_records[record_key] = self._restore(update, record,
+                                                                      compressed, raw)
+            except ValueError as err:  # fq.WireError is a ValueError
+                stats["dropped"][node] = str(err)
+                log(WARNING, "CompressedStrategy: dropped the reply of node %d: %s", node, err)
+                continue
+            stats["accepted"] += 1
+            kept.append(msg)
+        self.round_stats[server_round] = stats
+        arrays, metrics = self.strategy.aggregate_train(server_round, kept)
+        if arrays is None:
+            return None, metrics
+        metrics = metrics if metrics is not None else MetricRecord()
+        metrics["fedquant-payload-bytes"] = stats["payload_bytes"]
+        metrics["fedquant-uplink-bytes"] = stats["uplink_bytes"]
+        metrics["fedquant-dropped"] = len(stats["dropped"])
+        return arrays, metrics
+
+    def _restore(self, update: torch.Tensor, record: ArrayRecord, compressed: list[str],
+                 raw: list[str]) -> ArrayRecord:
+        """global + update for the compressed keys, the raw arrays as sent, in model order."""
+        missing = [k for k in raw if k not in record]
+        if missing:
+            raise ValueError(f"the reply lacks the raw arrays {missing}")
+        deltas = unflatten_arrays(update, self._global, compressed)
+        arrays = {}
+        for key, ref in self._global.items():
+            if key in deltas:
+                value = np.asarray(ref, np.float32) + np.asarray(deltas[key], np.float32)
+                arrays[key] = Array(np.asarray(value, dtype=ref.dtype))
+            else:
+                sent = record[key]
+                if tuple(sent.shape) != ref.shape:
+                    raise ValueError(f"raw array {key!r} has shape {list(sent.shape)}, "
+                                     f"expected {list(ref.shape)}")
+                arrays[key] = sent
+        return ArrayRecord(arrays)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message],
+                           ) -> MetricRecord | None:
+        return self.strategy.aggregate_evaluate(server_round, replies)
+
+
+def _single_record(msg: Message) -> tuple[str, ArrayRecord]:
+    if len(msg.content.array_records) != 1:
+        raise ValueError(f"expected one ArrayRecord in the reply, found "
+                         f"{len(msg.content.array_records)} (is compression_mod in the "
+                         "ClientApp's mods?)")
+    return next(iter(msg.content.array_records.items()))
+
+
+def _payload(record: ArrayRecord) -> bytes:
+    if keys.PAYLOAD_KEY not in record:
+        raise ValueError(f"the reply has no '{keys.PAYLOAD_KEY}' array: add "
+                         "fedquant.flower.compression_mod to the ClientApp's mods")
+    array = record[keys.PAYLOAD_KEY]
+    if array.stype != keys.PAYLOAD_STYPE:
+        raise ValueError(f"'{keys.PAYLOAD_KEY}' has stype {array.stype!r}, expected "
+                         f"{keys.PAYLOAD_STYPE!r}")
+    return bytes(array.data)
