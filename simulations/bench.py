@@ -486,7 +486,7 @@ def bench_command(
 
 def register(app: typer.Typer) -> None:
     """Add `fedquant bench` (and the subcommands of modules that extend it)."""
-    for name in ("fedquant.server.bench", "fedquant.simulations.bench_mean"):
+    for name in ("fedquant.simulations.bench_server", "fedquant.simulations.bench_mean"):
         if importlib.util.find_spec(name) is not None:
             importlib.import_module(name).register_bench(bench_app)
     app.add_typer(bench_app, name="bench")

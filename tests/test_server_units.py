@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 from fedquant.server.aggregator import ServerConfig, start_server
-from fedquant.server.bench import BenchConfig, run
 from fedquant.server.cli import load_rounds
 from fedquant.server.rounds import AggregationError, RoundBook, RoundConfig, payload_digest
 from fedquant.server.security import load_tokens
 from fedquant.server.store import Store
+from fedquant.simulations.bench_server import BenchConfig, run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -7,7 +7,7 @@ codec's own decode throughput on the same payloads (``from_bytes`` + ``decode``,
 another in this process). Targets: server updates/s >= 0.5 x the codec's, and peak RSS
 flat in N (the run is repeated at two client counts).
 
-    fedquant bench server --clients 100          # also: python -m server.bench --quick
+    fedquant bench server --clients 100   # or: python -m fedquant.simulations.bench_server
     fedquant bench server --config simulations/configs/bench_server.toml
 
 Writes ``results/bench_server/``: bench_server.csv, bench_server.json, bench_server.png and
@@ -179,7 +179,9 @@ def run(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
             proc, port = _server(pathlib.Path(tmp) / f"n{n}", cfg.decode_slots)
             try:
                 target = f"127.0.0.1:{port}"
-                with AggregatorClient(target, insecure=True) as op:
+                # opening rounds needs the admin token the server wrote on first start
+                token = (pathlib.Path(tmp) / f"n{n}" / "admin.token").read_text().strip()
+                with AggregatorClient(target, insecure=True, token=token) as op:
                     # Warm-up round: the first decode compiles the server's kernels.
                     op.open_round("warmup", "eden", codec_params, round_seed=cfg.round_seed,
                                   shape=[cfg.dim], expected=1)
