@@ -39,6 +39,7 @@ from fedquant.fl import (
 )
 from fedquant.fl.arrays import DEFAULT_RAW_PATTERNS
 from fedquant.flower import keys
+from fedquant.robust import NormPolicy, screen, update_norm
 
 
 class CompressedStrategy(Strategy):
@@ -62,6 +63,10 @@ class CompressedStrategy(Strategy):
         Ask clients to keep their compression residual and add it to the next update.
     run_seed : int (default: 0)
         Seed from which every round seed is derived.
+    norm_policy : fedquant.robust.NormPolicy | None (default: None)
+        Robust aggregation: reject (or clip) decoded updates whose L2 norm exceeds an
+        absolute bound or a multiple of the round's median norm, e.g.
+        ``NormPolicy(median_multiple=5.0)``. None accepts every finite update.
 
     Attributes
     ----------
@@ -80,7 +85,7 @@ class CompressedStrategy(Strategy):
     def __init__(self, strategy: Strategy, codec: str | fq.Codec = "eden:bits=2", *,
                  raw_patterns: Sequence[str] = DEFAULT_RAW_PATTERNS,
                  seed_policy: str = "per-client", error_feedback: bool = False,
-                 run_seed: int = 0) -> None:
+                 run_seed: int = 0, norm_policy: NormPolicy | None = None) -> None:
         if not isinstance(strategy, Strategy):
             raise TypeError(f"CompressedStrategy wraps a flwr Strategy, got "
                             f"{type(strategy).__name__}")
@@ -92,6 +97,10 @@ class CompressedStrategy(Strategy):
         keys.raw_patterns_text(self.raw_patterns)  # ValueError now, not in round 1
         self.seed_policy, self.error_feedback = seed_policy, bool(error_feedback)
         self.run_seed = int(run_seed)
+        if norm_policy is not None and not isinstance(norm_policy, NormPolicy):
+            raise TypeError(f"norm_policy must be a fedquant.robust.NormPolicy, got "
+                            f"{type(norm_policy).__name__}")
+        self.norm_policy = norm_policy
         self.round_stats: dict[int, dict] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._round: tuple[int, int, fq.Codec] | None = None
@@ -130,7 +139,7 @@ class CompressedStrategy(Strategy):
         numel = sum(self._global[k].size for k in compressed)
         stats = {"replies": 0, "accepted": 0, "dropped": {}, "payload_bytes": 0,
                  "uplink_bytes": 0}
-        kept = []
+        kept, decoded = [], {}
         for msg in replies:
             stats["replies"] += 1
             if msg.has_error():  # the inner strategy logs and counts errors its own way
@@ -145,15 +154,23 @@ class CompressedStrategy(Strategy):
                                                          if k in record)
                 expected = client_seed(seed, node, self.seed_policy)
                 enc = check_payload(Payload(node, blob, 1.0, expected), numel, codec)
-                update = fq.decode(enc)
-                if not bool(torch.isfinite(update).all()):
-                    raise fq.WireError("the update decodes to non-finite values")
-                msg.content.array_records[record_key] = self._restore(update, record,
-                                                                      compressed, raw)
+                update = fq.decode(enc)  # fq.WireError if it decodes to non-finite values
+                _check_raw(record, raw, self._global)
             except ValueError as err:  # fq.WireError is a ValueError
-                stats["dropped"][node] = str(err)
-                log(WARNING, "CompressedStrategy: dropped the reply of node %d: %s", node, err)
+                self._drop(stats, node, str(err))
                 continue
+            decoded[node] = (msg, record_key, record, update)
+        factors = {node: 1.0 for node in decoded}
+        if self.norm_policy is not None and decoded:
+            screening = screen({n: update_norm(d[3]) for n, d in decoded.items()},
+                               self.norm_policy)
+            factors = screening.accepted
+            for node, reason in screening.rejected.items():
+                self._drop(stats, node, reason)
+        for node, factor in factors.items():
+            msg, record_key, record, update = decoded[node]
+            msg.content.array_records[record_key] = self._restore(update * factor, record,
+                                                                  compressed)
             stats["accepted"] += 1
             kept.append(msg)
         self.round_stats[server_round] = stats
@@ -166,12 +183,13 @@ class CompressedStrategy(Strategy):
         metrics["fedquant-dropped"] = len(stats["dropped"])
         return arrays, metrics
 
-    def _restore(self, update: torch.Tensor, record: ArrayRecord, compressed: list[str],
-                 raw: list[str]) -> ArrayRecord:
+    def _drop(self, stats: dict, node: int, reason: str) -> None:
+        stats["dropped"][node] = reason
+        log(WARNING, "CompressedStrategy: dropped the reply of node %d: %s", node, reason)
+
+    def _restore(self, update: torch.Tensor, record: ArrayRecord,
+                 compressed: list[str]) -> ArrayRecord:
         """global + update for the compressed keys, the raw arrays as sent, in model order."""
-        missing = [k for k in raw if k not in record]
-        if missing:
-            raise ValueError(f"the reply lacks the raw arrays {missing}")
         deltas = unflatten_arrays(update, self._global, compressed)
         arrays = {}
         for key, ref in self._global.items():
@@ -179,11 +197,7 @@ class CompressedStrategy(Strategy):
                 value = np.asarray(ref, np.float32) + np.asarray(deltas[key], np.float32)
                 arrays[key] = Array(np.asarray(value, dtype=ref.dtype))
             else:
-                sent = record[key]
-                if tuple(sent.shape) != ref.shape:
-                    raise ValueError(f"raw array {key!r} has shape {list(sent.shape)}, "
-                                     f"expected {list(ref.shape)}")
-                arrays[key] = sent
+                arrays[key] = record[key]
         return ArrayRecord(arrays)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -201,6 +215,19 @@ def _single_record(msg: Message) -> tuple[str, ArrayRecord]:
                          f"{len(msg.content.array_records)} (is compression_mod in the "
                          "ClientApp's mods?)")
     return next(iter(msg.content.array_records.items()))
+
+
+def _check_raw(record: ArrayRecord, raw: list[str], global_: dict[str, np.ndarray]) -> None:
+    """ValueError unless every raw array is present with the global model's shape."""
+    for key in raw:
+        if key not in record:
+            raise ValueError(f"the reply lacks the raw array {key!r}")
+        if tuple(record[key].shape) != global_[key].shape:
+            raise ValueError(f"raw array {key!r} has shape {list(record[key].shape)}, "
+                             f"expected {list(global_[key].shape)}")
+        value = record[key].numpy()
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise ValueError(f"raw array {key!r} holds NaN or Inf")
 
 
 def _payload(record: ArrayRecord) -> bytes:
