@@ -16,6 +16,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Sequence
@@ -62,9 +63,7 @@ class Codec:
     # ---- parameters -------------------------------------------------------------------
     @classmethod
     def _defaults(cls) -> dict[str, Any]:
-        sig = inspect.signature(cls.__init__)
-        return {k: p.default for k, p in sig.parameters.items()
-                if k != "self" and p.default is not inspect.Parameter.empty}
+        return dict(_constructor_defaults(cls.__init__))  # a copy: callers may edit it
 
     def params(self) -> dict[str, Any]:
         """Constructor arguments of this codec instance."""
@@ -123,6 +122,15 @@ class Codec:
     def _new_encoded(self, x: torch.Tensor, seed: int, **fields: Any) -> Encoded:
         return Encoded(codec=self.name, params=self.wire_params(), shape=tuple(x.shape),
                        dtype=x.dtype, seed=int(seed), **fields)
+
+
+@functools.cache
+def _constructor_defaults(init: Any) -> dict[str, Any]:
+    """The parameters with defaults of a codec's __init__ (inspect.signature costs about
+    25 us, and every encode asks for them through wire_params)."""
+    sig = inspect.signature(init)
+    return {k: p.default for k, p in sig.parameters.items()
+            if k != "self" and p.default is not inspect.Parameter.empty}
 
 
 def check_input(x: torch.Tensor) -> torch.Tensor:
