@@ -23,6 +23,7 @@ with signs drawn at its own offset, so the composition is an orthogonal transfor
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -52,8 +53,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
+@functools.lru_cache(maxsize=256)
 def slice_layout(d: int) -> tuple[Slice, ...]:
-    """Power-of-two slices covering d coordinates (see module docstring)."""
+    """Power-of-two slices covering d coordinates (see module docstring); cached, as
+    every encode and decode asks for it several times (the slices are frozen)."""
     if d <= 0:
         return ()
     tail_limit = max(d // 64, 128)
