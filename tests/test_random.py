@@ -142,3 +142,14 @@ def test_numba_splitmix64_matches_the_golden_values(key):
     assert int(fqr.hash64_numba(stream, index)) == GOLDEN[key]  # a signed index too
     z = fqr.counter_numba(stream, np.uint64(index))
     assert float(fqr.sign_numba(np.uint64(z))) == (-1.0 if GOLDEN[key] >> 63 else 1.0)
+
+
+@pytest.mark.parametrize("seed,purpose,start", [(0, 1, 0), (2**64 - 1, 2, 5),
+                                                (2**63, 7, 1 << 40)])
+def test_cpu_numba_and_plain_torch_hashes_agree(seed, purpose, start, monkeypatch):
+    fast = fqr.hash64_torch(seed, purpose, start, 300)
+    monkeypatch.setattr(fqr, "AVAILABLE", False)  # the int64 torch ops every device runs
+    plain = fqr.hash64_torch(seed, purpose, start, 300)
+    assert fast.dtype == plain.dtype == torch.int64 and torch.equal(fast, plain)
+    assert torch.equal(fqr.uniforms(seed, purpose, 50, start=start),
+                       (fqr._srl(plain[:50], 40).to(torch.float32) * 2.0**-24))
