@@ -29,6 +29,20 @@ COMMAND_MODULES = (
     "fedquant.simulations.bench_ddp",  # fedquant bench-ddp
 )
 
+def _version(value: bool) -> None:
+    if value:
+        import fedquant
+
+        typer.echo(f"fedquant {fedquant.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print fedquant's version and exit.")) -> None:
+    """fedquant: compare and run communication-efficient FL compressors."""
+
+
 for _name in COMMAND_MODULES:
     if importlib.util.find_spec(_name) is not None:
         importlib.import_module(_name).register(app)
