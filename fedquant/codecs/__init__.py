@@ -2,7 +2,9 @@
 
 # Registration side effects: one line per codec module.
 from fedquant.codecs import (
+    correlated,  # noqa: F401
     dither,  # noqa: F401
+    ecdq,  # noqa: F401
     eden,  # noqa: F401
     identity,  # noqa: F401
     lplr,  # noqa: F401
