@@ -14,15 +14,15 @@ rounds of a TOML file at start-up (rounds already in the log are kept as they ar
 
     [[round]]
     id = "r1"
-    codec = "eden"
-    params = { bits = 2 }
+    codec = "eden:bits=2"  # a codec spec; or codec = "eden" with params = { bits = 2 }
     round_seed = 1
     shape = [1048576]
     expected = 10        # or: cohort = [1, 2, 3]
     quorum = 10          # default: the expected count
     deadline_s = 600     # default: no deadline
 
-Also runnable without the other commands: ``python -m server.cli --data-dir data --insecure``.
+Also runnable without the other commands:
+``python -m fedquant.server.cli --data-dir data --insecure``.
 """
 
 from __future__ import annotations

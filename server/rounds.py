@@ -156,8 +156,16 @@ class RoundConfig:
         for key in ("id", "codec", "shape"):
             if key not in spec:
                 raise ValueError(f"round key '{key}' is required")
+        codec, params = spec["codec"], dict(spec.get("params", {}))
+        if isinstance(codec, str) and ":" in codec:  # the codec spec "eden:bits=2,..."
+            codec, spec_params = fq.parse_codec_spec(codec)
+            both = sorted(set(spec_params) & set(params))
+            if both:
+                raise ValueError(f"round {spec.get('id')!r}: {both} set both in the codec spec "
+                                 "and in params")
+            params = {**spec_params, **params}
         try:
-            return cls.build(spec["id"], spec["codec"], dict(spec.get("params", {})),
+            return cls.build(spec["id"], codec, params,
                              spec.get("round_seed", 0), list(spec["shape"]),
                              list(spec.get("cohort", ())), int(spec.get("expected", 0)),
                              int(spec.get("quorum", 0)), float(spec.get("deadline_s", 0.0)))
