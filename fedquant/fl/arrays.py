@@ -21,8 +21,11 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-#: keys that travel uncompressed by default: BatchNorm running statistics
-DEFAULT_RAW_PATTERNS: tuple[str, ...] = ("*running_mean", "*running_var")
+#: keys that travel uncompressed by default: BatchNorm's running statistics and its batch
+#: counter (an int buffer that FedAvg averages into a float: compressed with the weights, its
+#: large delta would set the quantization scale of the whole update)
+DEFAULT_RAW_PATTERNS: tuple[str, ...] = ("*running_mean", "*running_var",
+                                         "*num_batches_tracked")
 
 
 def is_raw_key(key: str, patterns: Sequence[str] = DEFAULT_RAW_PATTERNS) -> bool:

@@ -53,9 +53,10 @@ class CompressedStrategy(Strategy):
         The strategy whose train replies are compressed (it aggregates the decoded ones).
     codec : str | fq.Codec (default: "eden:bits=2")
         The codec, as a spec string ("name:key=value,...") or a codec instance.
-    raw_patterns : Sequence[str] (default: ("*running_mean", "*running_var"))
-        Glob patterns of float arrays that travel uncompressed; integer and bool arrays
-        always do.
+    raw_patterns : Sequence[str] (default: fedquant.fl.arrays.DEFAULT_RAW_PATTERNS)
+        Glob patterns of float arrays that travel uncompressed (default: BatchNorm's
+        ``*running_mean``, ``*running_var``, ``*num_batches_tracked``); integer and bool
+        arrays always do.
     seed_policy : str (default: "per-client")
         "per-client": each client's seed is derived from the round seed and its node id;
         "shared": every client uses the round seed (one shared rotation).
