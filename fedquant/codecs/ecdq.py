@@ -243,7 +243,8 @@ class ECDQ(RotatedCodec):
             # bits per symbol to shed (or to spend), aiming at the middle of the window
             excess = 8.0 * (size - budget * (1 - TOLERANCE / 2)) / coded
             slope = min(rate_slope(step), -0.05)
-            step = min(max(step * 2 ** (-excess / slope), MIN_STEP), MAX_STEP)
+            factor = 2 ** min(max(-excess / slope, -8.0), 8.0)
+            step = min(max(step * factor, MIN_STEP), MAX_STEP)
         while best is None and last is not None and step < MAX_STEP:  # header > budget
             step = min(step * 4, MAX_STEP)
             enc = build(step)
