@@ -71,9 +71,6 @@ MEAN_CHUNK_BYTES = 64 * 1024  # small: a thousand concurrent readers hold one ch
 MEAN_CACHE_ROUNDS = 4  # closed rounds whose serialized mean stays in memory
 MEAN_CACHE_BYTES = 64 * 1024 * 1024  # larger means are read per burst of calls, not kept
 _STATES = {"open": pb.OPEN, "closing": pb.CLOSED, "closed": pb.CLOSED}  # closing: final
-# Filled once aggregator.proto's RoundStatus has `repeated Rejection rejected` (the round's
-# record of the pushes screened out, with their reasons).
-_HAS_REJECTED = "rejected" in pb.RoundStatus.DESCRIPTOR.fields_by_name
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -525,10 +522,9 @@ def round_status(rnd: Round, viewer: str | None = None) -> pb.RoundStatus:
             quorum=cfg.quorum, deadline_unix=cfg.deadline_unix, pushes=pushes,
             bytes_received=rnd.bytes_received, total_weight=rnd.total_weight,
             close_reason=rnd.close_reason)
-        if _HAS_REJECTED:  # RoundStatus.rejected: {client_id, reason} of refused pushes
-            for c, why in rnd.rejected.items():
-                if viewer is None or str(c) == viewer:
-                    msg.rejected.add(client_id=c, reason=why)
+        for c, why in rnd.rejected.items():  # the pushes refused, with their reasons
+            if viewer is None or str(c) == viewer:
+                msg.rejected.add(client_id=c, reason=why)
     return msg
 
 

@@ -134,6 +134,9 @@ def test_a_1e30_scale_is_screened_out_whenever_it_arrives(server, operator):
              if "screened_out" in e.get("event", "")}
     assert (40, "push_screened_out_at_close") in named
     assert (41, "push_screened_out") in named
+    # the round's record names both, with their reasons (RoundStatus.rejected)
+    record = {r.client_id: r.reason for r in operator.round_status("scale").rejected}
+    assert sorted(record) == [40, 41] and all("norm" in why for why in record.values())
 
 
 # ---- stalls ---------------------------------------------------------------------------
