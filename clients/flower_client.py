@@ -1,25 +1,30 @@
-"""The project's Flower ``ClientApp``: the built-in task plus fedquant's ``compression_mod``.
+"""The project's Flower ``ClientApp``: a task module plus fedquant's ``compression_mod``.
 
 On a train message the client loads the global model (``ArrayRecord(model.state_dict())``),
 trains on its partition (``partition-id`` / ``num-partitions`` from the node config) and
 replies with its model; :func:`fedquant.flower.compression_mod` turns that reply into one
 compressed update with the codec the server's :class:`fedquant.flower.CompressedStrategy`
-named. The data, model and training are :mod:`fedquant.fl.task`, which the in-process
-runner of ``fedquant fl`` uses too.
+named. The task is a module in the shape of Flower's quickstart ``task.py`` (``Net``,
+``load_data``, ``train``, ``test``; :mod:`fedquant.fl.tasks`), the one the in-process runner
+of ``fedquant fl`` calls too.
 
-Run config keys (``[tool.flwr.app.config]`` in pyproject.toml): dataset, model, hidden,
-partitioning, alpha, data-seed, torch-threads; the server sends local-epochs, batch-size
-and lr in the train config.
+Run config keys (``[tool.flwr.app.config]`` in pyproject.toml): task (a built-in name, a
+dotted module path or a .py file; empty: the built-in ``dataset`` task of the keys dataset,
+model, hidden, partitioning, alpha, data-seed), torch-threads, device, and any key a task
+function names (``-`` read as ``_``); the server sends local-epochs, batch-size and lr in
+the train config.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedquant.fl import client_seed
-from fedquant.fl import task as fl_task
+from fedquant.fl.tasks import BoundTask
+from fedquant.fl.tasks.bound import num_examples
 from fedquant.flower import compression_mod
 from fedquant.flower.keys import ROUND_SEED_KEY, SEED_POLICY_KEY
 
@@ -28,59 +33,68 @@ app = ClientApp(mods=[compression_mod])
 _PARTITION_KEY = "fedquant-partition"
 
 
-def _partition(context: Context) -> tuple[fl_task.Task, torch.Tensor, torch.Tensor]:
-    """The node's partition; its row indices are kept in context.state, so later rounds
-    (a fresh ClientApp process each under process isolation) skip the partitioner."""
-    rc = context.run_config
-    task = fl_task.load_task(str(rc.get("dataset", "digits")), int(rc.get("data-seed", 0)))
-    args = (str(rc.get("partitioning", "dirichlet")),
-            int(context.node_config.get("num-partitions", rc.get("num-partitions", 2))),
-            float(rc.get("alpha", 0.5)), int(context.node_config.get("partition-id", 0)),
-            int(rc.get("data-seed", 0)))
-    key = f"{task.name}|{args}"
-    kept = context.state.array_records.get(_PARTITION_KEY)
-    if kept is not None and kept.get(key) is not None:
-        rows = kept[key].numpy()
-    else:
-        rows = fl_task.partition_rows(task, *args)
-        context.state[_PARTITION_KEY] = ArrayRecord({key: Array(rows)})
-    x, y = fl_task.rows_data(task, rows)
-    return task, x, y
+class _StateRows:
+    """A partition cache in context.state: later rounds (a fresh ClientApp process each
+    under process isolation) skip the partitioner (built-in tasks use it)."""
+
+    def __init__(self, context: Context):
+        self.context = context
+
+    def get(self, key: str) -> np.ndarray | None:
+        kept = self.context.state.array_records.get(_PARTITION_KEY)
+        return kept[key].numpy() if kept is not None and kept.get(key) is not None else None
+
+    def __setitem__(self, key: str, rows: np.ndarray) -> None:
+        self.context.state[_PARTITION_KEY] = ArrayRecord({key: Array(np.asarray(rows))})
 
 
-def _model(task: fl_task.Task, context: Context, msg: Message) -> torch.nn.Module:
+def _task(context: Context, msg: Message) -> BoundTask:
+    """The run's task module, with the run config and the round's train config as options."""
     rc = context.run_config
-    model = fl_task.make_model(task, str(rc.get("model", "mlp")), int(rc.get("hidden", 128)))
+    config = msg.content.config_records.get("config", {})
+    options = {**rc, **{k: v for k, v in config.items() if k in ("lr", "batch-size")},
+               "partition_cache": _StateRows(context)}
+    return BoundTask(str(rc.get("task", "") or "dataset"), options)
+
+
+def _data(task: BoundTask, context: Context):
+    num = int(context.node_config.get("num-partitions",
+                                      context.run_config.get("num-partitions", 2)))
+    return task.load_data(int(context.node_config.get("partition-id", 0)), num)
+
+
+def _model(task: BoundTask, msg: Message) -> torch.nn.Module:
+    model = task.net(seed=0)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return model
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local SGD from the global model; the mod compresses the reply."""
+    """Local training from the global model; the mod compresses the reply."""
     torch.set_num_threads(int(context.run_config.get("torch-threads", 1)))
     cfg = msg.content["config"]
-    task, x, y = _partition(context)
-    model = _model(task, context, msg)
+    task = _task(context, msg)
+    trainloader, _ = _data(task, context)
+    model = _model(task, msg)
     # local shuffling uses the client's protocol seed, as the in-process runner does
     seed = client_seed(int(str(cfg[ROUND_SEED_KEY])), context.node_id,
                        str(cfg.get(SEED_POLICY_KEY, "per-client")))
-    train_cfg = fl_task.TrainConfig(int(cfg.get("local-epochs", 1)),
-                                    int(cfg.get("batch-size", 32)), float(cfg.get("lr", 0.1)))
-    loss = fl_task.train_local(task, model, x, y, train_cfg, seed)
+    loss = task.train(model, trainloader, int(cfg.get("local-epochs", 1)),
+                      str(context.run_config.get("device", "cpu")), seed)
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "metrics": MetricRecord({"num-examples": len(x),
+                          "metrics": MetricRecord({"num-examples": num_examples(trainloader),
                                                    "train-loss": loss})})
     return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Federated evaluation of the global model on the client's own partition."""
-    task, x, y = _partition(context)
-    model = _model(task, context, msg)
-    local = fl_task.Task(task.name, task.kind, task.train_x, task.train_y, x, y,
-                         task.num_classes, task.image_shape)
-    loss, accuracy = fl_task.evaluate(local, model)
-    metrics = MetricRecord({"num-examples": len(x), "loss": loss, "accuracy": accuracy})
+    """Federated evaluation of the global model on the client's own training partition."""
+    task = _task(context, msg)
+    trainloader, _ = _data(task, context)
+    model = _model(task, msg)
+    loss, accuracy = task.test(model, trainloader, str(context.run_config.get("device", "cpu")))
+    metrics = MetricRecord({"num-examples": num_examples(trainloader), "loss": loss,
+                            "accuracy": accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -6,6 +6,11 @@ when ``server-lr`` is not 1) over updates that each client sends as one ``fq.Enc
 ``fq.available_codecs()``), named by the run config's ``codec`` spec, e.g.
 ``"eden:bits=2,rotations=auto"``.
 
+The model and the central evaluation come from the run's task module (``task``: a built-in
+name, a dotted module path or a .py file in the shape of Flower's quickstart ``task.py``;
+empty: the built-in ``dataset`` task of the keys dataset, model, hidden;
+:mod:`fedquant.fl.tasks`), the one the ClientApps train.
+
 Per round the ServerApp evaluates the global model centrally on the held-out split and
 appends one JSON line to ``metrics-path``: round, loss, accuracy, uplink_bytes (sum of
 payload sizes as received), downlink_bytes, clients replied/failed/dropped/missing, wall_s.
@@ -28,6 +33,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, FedAvgM
 
 from fedquant.fl import task as fl_task
+from fedquant.fl.tasks import BoundTask
 from fedquant.flower import CompressedStrategy
 
 app = ServerApp()
@@ -45,13 +51,15 @@ def main(grid: Grid, context: Context) -> None:
     """Build the strategy from the run config, run it, write per-round JSON lines."""
     rc = context.run_config
     torch.set_num_threads(int(rc.get("torch-threads", 1)))
-    task = fl_task.load_task(str(rc.get("dataset", "digits")), int(rc.get("data-seed", 0)))
-    model_name = str(rc.get("model", "mlp"))
-    model = fl_task.make_model(task, model_name, int(rc.get("hidden", 128)),
-                               seed=int(rc.get("seed", 0)))
+    spec = str(rc.get("task", "") or "")
     ptq = (int(rc.get("final-ptq-bits", 0)), str(rc.get("final-ptq-method", "spfq")),
            int(rc.get("final-ptq-calib", 256)))
-    fl_task.check_ptq(*ptq, model=model_name)  # before round 1
+    fl_task.check_ptq(*ptq, model=None if spec else str(rc.get("model", "mlp")))  # round 1
+    task = BoundTask(spec or "dataset", rc)
+    device = str(rc.get("device", "cpu"))
+    model = task.net(seed=int(rc.get("seed", 0)))
+    testloader = task.central_testloader(int(rc.get("num-partitions", 0)) or
+                                         len(list(grid.get_node_ids())) or 1)
     min_nodes, server_lr = int(rc.get("min-nodes", 2)), float(rc.get("server-lr", 1.0))
     sampling = dict(fraction_train=float(rc.get("fraction-train", 1.0)), fraction_evaluate=0.0,
                     min_train_nodes=min_nodes, min_available_nodes=min_nodes)
@@ -68,7 +76,7 @@ def main(grid: Grid, context: Context) -> None:
 
     def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = fl_task.evaluate(task, model)
+        loss, accuracy = task.test(model, testloader, device)
         stats = strategy.round_stats.get(server_round, {})
         replies, dropped = stats.get("replies", 0), len(stats.get("dropped", {}))
         row = {"codec": str(rc.get("codec", "eden:bits=2")), "round": server_round,
@@ -93,7 +101,7 @@ def main(grid: Grid, context: Context) -> None:
                             evaluate_fn=central_evaluate)
     if ptq[0]:
         model.load_state_dict(result.arrays.to_torch_state_dict())
-        flat = fl_task.get_flat(model)
-        final = fl_task.quantize_final(task, model, flat, *ptq, seed=int(rc.get("seed", 0)))
+        final = task.quantize_final(model, testloader, device, *ptq,
+                                    seed=int(rc.get("seed", 0)))
         with out.open("a") as f:
             f.write(json.dumps(final) + "\n")

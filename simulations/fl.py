@@ -6,12 +6,19 @@ whole update as one ``fq.Encoded`` and the server averages with ``fq.decode_mean
 record accuracy and loss on the held-out split, uplink bytes (sum of ``len(payload)``),
 their running total, downlink bytes and wall time per round (round 0 = the initial model).
 
+The task is a module in the shape of Flower's quickstart ``task.py`` (``Net``,
+``load_data``, ``train``, ``test``; :mod:`fedquant.fl.tasks`, docs/tasks.md): ``task`` names
+a built-in one (``digits-mlp``, ``digits-cnn``, ``linreg``, ``synthetic``), a dotted module
+path or a ``.py`` file; empty (the default) runs the built-in ``dataset`` task of the
+``dataset`` and ``model`` keys. Its functions get the config's keys they name as keyword
+arguments (``lr``, ``batch_size``, ``hidden``, ... and the ``task_args`` table).
+
 Two engines run the same rounds:
 
-* ``inprocess`` (default, seconds): trains with :mod:`fedquant.fl.task` and runs the
-  protocol of :mod:`fedquant.fl` (the seeds, ``encode_update``, ``aggregate_payloads``)
-  directly, without the Flower runtime. Downlink is
-  counted as the raw fp32 model (4 bytes per parameter) per sampled client.
+* ``inprocess`` (default, seconds): calls the task module's ``Net``, ``load_data``,
+  ``train`` and ``test`` and runs the protocol of :mod:`fedquant.fl` (the seeds,
+  ``encode_update``, ``aggregate_payloads``) directly, without the Flower runtime. Downlink
+  is counted as the raw fp32 model (4 bytes per value of the state) per sampled client.
 * ``flower``: ``flwr run`` of the Flower app on Flower's simulation engine, one run per
   compressor (``scripts/local_deployment.py``); downlink is the serialized model array.
 
@@ -20,7 +27,7 @@ compressor is quantized with ``fedquant.ptq`` (``final_ptq_method``: spfq, seed 
 Algorithm 1; gpfq; msq) on ``final_ptq_calib`` rows of the training pool, and the accuracy
 before and after, the drop and the model's size in bytes (fp32 vs quantized) go to
 final_ptq.csv, rows.json, report.md and the printed summary
-(:func:`fedquant.fl.task.quantize_final`, which the ServerApp calls too).
+(:meth:`fedquant.fl.tasks.BoundTask.quantize_final`, which the ServerApp calls too).
 
 It writes rows.csv, rows.json, accuracy_vs_rounds.png, accuracy_vs_uplink.png and
 report.md, and prints a summary table. ``run_fl`` is the function behind the command
@@ -29,6 +36,7 @@ report.md, and prints a summary table. ``run_fl`` is the function behind the com
 Example::
 
     fedquant fl --quick --out results/fl-quick
+    fedquant fl --task path/to/task.py --quick
 """
 
 from __future__ import annotations
@@ -47,12 +55,17 @@ import typer
 from fedquant.simulations.common import one_thread
 
 import fedquant as fq
+from fedquant.fl import datasets as local_datasets
 from fedquant.fl import protocol
 from fedquant.fl import task as fl_task
+from fedquant.fl.arrays import flatten_arrays, split_keys, unflatten_arrays
+from fedquant.fl.tasks import BoundTask, get_state, load_task_module, set_state
+from fedquant.fl.tasks.bound import num_examples
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "fl.toml"
 DEFAULTS: dict[str, Any] = {
-    "name": "fl", "dataset": "digits", "model": "mlp", "hidden": 128, "num_clients": 10,
+    "name": "fl", "task": "", "task_args": {}, "device": "cpu",
+    "dataset": "digits", "model": "mlp", "hidden": 128, "num_clients": 10,
     "partitioning": "dirichlet", "alpha": 0.5, "rounds": 30, "fraction_train": 1.0,
     "local_epochs": 1, "batch_size": 32, "lr": 0.1, "server_lr": 1.0, "seed": 0,
     "rotations": "", "seed_policy": "per-client", "engine": "inprocess",
@@ -114,9 +127,15 @@ def validate(config: dict) -> dict:
         _check(key, cfg[key], int)
         if cfg[key] < (0 if key == "seed" else 1):
             raise ValueError(f"config key '{key}' must be >= 1, got {cfg[key]!r}")
+    _check("task", cfg["task"], str)
+    _check("task_args", cfg["task_args"], dict)
+    _check("device", cfg["device"], str)
+    if cfg["task"]:
+        load_task_module(cfg["task"])  # ValueError names a missing file or function
     try:
         fl_task.check_ptq(cfg["final_ptq_bits"], cfg["final_ptq_method"],
-                          cfg["final_ptq_calib"], cfg["model"], sep="_")
+                          cfg["final_ptq_calib"], None if cfg["task"] else cfg["model"],
+                          sep="_")
     except ValueError as err:
         raise ValueError(f"config key {err}") from None
     for key in ("alpha", "lr", "server_lr", "fraction_train"):
@@ -127,9 +146,11 @@ def validate(config: dict) -> dict:
                              f"{' <= 1' if key == 'fraction_train' else ''}, got {cfg[key]!r}")
     _check("name", cfg["name"], str)
     _check("dataset", cfg["dataset"], str)
-    if cfg["dataset"] not in fl_task.DATASETS and not cfg["dataset"].startswith("hf:"):
+    if cfg["dataset"] not in fl_task.DATASETS and not cfg["dataset"].startswith("hf:") and \
+            not local_datasets.is_local(cfg["dataset"]):
         raise ValueError(f"config key 'dataset' is {cfg['dataset']!r}; allowed values: "
-                         f"{list(fl_task.DATASETS)} or 'hf:<name>'")
+                         f"{list(fl_task.DATASETS)}, a local file or folder (.csv, .parquet, "
+                         "save_to_disk folder, image folder) or 'hf:<name>'")
     _check("model", cfg["model"], str, fl_task.MODELS)
     _check("partitioning", cfg["partitioning"], str, fl_task.PARTITIONINGS)
     _check("seed_policy", cfg["seed_policy"], str, protocol.SEED_POLICIES)
@@ -181,15 +202,47 @@ def make_codec(name: str, params: dict, rotations: str = "") -> fq.Codec:
 
 
 # ---- the in-process engine ------------------------------------------------------------
-def _run_codec_inprocess(cfg: dict, spec: dict, task: fl_task.Task, data: list, advance):
+def task_options(cfg: dict) -> dict:
+    """The options a task module's functions may name (config keys, then ``task_args``)."""
+    return {"dataset": cfg["dataset"], "model": cfg["model"], "hidden": cfg["hidden"],
+            "partitioning": cfg["partitioning"], "alpha": float(cfg["alpha"]),
+            "data_seed": cfg["seed"], "batch_size": cfg["batch_size"], "lr": float(cfg["lr"]),
+            **cfg["task_args"]}
+
+
+def bound_task(cfg: dict) -> BoundTask:
+    """The config's task module with its options (the built-in ``dataset`` task when the
+    config names none)."""
+    return BoundTask(cfg["task"] or "dataset", task_options(cfg))
+
+
+def _raw_mean(states: list[tuple[dict, float]], keys: list[str], like: dict) -> dict:
+    """The arrays sent uncompressed (BatchNorm statistics, counters): the weighted mean of
+    the floating ones, the first client's value of the others."""
+    out = {}
+    for k in keys:
+        if np.issubdtype(like[k].dtype, np.floating):
+            total = sum(w for _, w in states)
+            out[k] = (sum(w * s[k].astype(np.float64) for s, w in states) / total
+                      ).astype(like[k].dtype)
+        else:
+            out[k] = states[0][0][k]
+    return out
+
+
+def _run_codec_inprocess(cfg: dict, spec: dict, task: BoundTask, loaders: list,
+                         testloader, advance):
     codec = make_codec(spec["name"], spec["params"], str(cfg["rotations"]))
-    model = fl_task.make_model(task, cfg["model"], cfg["hidden"], seed=cfg["seed"])
-    global_flat = fl_task.get_flat(model)
-    train_cfg = fl_task.TrainConfig(cfg["local_epochs"], cfg["batch_size"], float(cfg["lr"]))
-    residuals: dict = {i: torch.zeros_like(global_flat) for i in range(len(data))}
+    device = cfg["device"]
+    net = task.net(seed=cfg["seed"])
+    global_arrays = get_state(net)
+    keys, raw_keys = split_keys(global_arrays)
+    global_flat = flatten_arrays(global_arrays, keys)
+    residuals: dict = {i: torch.zeros_like(global_flat) for i in range(len(loaders))}
     rng = np.random.default_rng(cfg["seed"])
-    per_round = max(1, int(cfg["fraction_train"] * len(data)))
-    loss, acc = fl_task.evaluate(task, model)
+    per_round = max(1, int(cfg["fraction_train"] * len(loaders)))
+    model_bytes = 4 * sum(int(a.size) for a in global_arrays.values())
+    loss, acc = task.test(net, testloader, device)
     base = {"label": spec["label"], "codec": spec["name"],
             "params": ",".join(f"{k}={v}" for k, v in spec["params"].items())}
     rows = [{**base, "round": 0, "accuracy": acc, "loss": loss, "uplink_bytes": 0,
@@ -200,33 +253,38 @@ def _run_codec_inprocess(cfg: dict, spec: dict, task: fl_task.Task, data: list, 
         start = time.perf_counter()
         round_seed = protocol.round_seed(cfg["seed"], rnd)
         round_codec = protocol.codec_for_round(codec, round_seed)
-        sampled = sorted(rng.choice(len(data), per_round, replace=False).tolist())
-        payloads = []
+        sampled = sorted(rng.choice(len(loaders), per_round, replace=False).tolist())
+        payloads, raw_states = [], {}
         for node in sampled:
-            x, y = data[node]
             seed = protocol.client_seed(round_seed, node, cfg["seed_policy"])
-            fl_task.set_flat(model, global_flat)
-            fl_task.train_local(task, model, x, y, train_cfg, seed)
+            set_state(net, global_arrays)
+            task.train(net, loaders[node], cfg["local_epochs"], device, seed)
+            local = get_state(net)
             enc, residuals[node] = protocol.encode_update(
-                fl_task.get_flat(model) - global_flat, round_codec, seed,
+                flatten_arrays(local, keys) - global_flat, round_codec, seed,
                 residuals[node] if spec["error_feedback"] else None)
-            payloads.append(protocol.Payload(node, enc.to_bytes(), len(x), seed))
+            weight = num_examples(loaders[node])
+            payloads.append(protocol.Payload(node, enc.to_bytes(), weight, seed))
+            raw_states[node] = ({k: local[k] for k in raw_keys}, float(weight))
         result = protocol.aggregate_payloads(global_flat, payloads, round_codec,
                                              float(cfg["server_lr"]))
         global_flat = result.global_flat
-        fl_task.set_flat(model, global_flat)
-        loss, acc = fl_task.evaluate(task, model)
+        accepted = [raw_states[n] for n in result.accepted]
+        global_arrays = {**global_arrays, **unflatten_arrays(global_flat, global_arrays, keys),
+                         **(_raw_mean(accepted, raw_keys, global_arrays) if accepted else {})}
+        set_state(net, global_arrays)
+        loss, acc = task.test(net, testloader, device)
         cum += result.uplink_bytes
         rows.append({**base, "round": rnd, "accuracy": acc, "loss": loss,
                      "uplink_bytes": result.uplink_bytes, "cum_uplink_bytes": cum,
-                     "downlink_bytes": 4 * global_flat.numel() * len(sampled),
+                     "downlink_bytes": model_bytes * len(sampled),
                      "clients": len(result.accepted), "dropped": len(result.rejected),
                      "wall_s": time.perf_counter() - start})
         advance()
     ptq = None
     if cfg["final_ptq_bits"]:
-        ptq = {"label": spec["label"], **fl_task.quantize_final(
-            task, model, global_flat, cfg["final_ptq_bits"], cfg["final_ptq_method"],
+        ptq = {"label": spec["label"], **task.quantize_final(
+            net, testloader, device, cfg["final_ptq_bits"], cfg["final_ptq_method"],
             cfg["final_ptq_calib"], cfg["seed"])}
     return rows, ptq
 
@@ -251,7 +309,8 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
     local_deployment = _local_deployment()
 
     run_config = {
-        "num-server-rounds": cfg["rounds"], "dataset": cfg["dataset"], "model": cfg["model"],
+        "num-server-rounds": cfg["rounds"], "task": cfg["task"], "dataset": cfg["dataset"],
+        "model": cfg["model"],
         "hidden": cfg["hidden"], "partitioning": cfg["partitioning"],
         "alpha": float(cfg["alpha"]), "seed": cfg["seed"], "data-seed": cfg["seed"],
         "local-epochs": cfg["local_epochs"], "batch-size": cfg["batch_size"],
@@ -260,7 +319,8 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
         "codec": fq.codec_spec(make_codec(spec["name"], spec["params"], str(cfg["rotations"]))),
         "seed-policy": cfg["seed_policy"],
         "error-feedback": spec["error_feedback"], "final-ptq-bits": cfg["final_ptq_bits"],
-        "final-ptq-method": cfg["final_ptq_method"], "final-ptq-calib": cfg["final_ptq_calib"]}
+        "final-ptq-method": cfg["final_ptq_method"], "final-ptq-calib": cfg["final_ptq_calib"],
+        **cfg["task_args"]}
     safe = "".join(ch if ch.isalnum() else "_" for ch in spec["label"])
     raw = local_deployment.run_app(out_dir / "flower" / safe, run_config,
                                    num_supernodes=cfg["num_clients"], simulation=True)
@@ -309,14 +369,14 @@ def run_fl_with_ptq(config: dict, out_dir: Path, quick: bool = False, progress: 
         job = bar.add_task("fedquant fl", total=len(specs) * cfg["rounds"])
         advance = lambda n=1: bar.advance(job, n)  # noqa: E731
         if cfg["engine"] == "inprocess":
-            task = fl_task.load_task(cfg["dataset"], cfg["seed"])
-            data = [fl_task.client_data(task, cfg["partitioning"], cfg["num_clients"],
-                                        float(cfg["alpha"]), i, cfg["seed"])
-                    for i in range(cfg["num_clients"])]
+            task = bound_task(cfg)
+            loaders = [task.load_data(i, cfg["num_clients"])[0]
+                       for i in range(cfg["num_clients"])]
+            testloader = task.central_testloader(cfg["num_clients"])
         for spec in specs:
             bar.update(job, description=f"fl {spec['label']}")
             if cfg["engine"] == "inprocess":
-                more, ptq = _run_codec_inprocess(cfg, spec, task, data, advance)
+                more, ptq = _run_codec_inprocess(cfg, spec, task, loaders, testloader, advance)
             else:
                 more, ptq = _run_codec_flower(cfg, spec, out_dir, advance)
             rows += more
@@ -416,8 +476,9 @@ def _write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool,
         {"config": config, "quick": quick, "summary": summary, "rows": rows,
          "final_ptq": list(ptqs)}, indent=1))
     _plots(rows, out_dir)
+    what = f"task {cfg['task']}" if cfg["task"] else f"{cfg['dataset']} / {cfg['model']}"
     lines = [f"# fedquant fl: {cfg['name']}{' (quick)' if quick else ''}", "",
-             f"{cfg['dataset']} / {cfg['model']}, {cfg['num_clients']} clients, "
+             f"{what}, {cfg['num_clients']} clients, "
              f"{cfg['partitioning']} (alpha {cfg['alpha']}), {cfg['rounds']} rounds, "
              f"{cfg['local_epochs']} local epoch(s), lr {cfg['lr']}, server lr "
              f"{cfg['server_lr']}, seed {cfg['seed']}, engine {cfg['engine']}. Uplink bytes "
@@ -471,6 +532,9 @@ def register(app: typer.Typer) -> None:
         config: Annotated[Path, typer.Option(help="TOML config")] = DEFAULT_CONFIG,
         out: Annotated[Path | None, typer.Option(help="output folder")] = None,
         quick: Annotated[bool, typer.Option(help="a few rounds and clients")] = False,
+        task: Annotated[str | None, typer.Option(
+            help="task module: built-in name (digits-mlp, digits-cnn, linreg, synthetic), "
+                 "dotted module path or .py file (Net, load_data, train, test)")] = None,
         engine: Annotated[str | None, typer.Option(
             help="inprocess (fl_task functions, no Flower runtime) or flower (flwr run, "
                  "Flower's simulation engine)")] = None,
@@ -480,6 +544,8 @@ def register(app: typer.Typer) -> None:
             cfg = load_config(config)
             if engine is not None:
                 cfg = validate({**cfg, "engine": engine})
+            if task is not None:
+                cfg = validate({**cfg, "task": task})
         except (ValueError, OSError, tomllib.TOMLDecodeError) as err:
             raise typer.BadParameter(str(err)) from err
         out_dir = out or Path("results") / (cfg["name"] + ("-quick" if quick else ""))

@@ -1,13 +1,15 @@
-"""The built-in federated-learning task shared by the Flower apps and the in-process runner.
+"""The data, models and training that the built-in federated tasks are made of.
 
-Data, models, local training and evaluation, with no Flower runtime and no gRPC in it, so
-that ``fedquant fl`` (in-process), the Flower ``ClientApp`` and the Flower ``ServerApp`` call
-literally the same functions (the protocol itself, seeds, compression and aggregation, is
-:mod:`fedquant.fl.protocol`):
+Flower-free and gRPC-free; the built-in task modules of :mod:`fedquant.fl.tasks` (in the
+shape of Flower's quickstart ``task.py``) are thin layers over these functions, which
+``fedquant fl`` (in-process) and the Flower apps then call alike (the protocol itself,
+seeds, compression and aggregation, is :mod:`fedquant.fl.protocol`):
 
-* data: scikit-learn's bundled digits (real, offline), a synthetic linear regression, or a
-  Hugging Face dataset by name (``hf:ylecun/mnist``; needs the network), partitioned IID or
-  Dirichlet(alpha) with flwr-datasets partitioners over an in-memory ``datasets.Dataset``;
+* data: scikit-learn's bundled digits (real, offline), a synthetic linear regression, a
+  local file or folder (CSV, parquet, ``save_to_disk`` folder, image folder:
+  :mod:`fedquant.fl.datasets`), or a Hugging Face Hub dataset by name (``hf:ylecun/mnist``;
+  needs the network), partitioned IID or Dirichlet(alpha) with flwr-datasets
+  (:mod:`fedquant.fl.partition`: no client is ever given an empty partition);
 * models: logistic regression, a small MLP, a small CNN (images), linear regression;
 * :func:`train_local` and :func:`evaluate`: local SGD and held-out loss/accuracy;
 * :func:`quantize_final`: post-training quantization of the final global model.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +34,11 @@ import torch
 from torch import nn
 
 import fedquant as fq
+from fedquant.fl import datasets as local_datasets
+from fedquant.fl.partition import PARTITIONINGS, partition_indices  # noqa: F401 (re-export)
 
-DATASETS = ("digits", "linreg")  # plus "hf:<name>" for a Hugging Face dataset
+DATASETS = ("digits", "linreg")  # plus "hf:<name>" (the Hub) or a local file or folder
 MODELS = ("logreg", "mlp", "cnn", "linear")
-PARTITIONINGS = ("iid", "dirichlet")
 
 
 # ---- data -----------------------------------------------------------------------------
@@ -92,78 +96,85 @@ def _linreg(seed: int, n: int = 2000, d: int = 100, noise: float = 0.1) -> Task:
     return _split("linreg", "regression", x, y, seed, 1)
 
 
+def _local(spec: str, seed: int, features: tuple[str, ...] | None, label: str) -> Task:
+    data = local_datasets.load_local(spec, features, label)
+    return _split(spec, data.kind, data.x, data.y, seed, data.num_classes, data.image_shape)
+
+
 def _huggingface(name: str, seed: int) -> Task:
-    """A Hugging Face image-classification dataset with an image column and a label column."""
+    """A Hugging Face Hub image-classification dataset (an image and a label column)."""
     import datasets
 
     try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as err:  # network errors come in many types (requests, OSError, ...)
-        raise RuntimeError(f"could not load Hugging Face dataset {name!r} ({err}); it needs "
-                           f"network access; offline, use dataset = 'digits' or 'linreg'") from err
+        raise RuntimeError(f"could not load the Hugging Face Hub dataset {name!r} ({err}); "
+                           "loading from the Hub needs network access; a local dataset (a "
+                           ".csv or .parquet file, a save_to_disk folder or an image folder) "
+                           "is read offline: give its path as the dataset") from err
     image_col = next((c for c in ("image", "img") if c in ds.column_names), None)
     label_col = next((c for c in ("label", "labels") if c in ds.column_names), None)
     if image_col is None or label_col is None:
         raise ValueError(f"Hugging Face dataset {name!r} has columns {ds.column_names}; "
                          "expected an 'image' (or 'img') and a 'label' column")
-    ds = ds.with_format("numpy")
-    x = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in ds[image_col]])
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # to (N, C, H, W)
-    y = np.asarray(ds[label_col], dtype=np.int64)
-    return _split(name, "classification", x.reshape(len(x), -1), y, seed, int(y.max()) + 1,
-                  image_shape=tuple(x.shape[1:]))
+    images = [np.asarray(im) for im in ds[image_col]]
+    data = local_datasets._images(Path(name), images, np.asarray(ds[label_col]))
+    return _split(name, data.kind, data.x, data.y, seed, data.num_classes, data.image_shape)
 
 
 @functools.lru_cache(maxsize=4)
-def load_task(dataset: str, seed: int = 0) -> Task:
-    """The dataset `dataset` ("digits", "linreg" or "hf:<name>") split with `seed`."""
+def load_task(dataset: str, seed: int = 0, features: tuple[str, ...] | None = None,
+              label: str = "label") -> Task:
+    """The dataset `dataset` split with `seed` into a training pool and a test split.
+
+    `dataset` is "digits", "linreg", a local path (a .csv or .parquet file, a folder saved
+    with ``save_to_disk``, an image folder; `features` and `label` name the columns of a
+    table) or "hf:<name>" (the Hugging Face Hub; "hf:<local path>" reads the path).
+    """
+    if not isinstance(dataset, str):
+        raise ValueError(f"dataset must be a string, got {dataset!r}")
+    features = tuple(features) if features is not None else None
     if dataset == "digits":
         return _digits(seed)
     if dataset == "linreg":
         return _linreg(seed)
-    if dataset.startswith("hf:") and len(dataset) > 3:
-        return _huggingface(dataset[3:], seed)
-    raise ValueError(f"dataset must be one of {DATASETS} or 'hf:<name>', got {dataset!r}")
+    name = dataset[3:] if dataset.startswith("hf:") else dataset
+    if name and local_datasets.is_local(name):
+        return _local(name, seed, features, label)
+    if dataset.startswith("hf:") and name:
+        return _huggingface(name, seed)
+    raise ValueError(f"dataset must be one of {DATASETS}, a local file or folder (.csv, "
+                     f".parquet, save_to_disk folder, image folder) or 'hf:<name>', "
+                     f"got {dataset!r}")
 
 
-@functools.lru_cache(maxsize=64)
-def _partitioner(dataset: str, seed: int, partitioning: str, num_partitions: int,
-                 alpha: float):
-    from datasets import Dataset
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+@functools.lru_cache(maxsize=16)
+def _partitions(labels: bytes, dtype: str, partitioning: str, num_partitions: int,
+                alpha: float, seed: int) -> tuple[np.ndarray, ...]:
+    """partition_indices, cached by the labels (as bytes) and the settings."""
+    label = np.frombuffer(labels, dtype=dtype)
+    return tuple(partition_indices(label, partitioning, num_partitions, alpha, seed))
 
-    task = load_task(dataset, seed)
-    if partitioning not in PARTITIONINGS:
-        raise ValueError(f"partitioning must be one of {PARTITIONINGS}, got {partitioning!r}")
-    if not isinstance(num_partitions, int) or not 1 <= num_partitions <= len(task.train_x):
-        raise ValueError(f"num_partitions must be an int in 1..{len(task.train_x)}, "
-                         f"got {num_partitions!r}")
+
+def _partition_labels(task: Task) -> np.ndarray:
     label = task.train_y
     if task.kind == "regression":  # Dirichlet over ten quantile bins of the target
         label = np.searchsorted(np.quantile(label, np.linspace(0, 1, 11)[1:-1]), label)
-    table = Dataset.from_dict({"row": np.arange(len(label)), "label": label})
-    if partitioning == "iid":
-        part = IidPartitioner(num_partitions=num_partitions)
-    else:
-        if not alpha > 0:
-            raise ValueError(f"alpha must be > 0 for Dirichlet partitioning, got {alpha!r}")
-        min_size = min(10, len(label) // (2 * num_partitions))
-        part = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                    alpha=float(alpha), min_partition_size=min_size,
-                                    self_balancing=True, seed=seed)
-    part.dataset = table
-    return part
+    return np.ascontiguousarray(label)
 
 
 def partition_rows(task: Task, partitioning: str, num_partitions: int, alpha: float,
                    partition_id: int, seed: int = 0) -> np.ndarray:
-    """Indices into the training pool of partition `partition_id` (flwr-datasets)."""
-    if not isinstance(partition_id, int) or not 0 <= partition_id < num_partitions:
+    """Indices into the training pool of partition `partition_id` (flwr-datasets; never
+    empty: :func:`fedquant.fl.partition.partition_indices`)."""
+    if isinstance(partition_id, bool) or not isinstance(partition_id, int | np.integer) or \
+            not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition_id must be an int in 0..{num_partitions - 1}, "
                          f"got {partition_id!r}")
-    part = _partitioner(task.name if task.name in DATASETS else f"hf:{task.name}", seed,
-                        partitioning, num_partitions, alpha)
-    return np.asarray(part.load_partition(partition_id)["row"], dtype=np.int64)
+    label = _partition_labels(task)
+    parts = _partitions(label.tobytes(), label.dtype.str, partitioning, num_partitions,
+                        float(alpha), seed)
+    return parts[partition_id]
 
 
 def rows_data(task: Task, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,22 +195,32 @@ def client_data(task: Task, partitioning: str, num_partitions: int, alpha: float
 class _SmallCNN(nn.Module):
     """Two 3x3 convolutions and a linear head; works from 8x8 digits to 32x32 CIFAR."""
 
-    def __init__(self, image_shape: tuple[int, ...], num_classes: int):
+    def __init__(self, image_shape: tuple[int, ...], num_classes: int, width: int = 16):
         super().__init__()
         self.image_shape = tuple(image_shape)
         c = image_shape[0]
         self.features = nn.Sequential(
-            nn.Conv2d(c, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
-        self.head = nn.Linear(32 * 4, num_classes)
+            nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2))
+        self.head = nn.Linear(2 * width * 4, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.features(x.reshape(-1, *self.image_shape))
         return self.head(z.flatten(1))
 
 
-def make_model(task: Task, model: str, hidden: int = 128, seed: int = 0) -> nn.Module:
-    """A freshly initialized model for `task` (initialization seeded by `seed`)."""
+def seeded(build: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """`build()` with torch's generator seeded by `seed`, leaving the caller's RNG state as
+    it was (local initialization only, never part of the wire contract)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def make_model(task: Task, model: str, hidden: int = 128, seed: int = 0,
+               width: int = 16) -> nn.Module:
+    """A freshly initialized model for `task` (initialization seeded by `seed`); `hidden`
+    is the MLP's width, `width` the CNN's first channel count (the second is twice it)."""
     if model not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {model!r}")
     if task.kind == "regression" and model != "linear":
@@ -208,13 +229,16 @@ def make_model(task: Task, model: str, hidden: int = 128, seed: int = 0) -> nn.M
         raise ValueError("model = 'linear' is for the regression task; use logreg, mlp or cnn")
     if model == "cnn" and task.image_shape is None:
         raise ValueError(f"model = 'cnn' needs an image dataset; {task.name} is not one")
-    torch.manual_seed(seed)  # local initialization only, never part of the wire contract
+    for key, value in (("hidden", hidden), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
     d, k = task.num_features, task.num_classes
     if model == "mlp":
-        return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, k))
+        return seeded(lambda: nn.Sequential(nn.Linear(d, hidden), nn.ReLU(),
+                                            nn.Linear(hidden, k)), seed)
     if model == "cnn":
-        return _SmallCNN(task.image_shape, k)
-    return nn.Linear(d, k)  # logreg (softmax regression) and linear regression
+        return seeded(lambda: _SmallCNN(task.image_shape, k, width), seed)
+    return seeded(lambda: nn.Linear(d, k), seed)  # logreg and linear regression
 
 
 def get_flat(model: nn.Module) -> torch.Tensor:
@@ -232,8 +256,9 @@ def set_flat(model: nn.Module, flat: torch.Tensor) -> None:
             offset += p.numel()
 
 
-def _loss_fn(task: Task):
-    if task.kind == "classification":
+def loss_fn(kind: str):
+    """Cross-entropy for "classification", mean squared error for "regression"."""
+    if kind == "classification":
         return nn.functional.cross_entropy
     return lambda out, y: nn.functional.mse_loss(out.squeeze(-1), y)
 
@@ -250,7 +275,16 @@ class TrainConfig:
 def train_local(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
                 cfg: TrainConfig, seed: int) -> float:
     """Plain SGD for cfg.epochs epochs over (x, y); returns the mean training loss."""
-    loss_fn = _loss_fn(task)
+    return train_tensors(task.kind, model, x, y, cfg, seed)
+
+
+def train_tensors(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                  cfg: TrainConfig, seed: int) -> float:
+    """:func:`train_local` for a task of `kind` ("classification" or "regression"); the
+    batches are drawn in an order seeded by `seed` on the model's device."""
+    loss = loss_fn(kind)
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     order_gen = torch.Generator().manual_seed(seed % 2**63)  # local shuffling only
     total, steps = 0.0, 0
@@ -260,21 +294,29 @@ def train_local(task: Task, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         for start in range(0, len(x), cfg.batch_size):
             idx = order[start: start + cfg.batch_size]
             opt.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
+            value = loss(model(x[idx]), y[idx])
+            value.backward()
             opt.step()
-            total, steps = total + float(loss.detach()), steps + 1
+            total, steps = total + float(value.detach()), steps + 1
     return total / max(steps, 1)
 
 
 @torch.no_grad()
 def evaluate(task: Task, model: nn.Module) -> tuple[float, float]:
     """(loss, accuracy) on the held-out split; accuracy is R^2 for regression."""
+    return evaluate_tensors(task.kind, model, task.test_x, task.test_y)
+
+
+@torch.no_grad()
+def evaluate_tensors(kind: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     ) -> tuple[float, float]:
+    """(loss, accuracy) of `model` on (x, y), on the model's device; R^2 for regression."""
     model.eval()
-    x, y = task.test_x, task.test_y
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
     out = model(x)
-    loss = float(_loss_fn(task)(out, y))
-    if task.kind == "classification":
+    loss = float(loss_fn(kind)(out, y))
+    if kind == "classification":
         return loss, float((out.argmax(-1) == y).float().mean())
     return loss, 1.0 - loss / float(y.var(unbiased=False))
 
@@ -312,29 +354,47 @@ def _linear_stack(model: nn.Module) -> nn.Sequential:
                      f"got {type(model).__name__}")
 
 
-def quantize_final(task: Task, model: nn.Module, flat: torch.Tensor, bits: int,
-                   method: str = "spfq", calib_size: int = 256, seed: int = 0) -> dict:
-    """Quantize the final global model (parameters `flat`) with fedquant.ptq (seed 004).
+def calibration_rows(num_rows: int, calib_size: int, seed: int) -> np.ndarray:
+    """`calib_size` (at most `num_rows`) row indices for the PTQ calibration batch, chosen by
+    ``fq.random.random_subset`` from `seed`."""
+    return fq.random.random_subset(seed, fq.random.Purpose.PRIVATE, num_rows,
+                                   min(calib_size, num_rows)).numpy()
 
-    The calibration batch is `calib_size` rows of the training pool (never the test split
-    that accuracy is measured on), chosen by ``fq.random.random_subset``; `model` (of the
-    task's architecture) is loaded with `flat` to evaluate it. Returns the
-    accuracy and loss on the test split before and after, the drop (before - after, as a
-    fraction; R^2 for regression), and the sizes: fp32 (4 bytes per parameter) and the
-    quantized model's packed bytes as ``fedquant.ptq.quantize_model`` counts them.
+
+def quantize_net(model: nn.Module, calib_x: torch.Tensor, bits: int, method: str,
+                 evaluate_fn: Callable[[nn.Module], tuple[float, float]], seed: int = 0,
+                 ) -> dict:
+    """Quantize `model` (nn.Linear layers) with fedquant.ptq on the calibration batch
+    `calib_x`; `evaluate_fn(model) -> (loss, accuracy)` measures it before and after.
+
+    Returns the accuracy and loss before and after, the drop (before - after), the
+    calibration size and the sizes: fp32 (4 bytes per parameter) and the quantized model's
+    packed bytes as ``fedquant.ptq.quantize_model`` counts them.
     """
     from fedquant.ptq import quantize_model  # scipy: only where PTQ is asked for
 
-    check_ptq(bits, method, calib_size)
-    set_flat(model, flat)
+    check_ptq(bits, method, max(len(calib_x), 1))
     stack = _linear_stack(model)
-    rows = fq.random.random_subset(seed, fq.random.Purpose.PRIVATE, len(task.train_x),
-                                   min(calib_size, len(task.train_x)))
-    calib_x, _ = rows_data(task, rows.numpy())
-    loss, accuracy = evaluate(task, stack)
-    q_model, q_bytes = quantize_model(stack, calib_x.to(flat.device), bits, method, seed=seed)
-    q_loss, q_accuracy = evaluate(task, q_model)
-    return {"final_ptq": method, "bits": bits, "calib_size": len(rows),
+    device = next(stack.parameters()).device
+    loss, accuracy = evaluate_fn(stack)
+    q_model, q_bytes = quantize_model(stack, calib_x.to(device), bits, method, seed=seed)
+    q_loss, q_accuracy = evaluate_fn(q_model)
+    return {"final_ptq": method, "bits": bits, "calib_size": len(calib_x),
             "accuracy_before": accuracy, "accuracy_after": q_accuracy,
             "accuracy_drop": accuracy - q_accuracy, "loss_before": loss, "loss_after": q_loss,
-            "fp32_bytes": 4 * flat.numel(), "ptq_bytes": q_bytes}
+            "fp32_bytes": 4 * sum(p.numel() for p in model.parameters()),
+            "ptq_bytes": q_bytes}
+
+
+def quantize_final(task: Task, model: nn.Module, flat: torch.Tensor, bits: int,
+                   method: str = "spfq", calib_size: int = 256, seed: int = 0) -> dict:
+    """Quantize the final global model (parameters `flat`) with fedquant.ptq (SPFQ, Zhang
+    and Saab, https://arxiv.org/abs/2309.10975; or GPFQ, MSQ): :func:`quantize_net` on
+    `calib_size` rows of the training pool (never the test split that accuracy is measured
+    on, :func:`calibration_rows`), evaluated on the task's test split; `model` (of the
+    task's architecture) is loaded with `flat`.
+    """
+    check_ptq(bits, method, calib_size)
+    set_flat(model, flat)
+    calib_x, _ = rows_data(task, calibration_rows(len(task.train_x), calib_size, seed))
+    return quantize_net(model, calib_x, bits, method, lambda m: evaluate(task, m), seed)
