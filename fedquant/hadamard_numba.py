@@ -14,21 +14,25 @@ numba ``@intrinsic``, docs/kernels.md says why):
 * strides h >= 16: radix-16/8/4/2 "vertical" butterflies on 16 vectors h floats apart,
   all in registers (four stages per load and store of the data).
 
-The FWHT of n = R * B points is H_R (x) H_B. The kernel makes two passes over memory:
+The FWHT of n = R * B points is H_R (x) H_B: B-point transforms of the R contiguous rows of
+an R x B matrix, then R-point transforms of its columns. Slices of n <= 2^17 floats (in
+L2) are one block; longer ones make two passes over memory:
 
-1. *rows*: each block of B <= 2^16 floats (in L2) is processed in L1-sized chunks of
-   2^13 floats: the signs are hashed and 1/sqrt(n) folded in while copying x into y, then
-   the chunk gets all its stages while in L1; then the block's remaining stages;
-2. *columns*: groups of W columns are gathered into a small contiguous buffer (R x W,
-   at most 512 KiB, in L2), transformed by the same vertical stages, and written back
-   (multiplied by the signs for the inverse).
+1. *rows*: each row of B = 2^15 floats is processed in L1-sized chunks of 2^13 floats:
+   the signs are hashed and 1/sqrt(n) folded in while copying x into y, then the chunk
+   gets all its stages while in L1; then the row's remaining stages;
+2. *columns*: groups of 1024 columns (4 KiB of every row, a few MiB in all, mostly in
+   cache) go through the remaining stages in place, by the same vertical butterflies
+   restricted to the group's columns; the inverse multiplies by its signs while the group
+   is still in cache.
 
 Stages run in the order of increasing stride, as in the torch kernel, so both kernels
 make the same additions in the same order; only the place where 1/sqrt(n) is applied
-differs (float tolerance). Slices of n <= 2^17 run the column stages in place. Signs use
-fedquant.random's numba SplitMix64: along a row the counter advances by the golden gamma,
-so each sign costs two 64-bit multiplies (vectorized). ``parallel=True`` runs blocks and
-column groups over numba threads (prange). Compiled functions are cached on disk.
+differs (float tolerance). Signs use fedquant.random's numba SplitMix64: along a row the
+counter advances by the golden gamma, so each sign costs two 64-bit multiplies
+(vectorized). ``out`` may be a preallocated tensor, or x itself (in place).
+``parallel=True`` runs rows and column groups over numba threads (prange); it is not the
+default (docs/kernels.md). Compiled functions are cached on disk.
 """
 
 from __future__ import annotations
