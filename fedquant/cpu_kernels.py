@@ -9,9 +9,13 @@ reference these kernels are tested against:
 * :func:`eden_quantize` - EDEN's per-slice work (seed 003 section 4): the float64 norm,
   t = z * sqrt(n) / ||z||, the nearest Lloyd-Max centroid (``torch.bucketize`` on the
   midpoints: the index is the number of midpoints strictly below t) and the float64
-  <z, c> of the unbiased / least-squares scale, in three passes, indices as uint8;
+  <z, c> of the unbiased / least-squares scale, in two passes for b <= 2 (the dot is
+  summed in the quantizing pass), three above, indices as uint8;
 * :func:`eden_dequantize` - EDEN's receiver: unpack the b-bit indices and look up
-  float32(centroid * scale) per slice in one pass, no int64 / float64 temporaries.
+  float32(centroid * scale) per slice in one pass, no int64 / float64 temporaries (for
+  b = 1, 2, 4, 8 one word-sized table entry per byte);
+* :func:`sum_squares`, :func:`axpy` - a float64 sum of squares, and total += w * values
+  into a float64 total, each one pass with no float64 copy (the server's mean).
 """
 
 from __future__ import annotations
