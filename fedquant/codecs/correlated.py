@@ -38,9 +38,11 @@ Example::
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from fedquant import random as fqr
+from fedquant._numba import AVAILABLE, njit
 from fedquant.codecs.base import register_codec
 from fedquant.codecs.ecdq import ECDQ
 from fedquant.wire import Encoded, Section, WireError
@@ -61,21 +63,48 @@ def check_clients(clients: int, client: int) -> tuple[int, int]:
     return clients, client
 
 
+@njit(cache=True, nogil=True)
+def _places_numba(key: np.uint64, clients: int, client: int,
+                  out: np.ndarray) -> None:  # pragma: no cover - jit
+    """out[j] = #{i : h(j, i) < h(j, client), ties by index}, h(j, i) the hash of counter
+    j * clients + i in the stream `key`."""
+    for j in range(out.size):
+        base = np.uint64(j) * np.uint64(clients)
+        mine = fqr.hash64_numba(key, base + np.uint64(client))
+        below = 0
+        for i in range(clients):
+            h = fqr.hash64_numba(key, base + np.uint64(i))
+            if h < mine or (h == mine and i < client):
+                below += 1
+        out[j] = below
+
+
 def stratum(seed: int, clients: int, client: int, n: int) -> torch.Tensor:
-    """pi_j(client) for j in [0, n): the client's place (int64) among the `clients`
+    """pi_j(client) for j in [0, n): the client's place (int64, CPU) among the `clients`
     hashes hash64(seed, SHARED_INDEX, j * clients + i'), ties broken by index, so that
-    pi_j is a uniformly random permutation of 0..clients-1, independent over j."""
+    pi_j is a uniformly random permutation of 0..clients-1, independent over j (a numba
+    loop; :func:`_places_torch` gives the same numbers without numba)."""
+    if AVAILABLE:
+        out = np.empty(n, dtype=np.int64)
+        _places_numba(np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX)), clients,
+                      client, out)
+        return torch.from_numpy(out)
     out = torch.empty(n, dtype=torch.int64)
     rows = max(1, _CHUNK // clients)
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         h = fqr.hash64_torch(seed, fqr.Purpose.SHARED_INDEX, lo * clients,
                              (hi - lo) * clients).view(hi - lo, clients)
-        h = fqr._srl(h, 1)  # 63-bit, non-negative: signed comparisons order them
-        mine = h[:, client: client + 1]
-        below = (h < mine).sum(1) + (h[:, :client] == mine).sum(1)
-        out[lo:hi] = below
+        out[lo:hi] = _places_torch(h, client)
     return out
+
+
+def _places_torch(h: torch.Tensor, client: int) -> torch.Tensor:
+    """Row-wise place of column `client` among int64 hash bits compared as uint64 (flip
+    the sign bit, then signed order is unsigned order)."""
+    h = h ^ torch.iinfo(torch.int64).min
+    mine = h[:, client: client + 1]
+    return (h < mine).sum(1) + (h[:, :client] == mine).sum(1)
 
 
 @register_codec

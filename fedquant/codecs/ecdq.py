@@ -48,7 +48,7 @@ from scipy.special import ndtr
 
 from fedquant import random as fqr
 from fedquant.codecs.base import check_input, check_seed, expect_scales, register_codec
-from fedquant.codecs.rotated import RotatedCodec
+from fedquant.codecs.rotated import RotatedCodec, slice_norm
 from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout
 from fedquant.wire import Encoded, Section, WireError
 
@@ -170,9 +170,10 @@ class ECDQ(RotatedCodec):
         seed = check_seed(seed)
         d = flat.numel()
         k = resolve_rotations(self.rotations, flat, self.kind) if d else 1
-        z = rotate(flat, self.rotation_seed(seed), k).to(torch.float64).cpu()
-        sigmas = [math.sqrt(float(torch.dot(zs, zs)) / zs.numel()) if zs.numel() else 0.0
-                  for zs in (z[s.offset: s.offset + s.size] for s in slice_layout(d))]
+        z = rotate(flat, self.rotation_seed(seed), k).cpu()
+        sigmas = [slice_norm(z[s.offset: s.offset + s.size]) / math.sqrt(s.size)
+                  for s in slice_layout(d)]
+        z = z.to(torch.float64)
         active = self._active(d, sigmas)
         t = torch.cat([z[lo:hi] / sg for lo, hi, sg in active]).numpy() if active else \
             np.zeros(0)
