@@ -40,14 +40,21 @@ def _port_is_closed(address: str) -> bool:
 
 
 @pytest.mark.timeout(420)
-def test_flwr_run_on_the_simulation_engine(tmp_path):
+def test_flwr_run_dot_from_a_fresh_clone_uses_this_environment(tmp_path):
+    # the README's command: `flwr run . --stream` with no connection configured, so flwr
+    # starts its background SuperLink (simulation engine), here on free ports
     config = {**RUN_CONFIG, "final-ptq-bits": 4}  # + SPFQ of the final model (sub-second)
-    *rows, ptq = dep.run_app(tmp_path, config, num_supernodes=2, simulation=True, timeout=400)
+    (*rows, ptq), output, port = dep.run_local(tmp_path, config, timeout=400)
     _check_rounds(rows)
     assert (ptq["final_ptq"], ptq["bits"]) == ("spfq", 4)
     assert ptq["accuracy_before"] == rows[-1]["accuracy"] and abs(ptq["accuracy_drop"]) < 0.05
     assert 0 < 4 * ptq["ptq_bytes"] < ptq["fp32_bytes"]
-    assert (tmp_path / "flwr_home" / "config.toml").exists()  # FLWR_HOME inside the run dir
+    home = tmp_path / "flwr_home"
+    assert 'default = "local"' in (home / "config.toml").read_text()  # flwr's own default
+    assert "[ROUND 2/2]" in output  # --stream: the run's log came to the terminal
+    # no app environment was built (Flower's default `uv sync` would download torch)
+    assert not (home / "runtime-envs").exists() or not any((home / "runtime-envs").iterdir())
+    assert dep.local_superlinks(port) == [] and _port_is_closed(f"127.0.0.1:{port}")
 
 
 @pytest.mark.timeout(420)
