@@ -132,6 +132,10 @@ def validate(config: dict) -> dict:
     _check("device", cfg["device"], str)
     if cfg["task"]:
         load_task_module(cfg["task"])  # ValueError names a missing file or function
+    if cfg["engine"] == "flower" and cfg["task_args"]:
+        raise ValueError("config key 'task_args' works with engine = 'inprocess'; with "
+                         "engine = 'flower' a task's options are run-config keys "
+                         "([tool.flwr.app.config] in pyproject.toml)")
     try:
         fl_task.check_ptq(cfg["final_ptq_bits"], cfg["final_ptq_method"],
                           cfg["final_ptq_calib"], None if cfg["task"] else cfg["model"],
@@ -305,11 +309,19 @@ def _local_deployment():
     return module
 
 
+def _portable(task: str) -> str:
+    """A task's .py path made absolute (the Flower processes run in other folders)."""
+    if task.endswith(".py") or "/" in task:
+        return str(Path(task).expanduser().resolve())
+    return task
+
+
 def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
     local_deployment = _local_deployment()
 
     run_config = {
-        "num-server-rounds": cfg["rounds"], "task": cfg["task"], "dataset": cfg["dataset"],
+        "num-server-rounds": cfg["rounds"], "task": _portable(cfg["task"]),
+        "dataset": cfg["dataset"],
         "model": cfg["model"],
         "hidden": cfg["hidden"], "partitioning": cfg["partitioning"],
         "alpha": float(cfg["alpha"]), "seed": cfg["seed"], "data-seed": cfg["seed"],
@@ -319,8 +331,7 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
         "codec": fq.codec_spec(make_codec(spec["name"], spec["params"], str(cfg["rotations"]))),
         "seed-policy": cfg["seed_policy"],
         "error-feedback": spec["error_feedback"], "final-ptq-bits": cfg["final_ptq_bits"],
-        "final-ptq-method": cfg["final_ptq_method"], "final-ptq-calib": cfg["final_ptq_calib"],
-        **cfg["task_args"]}
+        "final-ptq-method": cfg["final_ptq_method"], "final-ptq-calib": cfg["final_ptq_calib"]}
     safe = "".join(ch if ch.isalnum() else "_" for ch in spec["label"])
     raw = local_deployment.run_app(out_dir / "flower" / safe, run_config,
                                    num_supernodes=cfg["num_clients"], simulation=True)

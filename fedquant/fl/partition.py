@@ -1,8 +1,8 @@
 """Splitting a training pool among clients with flwr-datasets, at 10 or at 1000 clients.
 
-:func:`partition_indices` returns one array of row indices per client, IID
-(``IidPartitioner``) or with Dirichlet(alpha) label skew (``DirichletPartitioner``, Hsu et al.,
-https://arxiv.org/abs/1909.06335). No client is ever given an empty partition:
+:func:`partition_indices` returns one array of row indices per client, IID (the shards
+of ``IidPartitioner``) or with Dirichlet(alpha) label skew (``DirichletPartitioner``; Hsu
+et al., https://arxiv.org/abs/1909.06335). No client is ever given an empty partition:
 
 * more clients than rows is refused up front, with the largest client count that fits;
 * the Dirichlet split asks for a minimum partition size adapted to the data,
@@ -93,14 +93,9 @@ def partition_indices(labels: np.ndarray, partitioning: str, num_partitions: int
     labels = np.asarray(labels)
     _check(labels, partitioning, num_partitions, alpha)
     if partitioning == "iid":
-        from datasets import Dataset
-        from flwr_datasets.partitioner import IidPartitioner
-
-        part = IidPartitioner(num_partitions=num_partitions)
-        part.dataset = Dataset.from_dict({"row": np.arange(len(labels))})
-        # IidPartitioner splits a seeded permutation into near-equal chunks: none is empty
-        return [np.asarray(part.load_partition(i)["row"], dtype=np.int64)
-                for i in range(num_partitions)]
+        # flwr-datasets' IidPartitioner's contiguous near-equal shards (``Dataset.shard(...,
+        # contiguous=True)``), all at once: 1000 clients in microseconds, none empty
+        return np.array_split(np.arange(len(labels), dtype=np.int64), num_partitions)
     min_size = adapted_min_size(len(labels), num_partitions)
     while True:
         parts = _dirichlet(labels, num_partitions, alpha, seed, min_size)
