@@ -53,6 +53,7 @@ MAX_EXPANSION: dict[str, float] = {
     "fp32": 1.0, "fp16": 1.0, "bf16": 1.0,
     "randk": 1024.0, "topk": 1024.0, "sketch": 1024.0, "lplr": 1024.0, "timeshare": 1024.0,
     "ecdq": 256.0, "correlated": 256.0,  # entropy-coded, >= 1/16 bit per coordinate (padded)
+    "eden-mix": 1024.0,  # EDEN at real budgets down to 1/32 bit (a shared random subset)
 }
 # Payloads declaring at most this many elements pass the expansion cap whatever their size:
 # decoding them costs little, and tiny tensors have relatively large headers.
