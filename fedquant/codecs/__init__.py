@@ -6,6 +6,7 @@ from fedquant.codecs import (
     dither,  # noqa: F401
     ecdq,  # noqa: F401
     eden,  # noqa: F401
+    fractional,  # noqa: F401
     identity,  # noqa: F401
     lplr,  # noqa: F401
     qsgd,  # noqa: F401
