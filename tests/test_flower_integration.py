@@ -247,5 +247,8 @@ def test_the_example_app_on_the_simulation_engine_plain_and_compressed(tmp_path)
         assert comp[3]["accuracy"] > comp[0]["accuracy"] + 0.3  # it learned, compressed
         uplink = [m["fedquant-uplink-bytes"] for m in comp[4]["train_metrics"].values()]
         assert len(uplink) == 3 and all(12 * b <= 2 * 4 * numel for b in uplink)
-        if strategy == "fedavg":
-            assert abs(comp[3]["accuracy"] - plain[3]["accuracy"]) <= 0.02
+        # FedAvg has converged after 3 rounds (about 97%): compression costs at most 2
+        # points. FedAdam is still climbing fast at round 3 (about 80-88%), where the run's
+        # own randomness moves accuracy by several points: a looser bound there.
+        gap = abs(comp[3]["accuracy"] - plain[3]["accuracy"])
+        assert gap <= (0.02 if strategy == "fedavg" else 0.12), (strategy, plain, comp)
