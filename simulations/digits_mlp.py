@@ -1,5 +1,9 @@
 """A small MLP on scikit-learn's bundled digits (8 x 8 images, 10 classes), trained quickly.
 
+The digits and their train/test split are those of the built-in FL task ``digits-mlp``
+(:func:`fedquant.fl.tasks.digits_mlp.digits`): ``fedquant fl``, ``fedquant lplr``,
+``fedquant ptq`` and the ``digits-grad`` DME input all see the same split.
+
 Shared by ``fedquant lplr`` and ``fedquant ptq``, with the few lines of experiment plumbing
 they also share (config checking, CSV/JSON output, the summary table). Everything is
 deterministic given `seed`: the train/test split, the initialization and the training.
@@ -21,15 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from fedquant.simulations.common import check_keys, one_thread
 from rich.console import Console
 from rich.table import Table
-from sklearn.datasets import load_digits
 from torch import nn
 
 import fedquant as fq
+from fedquant.fl.tasks import digits_mlp as digits_task
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,12 @@ class DigitsData:
     y_test: torch.Tensor
 
 
-def load_digits_data(seed: int = 0, test_fraction: float = 0.25) -> DigitsData:
-    """The 1797 digits, shuffled by `seed` and split; pixels divided by 16."""
-    if not 0 < test_fraction < 1:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
-    bunch = load_digits()
-    order = np.random.default_rng(seed).permutation(len(bunch.target))
-    x = torch.tensor(bunch.data[order] / 16.0, dtype=torch.float32)
-    y = torch.tensor(bunch.target[order], dtype=torch.int64)
-    n_test = int(round(test_fraction * len(y)))
-    return DigitsData(x[n_test:], y[n_test:], x[:n_test], y[:n_test])
+def load_digits_data(seed: int = 0) -> DigitsData:
+    """The 1797 digits split by `seed` as the ``digits-mlp`` FL task splits them (80% train,
+    20% test); pixels divided by 16."""
+    task = digits_task.digits(seed)
+    return DigitsData(torch.as_tensor(task.train_x), torch.as_tensor(task.train_y),
+                      task.test_x, task.test_y)
 
 
 def make_mlp(hidden: Sequence[int] = (64,), seed: int = 0) -> nn.Sequential:

@@ -1,7 +1,9 @@
 """Real gradients of the digits model, as a DME input ("digits-grad").
 
 The vector is the concatenation of the minibatch gradients (batch 32) of a small MLP on
-scikit-learn's bundled digits, taken along a short SGD run, truncated to length d: every
+scikit-learn's bundled digits (the training split of the ``digits-mlp`` FL task,
+:func:`fedquant.simulations.digits_mlp.load_digits_data`), taken along a short SGD run,
+truncated to length d: every
 coordinate is a real gradient entry, with the heavy-tailed, structured layout real updates
 have (many near-zero weights of always-dark pixels, large output-layer entries).
 """

@@ -39,7 +39,6 @@ from fedquant.simulations.digits_mlp import (
     train_fedavg,
 )
 from rich.progress import Progress
-from sklearn.datasets import load_digits
 
 import fedquant as fq
 from fedquant.codecs.lplr import encode_model_update, parity_rank
@@ -162,9 +161,9 @@ def run_lplr(cfg: dict, out_dir: Path) -> dict:
         syn = cfg["synthetic"]
         matrices += [("synthetic", s, synthetic_matrix(syn["n"], syn["d"], s, seed))
                      for s in syn["spectra"]]
-    if "digits" in cfg["sources"]:
-        matrices.append(("digits", "images 1797x64",
-                         torch.tensor(load_digits().data, dtype=torch.float32)))
+    if "digits" in cfg["sources"]:  # all 1797 images (pixel values 0..16), train and test
+        images = torch.cat([data.x_train, data.x_test]) * 16.0
+        matrices.append(("digits", f"images {len(images)}x64", images))
     fl, runs = cfg["fl"], cfg["fl"]["runs"]
     matrix_rows, fl_rows = [], []
     with Progress() as progress:
