@@ -5,8 +5,9 @@ into one or two passes; the torch code stays the path for every other device and
 reference these kernels are tested against:
 
 * :func:`moments` - the float64 sums of x^2, |x|^3 and x^4 behind ``rotation.flatness``
-  (seed 003 section 7's l3 / l4 checks) in one pass, no float64 copy of x;
-* :func:`eden_quantize` - EDEN's per-slice work (seed 003 section 4): the float64 norm,
+  (the RHT paper ("Quantizing With Randomized Hadamard Transforms: Efficient Heuristic Now
+Proven", 2026) section 7's l3 / l4 checks) in one pass, no float64 copy of x;
+* :func:`eden_quantize` - EDEN's per-slice work (the RHT paper section 4): the float64 norm,
   t = z * sqrt(n) / ||z||, the nearest Lloyd-Max centroid (``torch.bucketize`` on the
   midpoints: the index is the number of midpoints strictly below t) and the float64
   <z, c> of the unbiased / least-squares scale, in two passes for b <= 2 (the dot is

@@ -1,7 +1,8 @@
 """Post-training quantization of a trained MLP: SPFQ, with GPFQ and MSQ baselines.
 
-Seed 004 (SPFQ, stochastic path-following quantization). A layer's weights W (N_in x N_out,
-neurons as columns, the bias appended as an extra row fed by a constant-1 input, as seed 004
+SPFQ (Zhang and Saab, "SPFQ: A Stochastic Algorithm and Its Error Analysis for Neural
+Network Quantization", https://arxiv.org/abs/2309.10975). A layer's weights W (N_in x N_out,
+neurons as columns, the bias appended as an extra row fed by a constant-1 input, as SPFQ
 section 2.1 suggests) are quantized to a mid-tread alphabet {k delta : |k| <= K} so that
 the quantized network's activations X~ times the quantized weights track the original
 network's activations X times W, on a calibration batch of m inputs:
@@ -15,7 +16,7 @@ network's activations X times W, on a calibration batch of m inputs:
   each time rounding w~_t plus the projection of the running error onto X~_t.
 
 ``method="gpfq"`` is eq (85): the same path with the deterministic nearest-point quantizer
-(by seed 004 Prop. 2.1, that path equals alignment of order 1 followed by phase II).
+(by SPFQ (Zhang and Saab) Prop. 2.1, that path equals alignment of order 1 followed by phase II).
 ``method="msq"`` rounds every weight to its nearest alphabet point.
 
 The alphabet step is eq (86): delta = C / (2^(b-1) N_out) * sum_j ||W_j||_inf. Eq (86) pairs
@@ -49,7 +50,7 @@ ALIGNMENTS = ("approximate", "perfect")
 
 @dataclass(frozen=True)
 class Alphabet:
-    """The mid-tread alphabet {k * step : -levels <= k <= levels} (seed 004 eq 5)."""
+    """The mid-tread alphabet {k * step : -levels <= k <= levels} (SPFQ (Zhang and Saab) eq 5)."""
 
     step: float
     levels: int
@@ -214,7 +215,7 @@ def _layers(model: nn.Module) -> list[nn.Module]:
 def quantize_model(model: nn.Module, calib_x: torch.Tensor, bits: int, method: str = "spfq",
                    c: float = 1.0, alignment: str = "approximate", order: int = 1,
                    seed: int = 0) -> tuple[nn.Sequential, int]:
-    """Quantize every nn.Linear of an nn.Sequential MLP layer by layer (seed 004 Algorithm 1).
+    """Quantize every nn.Linear of an nn.Sequential MLP layer by layer (SPFQ, Algorithm 1).
 
     Args:
         model: nn.Sequential of nn.Linear and elementwise activations (left unchanged).
@@ -271,7 +272,7 @@ def grid_search_c(model: nn.Module, calib_x: torch.Tensor, val_x: torch.Tensor,
                   val_y: torch.Tensor, bits: int, method: str = "spfq",
                   cs: Sequence[float] = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0),
                   **kwargs) -> tuple[float, dict[float, float]]:
-    """Seed 004 App. H's grid search for C: the C with the best top-1 accuracy on (val_x, val_y).
+    """SPFQ App. H's grid search for C: the C with the best top-1 accuracy on (val_x, val_y).
 
     Accuracy on a small validation set ties often; ties go to the C whose network output is
     closest to the original's (relative error of the last layer). Returns (best C,

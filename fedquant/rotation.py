@@ -1,9 +1,10 @@
 """Compositions of 1, 2 or 3 randomized Hadamard transforms over any length d.
 
-Seed 003 (sections 3-7): one RHT leaves sparse or structured inputs far from Gaussian; two
+the RHT paper ("Quantizing With Randomized Hadamard Transforms: Efficient Heuristic Now
+Proven", 2026) (sections 3-7): one RHT leaves sparse or structured inputs far from Gaussian; two
 make every coordinate near-Gaussian for any input (Theorems 1-3), three also decorrelate
 coordinate blocks for vector quantization (Theorem 6). ``rotations="auto"`` runs the linear
-time checks of seed 003 section 7 on the normalized input u = x / ||x||:
+time checks of the RHT paper section 7 on the normalized input u = x / ||x||:
 
 * scalar codecs: 1 RHT if ||u||_3^3 <= 3^(3/4) / sqrt(n), else 2. The threshold is the
   bound of Lemma 1 on E||RHT(u)||_3^3 (rebuilt from its proof: E y_i^4 <= 3 / n^2, then

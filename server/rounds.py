@@ -5,7 +5,7 @@ quorum and a deadline. Each accepted push is decoded by the codec's fast path
 (``codec.decode_sum([enc], [w])``) and added to the round's float64 running sum, so an open
 round holds O(d) memory whatever the number of clients. When the clients share one rotation
 (QUIC-FL with a round_seed), pushes are summed in the rotated domain instead and the round
-pays a single inverse rotation at close (seed 003 section 5). The round closes on quorum,
+pays a single inverse rotation at close (the RHT paper section 5). The round closes on quorum,
 on deadline or on an operator call; closing stores the float32 mean ``sum / total_weight``
 in the log, and the closed round leaves memory (it is read back from the log on demand).
 

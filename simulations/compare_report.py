@@ -159,7 +159,7 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
     adv = [r for r in dme if r["input"] != "normal" and r["label"].startswith("eden b=1")
            and "biased" not in r["label"]]
     if adv:
-        parts += ["", "EDEN b=1 (unbiased) by input and number of RHTs (seed 003: one RHT fails "
+        parts += ["", "EDEN b=1 (unbiased) by input and number of RHTs (RHT paper: one RHT fails "
                   "on structured inputs, two restore the Gaussian figure 0.571):", ""]
         inputs = sorted({r["input"] for r in adv})
         rots = ["1", "2", "3", "auto"]

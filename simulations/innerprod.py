@@ -1,7 +1,8 @@
-"""`fedquant innerprod`: compressing two vectors for their inner product (seed 000).
+"""`fedquant innerprod`: compressing two vectors for their inner product (Ordentlich and
+Polyanskiy, "Optimal Quantization for Matrix Multiplication", 2024).
 
 A, B in R^n with i.i.d. N(0, 1) entries are compressed separately to about nR bits each and
-the decoder estimates C = A^T B; distortion is E(C_hat - C)^2, reported as MSE / n (seed 000
+the decoder estimates C = A^T B; distortion is E(C_hat - C)^2, reported as MSE / n (the notes
 section 1: E|A^T B|^2 = n, so a good scheme has MSE / n = Gamma(R) < 1). Schemes:
 
 * ``deterministic``: fixed scalar quantization with the Lloyd-Max quantizer of N(0, 1), no
@@ -28,7 +29,7 @@ section 1: E|A^T B|^2 = n, so a good scheme has MSE / n = Gamma(R) < 1). Schemes
   skipped and said so in the report.
 
 The reference curve ``gamma`` is Gamma(R) of Ordentlich and Polyanskiy (cited at the end of
-seed 000; the post lost the formula): 1 - (1 - 2^-2R)^2 for R >= R*, and its tangent from
+the notes; the post lost the formula): 1 - (1 - 2^-2R)^2 for R >= R*, and its tangent from
 (0, 1) (time-sharing) below R* ~ 0.906, which solves (1 - e) = 4 ln2 R e with e = 2^-2R
 (checked numerically in tests: R* = 0.906, Gamma(R*) = 0.488, and the line from (0, 1) meets
 the curve there with equal slope).
@@ -520,7 +521,7 @@ def write_outputs(out_dir: Path, cfg: dict, rows: list[dict], checks: list[dict]
     fig.savefig(out_dir / "mse_vs_n.png", dpi=120)
     plt.close(fig)
 
-    header = (f"# Quantization for inner products (seed 000)\n\n"
+    header = (f"# Quantization for inner products (Ordentlich and Polyanskiy)\n\n"
               f"{'Quick mode. ' if quick else ''}n = {cfg['n']}, {cfg['trials']} trials per "
               f"point ({cfg['codec_trials']} for project codecs), rates {cfg['rates']}. "
               "Plots: `mse_vs_rate.png`, `mse_vs_n.png`; every number in `innerprod.csv`. "

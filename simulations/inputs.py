@@ -9,7 +9,7 @@
   cubed l3 mass is maximal, so ``rotations="auto"`` asks for two.
 * ``two-spikes``: two equal entries (1, 1) at random distinct positions of the first
   power-of-two slice (so that one RHT sees both): H D x then has half its coordinates exactly
-  zero, and one RHT fails (EDEN b = 1 vNMSE about 1.0 instead of 0.571; seed 003).
+  zero, and one RHT fails (EDEN b = 1 vNMSE about 1.0 instead of 0.571; the RHT paper).
 * ``digits-grad``: real minibatch gradients of an MLP on scikit-learn's bundled digits
   (simulations.gradients): structured, heavy-tailed, with many exact zeros.
 * ``block8``: a block of 8 equal entries (1) at random distinct positions of the first

@@ -1,6 +1,6 @@
-"""`fedquant linreg`: quantized SGD in high-dimensional linear regression (seed 002).
+"""`fedquant linreg`: quantized SGD in high-dimensional linear regression (Zhang, Su and Zou).
 
-Seed 002 (Zhang, Su, Zou, "Learning under Quantization for High-Dimensional Linear
+Zhang, Su and Zou (Zhang, Su, Zou, "Learning under Quantization for High-Dimensional Linear
 Regression") analyses one-pass SGD with Polyak-Ruppert averaging when five places of the
 pipeline are quantized: data features Q_d, labels Q_l, parameters Q_p, activations Q_a (the
 predictions) and output gradients Q_o (the residuals). One quantized step with batch B is
@@ -631,7 +631,7 @@ def write_outputs(out_dir: Path, cfg: dict, problem: Problem, by_steps: dict, by
     plt.close(fig)
 
     pc, sc, qc = cfg["problem"], cfg["sgd"], cfg["quantization"]
-    header = (f"# Learning under quantization: linear regression (seed 002)\n\n"
+    header = (f"# Learning under quantization: linear regression (Zhang, Su and Zou)\n\n"
               f"{'Quick mode. ' if quick else ''}d = {pc['dim']}, lambda_i = i^-{pc['decay']}, "
               f"noise std {pc['noise_std']}, lr = {lr:.4g} ({sc['lr_scale']} / tr H), "
               f"{sc['repeats']} paired repeats, {sc['steps']} steps at B = {sc['batch']}; "

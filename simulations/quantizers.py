@@ -1,6 +1,7 @@
-"""Quantizer models for the learning-under-quantization study (seed 002, "Stochastic Error Models").
+"""Quantizer models for the learning-under-quantization study (Zhang, Su and Zou, "Learning
+under Quantization for High-Dimensional Linear Regression", "Stochastic Error Models").
 
-Seed 002 analyses quantized SGD under two error models, both unbiased (E[Q(v)] = v):
+Zhang, Su and Zou analyses quantized SGD under two error models, both unbiased (E[Q(v)] = v):
 
 * additive (integer-like): Var(Q(v) - v) is bounded by a constant that does not grow with |v|.
   :class:`Additive` is uniform stochastic rounding onto the grid step * Z: v rounds up to the

@@ -1,6 +1,6 @@
 """QUIC-FL study for `fedquant dme`: outliers versus the number of RHTs, and shared randomness.
 
-Two measurements (seed 003 section 5; REFERENCE.md, "QUIC-FL"):
+Two measurements (the RHT paper section 5; REFERENCE.md, "QUIC-FL"):
 
 * outlier fraction: the measured fraction of coordinates sent exactly (|t| > T_p) with 1 and
   2 RHTs on the adversarial inputs of ``simulations.inputs`` plus ``spikes60`` (60 equal

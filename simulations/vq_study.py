@@ -1,4 +1,4 @@
-"""Vector quantization over 2 vs 3 RHTs (seed 003 Lemma 3, Theorem 6) and VQ vs EDEN.
+"""Vector quantization over 2 vs 3 RHTs (the RHT paper Lemma 3, Theorem 6) and VQ vs EDEN.
 
 Three measurements, all seeded:
 
@@ -54,7 +54,7 @@ COLUMNS = ("experiment", "scheme", "rotations", "bits", "dim", "bits_per_coord",
 
 
 def two_spikes(d: int) -> torch.Tensor:
-    """x = e_0 + e_1, the input of seed 003 appendix C.1, step 6."""
+    """x = e_0 + e_1, the input of the RHT paper appendix C.1, step 6."""
     x = torch.zeros(d)
     x[0] = x[1] = 1.0
     return x

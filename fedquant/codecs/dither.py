@@ -1,8 +1,10 @@
 """Subtractive dithered uniform quantization, optionally after composed RHTs.
 
-Seed 000 section 4.1 and seed 001 section 2.1 (eq. 1). Each slice v of the (rotated)
+The inner-product quantization notes after Ordentlich and Polyanskiy ("Optimal Quantization
+for Matrix Multiplication", 2024), section 4.1, and LPLR (Saha et al.) section 2.1 (eq. 1).
+Each slice v of the (rotated)
 vector gets a uniform grid of M = 2^b levels q_j = lo + j * step, j = 0..M-1, spanning its
-min-max range (step = (max - min) / (M - 1), seed 001's Delta = 2R / (M - 1)) or a
+min-max range (step = (max - min) / (M - 1), LPLR's Delta = 2R / (M - 1)) or a
 dynamic range [-R, R] given by the user. With a shared dither u_i ~ U[0, 1) that the
 receiver regenerates from (seed, Purpose.DITHER, i), the sender transmits
 
@@ -15,14 +17,14 @@ and the receiver subtracts the dither again:
 The error v_hat_i - v_i = step * (floor(t + u) - (t + u) + 1/2) with t = (v_i - lo) / step is
 uniform on [-step/2, step/2) for every input value, so the estimate is unbiased and its
 error variance is step^2 / 12 whatever x is (the classical subtractive-dither property;
-seed 000 section 4.1 writes the same quantizer as Delta * floor((A + Z) / Delta) without
+The notes' section 4.1 write the same quantizer as Delta * floor((A + Z) / Delta) without
 the subtraction, whose formula was lost in conversion: rebuilt from that definition and
 checked by tests/test_dither.py, which measures step^2 / 12 from the sent scales).
 
 ``range="minmax"`` (default) never saturates. A float ``range=R`` uses the fixed grid
 [-R, R] on the values actually quantized (the rotated coordinates, which are about
 N(0, ||x||^2 / d) after the RHTs; the raw coordinates with ``rotations=0``): values outside
-are clipped to [-R, R] first, so saturated coordinates are biased (seed 001 section 2.1,
+are clipped to [-R, R] first, so saturated coordinates are biased (LPLR (Saha et al.) section 2.1,
 "saturated"), everything inside stays unbiased.
 
 Wire: section "q" (b-bit indices, one per quantized coordinate: the padded rotated length
@@ -161,7 +163,8 @@ class UniformGridCodec(RotatedCodec):
 
 @register_codec
 class Dither(UniformGridCodec):
-    """Subtractive dithered uniform quantizer (seed 000 section 4, seed 001 section 2.1).
+    """Subtractive dithered uniform quantizer (the inner-product notes, section 4; LPLR
+    section 2.1).
 
     The sender sends floor(t + u) and the receiver, who regenerates the shared dither u,
     rebuilds q - u + 1/2: the error is uniform on a step, independent of the input.

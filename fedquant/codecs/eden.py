@@ -1,13 +1,14 @@
 """EDEN and DRIVE: rotate, quantize each coordinate to a Lloyd-Max centroid, send one scale.
 
-Seed 003 section 4 (DRIVE, and EDEN, its b-bit generalization). Each power-of-two slice
+the RHT paper ("Quantizing With Randomized Hadamard Transforms: Efficient Heuristic Now
+Proven", 2026) section 4 (DRIVE, and EDEN, its b-bit generalization). Each power-of-two slice
 z = RHT^k(x) is normalized to t = z * sqrt(n) / ||x||, which is near N(0, 1) after the
 rotations, and every t_i is sent as the index of its nearest Lloyd-Max centroid c_i of
 N(0, 1) (``fedquant/data/lloyd_max.json``). The receiver rebuilds S * c and inverts the
 rotations. The scale S is
 
 * ``scale="unbiased"``: S = ||x||^2 / <z, c>, which makes the estimate unbiased under a
-  uniform random rotation (seed 003 section 4.2; vNMSE pi/2 - 1 at b = 1);
+  uniform random rotation (the RHT paper section 4.2; vNMSE pi/2 - 1 at b = 1);
 * ``scale="biased"``: S = <z, c> / ||c||^2, the least-squares scale (vNMSE 1 - 2/pi at b = 1).
 
 Scales are computed in float64, one per slice. DRIVE is EDEN at b = 1 (its sign
@@ -51,13 +52,13 @@ def nearest_centroid(t: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
 
 @register_codec
 class Eden(RotatedCodec):
-    """EDEN (seed 003 section 4): b-bit Lloyd-Max quantization of the rotated vector.
+    """EDEN (the RHT paper section 4): b-bit Lloyd-Max quantization of the rotated vector.
 
     Args:
         bits (int, default 2): bits per coordinate, 1..8.
         scale (str, default "unbiased"): "unbiased" or "biased" (least squares).
         rotations (int | str, default "auto"): composed RHTs, 0..3 or "auto"
-            (seed 003 section 7's l3 check: 1 if the input is already flat, else 2).
+            (the RHT paper section 7's l3 check: 1 if the input is already flat, else 2).
     """
 
     name = "eden"
@@ -112,7 +113,7 @@ class Eden(RotatedCodec):
 
 @register_codec
 class Drive(Eden):
-    """DRIVE (seed 003 section 4): one bit per coordinate, the sign of the rotated vector.
+    """DRIVE (the RHT paper section 4): one bit per coordinate, the sign of the rotated vector.
 
     Args:
         scale (str, default "unbiased"): "unbiased" (S = ||x||^2 / ||z||_1) or "biased"

@@ -1,11 +1,13 @@
 """LPLR: low-precision low-rank factorization of a matrix, and its SVD baselines.
 
-Seed 001, Algorithm 1. A 2-D tensor A (n x d) is sent as two quantized factors L (n x m) and
+LPLR (Saha, Srivastava and Pilanci, "Matrix Compression via Randomized Low Rank and Low
+Precision Factorization", NeurIPS 2023, https://arxiv.org/abs/2310.11028), Algorithm 1.
+A 2-D tensor A (n x d) is sent as two quantized factors L (n x m) and
 R (m x d) with A ~ L R:
 
 1. S (d x m), entries N(0, 1/m), is regenerated from the seed (``fedquant.random.normals``,
    ``Purpose.SKETCH``); it is never sent, and the receiver never even needs it.
-2. L = Q(A S): the uniformly dithered quantizer of seed 001 eq (1) with ``bits`` bits.
+2. L = Q(A S): the uniformly dithered quantizer of LPLR (Saha et al.) eq (1) with ``bits`` bits.
 3. W* = argmin_W ||L W - A||_F = pinv(L) A (Algorithm 1 line 4, least squares).
 4. R = Q'(W*) with ``bits_right`` bits.
 
@@ -15,7 +17,7 @@ quantizer never saturates, and sent as two float64 scales; the dither uniforms c
 The receiver computes L R. The wire carries sections ``L`` (n m values of ``bits`` bits) and
 ``R`` (m d values of ``bits_right`` bits) and the scales (R_Q, R_Q').
 
-Baselines (seed 001 section 2.2 and appendices H, I):
+Baselines (LPLR (Saha et al.) section 2.2 and appendices H, I):
 
 * ``dsvd`` (direct-SVD quant., Algorithm 2): L = Q((U S)_k), R = Q'(V_k^T).
 * ``lplr-svd`` (Algorithm 3): L = Q((U S)_k), R = Q'(pinv(L) A).
@@ -52,7 +54,7 @@ from fedquant.wire import Encoded, Section, WireError
 def dithered_quantize(
     x: torch.Tensor, bits: int, seed: int, start: int = 0
 ) -> tuple[torch.Tensor, float]:
-    """Seed 001 eq (1): unbiased stochastic rounding onto 2^bits points spanning [-R, R].
+    """LPLR (Saha et al.) eq (1): unbiased stochastic rounding onto 2^bits points spanning [-R, R].
 
     R = max|x| is measured (so nothing saturates). Returns the level indices in
     [0, 2^bits) and R; :func:`dithered_dequantize` maps them back to -R + k * 2R / (2^bits - 1).
@@ -77,7 +79,7 @@ def dithered_dequantize(idx: torch.Tensor, radius: float, bits: int) -> torch.Te
 
 
 def parity_rank(n: int, d: int, bits: int, bits_right: int, bits_naive: float) -> int:
-    """The largest rank m with B n m + B' m d <= B_nq n d (seed 001's bit parity rule)."""
+    """The largest rank m with B n m + B' m d <= B_nq n d (LPLR's bit parity rule)."""
     return int(bits_naive * n * d // (bits * n + bits_right * d))
 
 
@@ -155,7 +157,8 @@ class _LowRank(Codec):
 
 @register_codec
 class Lplr(_LowRank):
-    """LPLR (seed 001 Algorithm 1): L = Q(A S), R = Q'(pinv(L) A), S a shared Gaussian sketch.
+    """LPLR (Saha et al., Algorithm 1): L = Q(A S), R = Q'(pinv(L) A), S a shared Gaussian
+    sketch.
 
     Args:
         rank (int, default 8): sketch size m (columns of L), 1..min(n, d).
@@ -176,7 +179,7 @@ def _scaled_left_singular(a: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 @register_codec
 class LplrSvd(_LowRank):
-    """LPLR-SVD (seed 001 Algorithm 3): L = Q((U Sigma)_k), R = Q'(pinv(L) A).
+    """LPLR-SVD (LPLR (Saha et al.) Algorithm 3): L = Q((U Sigma)_k), R = Q'(pinv(L) A).
 
     Args:
         rank (int, default 8): target rank k, 1..min(n, d).
@@ -192,7 +195,7 @@ class LplrSvd(_LowRank):
 
 @register_codec
 class DirectSvd(_LowRank):
-    """Direct-SVD quant. (seed 001 Algorithm 2): L = Q((U Sigma)_k), R = Q'(V_k^T).
+    """Direct-SVD quant. (LPLR (Saha et al.) Algorithm 2): L = Q((U Sigma)_k), R = Q'(V_k^T).
 
     Args:
         rank (int, default 8): target rank k, 1..min(n, d).

@@ -1,8 +1,9 @@
 """QUIC-FL: bounded-support stochastic quantization with shared randomness.
 
-Seed 003 section 5 (and Ben-Basat et al., "Accelerating federated learning with quick
+the RHT paper ("Quantizing With Randomized Hadamard Transforms: Efficient Heuristic Now
+Proven", 2026) section 5 (and Ben-Basat et al., "Accelerating federated learning with quick
 distributed mean estimation", ICML 2024). The client rotates x with composed RHTs (two by
-default: seed 003 Theorem 4 makes the outlier fraction match the Gaussian p), and scales
+default: the RHT paper Theorem 4 makes the outlier fraction match the Gaussian p), and scales
 each power-of-two slice to t = z * sqrt(n) / ||x||, near N(0, 1). Then:
 
 * bounded support: coordinates with |t| > T_p, where 2 (1 - Phi(T_p)) = p (T = 3.0973 for
@@ -241,7 +242,7 @@ def _private_uniforms(seed: int, n: int, device) -> tuple[torch.Tensor, torch.Te
 
 @register_codec
 class QuicFL(RotatedCodec):
-    """QUIC-FL (seed 003 section 5): bounded support + shared-randomness quantization.
+    """QUIC-FL (the RHT paper section 5): bounded support + shared-randomness quantization.
 
     Args:
         bits (int, default 2): message bits per coordinate, 1..4.

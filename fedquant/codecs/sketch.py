@@ -1,6 +1,7 @@
 """Random Gaussian projection sketch from the shared seed, decoded with the transpose.
 
-Seed 000 section 3 ("Failure of sketching"): the sender sends y = S x for an m x d matrix S
+The inner-product quantization notes after Ordentlich and Polyanskiy (2024), section 3
+("Failure of sketching"): the sender sends y = S x for an m x d matrix S
 of i.i.d. N(0, 1) entries that the receiver regenerates from the shared seed
 (``fedquant.random.normals``, ``Purpose.SKETCH``, entry (i, j) at counter i * d + j); the
 receiver returns x_hat = S^T y / m. Since E[S^T S] = m I, the estimate is unbiased, but
@@ -46,7 +47,7 @@ def _row_blocks(seed: int, m: int, d: int, device):
 
 @register_codec
 class GaussianSketch(Codec):
-    """Gaussian projection sketch (seed 000 section 3), unbiased.
+    """Gaussian projection sketch (Ordentlich and Polyanskiy section 3), unbiased.
 
     Args:
         ratio (float, default 0.1): rows m of the sketch as a share of d (m = ratio * d).

@@ -1,15 +1,16 @@
 """Stochastic rounding onto 2^b uniform levels (non-subtractive), optionally after RHTs.
 
-Seed 004 section 2, the stochastic scalar quantizer Q_StocQ (QSGD-like): a value between
+SPFQ (Zhang and Saab, https://arxiv.org/abs/2309.10975) section 2, the stochastic scalar
+quantizer Q_StocQ (QSGD-like): a value between
 two neighbouring levels q_k <= v < q_k + step is rounded up with probability
-(v - q_k) / step and down otherwise, so E[Q(v)] = v (seed 001 section 2.1, eq. 2 and
+(v - q_k) / step and down otherwise, so E[Q(v)] = v (LPLR (Saha et al.) section 2.1, eq. 2 and
 Lemma C.1). Its error variance is f (1 - f) step^2 with f = (v - q_k) / step: it depends on
 the input, and is at most step^2 / 4, about twice the subtractive dither's step^2 / 12 at
 the same grid (REFERENCE.md: about 22 vs 7.9 at b = 1).
 
 The grid of each slice of the (rotated) vector is lo + j * step, j = 0..2^b - 1, over its
 min-max range (default) or over a user-given dynamic range [-R, R], in which case values
-outside are clipped to the nearest end level first (seed 004's finite alphabet
+outside are clipped to the nearest end level first (SPFQ's finite alphabet
 A_K^delta: "assigned -K delta and K delta"), which biases the saturated coordinates only.
 
 The rounding coins are the sender's private randomness (Purpose.PRIVATE, derived from the
@@ -32,7 +33,7 @@ from fedquant.codecs.dither import UniformGridCodec
 
 @register_codec
 class Stochastic(UniformGridCodec):
-    """Unbiased stochastic rounding onto 2^bits uniform levels (seed 004's StocQ).
+    """Unbiased stochastic rounding onto 2^bits uniform levels (SPFQ's StocQ).
 
     Rounds up with probability equal to the fractional grid position, using the sender's
     private coins. Parameters as in :class:`fedquant.codecs.dither.UniformGridCodec`.

@@ -1,10 +1,11 @@
 """Time-sharing: quantize a shared-seed random subset finely, drop the rest, rescale.
 
-Seed 000 section 6 ("A glimpse of the solution"): at a low rate R, select a random subset
+The inner-product quantization notes after Ordentlich and Polyanskiy (2024), section 6 ("A
+glimpse of the solution"): at a low rate R, select a random subset
 S of a fraction kappa of the coordinates, quantize those with high precision and ignore the
 rest. Here S comes from the shared seed (``fedquant.random.random_subset``,
 ``Purpose.SUBSET``; nothing is sent for it), x_S is sent with unbiased EDEN at
-`inner_bits` bits per kept coordinate (seed 003 section 4), and the receiver returns
+`inner_bits` bits per kept coordinate (the RHT paper section 4), and the receiver returns
 (d / k) * EDEN(x_S) on S and 0 elsewhere, which is unbiased. kappa = bits / inner_bits,
 so the payload is `bits` per coordinate; the error is about
 (1 + vNMSE_EDEN(inner_bits)) / kappa - 1 times ||x||^2.
@@ -26,7 +27,7 @@ from fedquant.wire import Encoded
 
 @register_codec
 class TimeShare(Codec):
-    """Time-sharing over a shared random subset (seed 000 section 6), unbiased.
+    """Time-sharing over a shared random subset (Ordentlich and Polyanskiy section 6), unbiased.
 
     Args:
         bits (float, default 1.0): target payload bits per coordinate (0 < bits <= inner_bits).

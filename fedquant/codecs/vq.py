@@ -1,20 +1,21 @@
 """Vector quantization of the rotated vector in k-dimensional blocks, over three RHTs.
 
-Seed 003 section 6. The input is rotated by three composed RHTs (Theorem 6: the third one
+the RHT paper ("Quantizing With Randomized Hadamard Transforms: Efficient Heuristic Now
+Proven", 2026) section 6. The input is rotated by three composed RHTs (Theorem 6: the third one
 decorrelates the coordinates inside every fixed block, which two RHTs cannot do for sparse
 inputs, Lemma 3), each power-of-two slice is normalized to t = z * sqrt(n) / ||z|| (near
 N(0, I) after the rotations), t is cut into blocks of `dim` consecutive coordinates and each
 block is sent as the index of its nearest centroid in a codebook of 2^(dim * bits) points
 optimized for N(0, I_dim) by k-means (section 6.3; ``fedquant/data/vq_codebooks.npz`` and
 the script that makes it). The receiver rebuilds S * c per slice and inverts the rotations.
-The per-slice scale S is computed in float64, as EDEN's (seed 003 section 4):
+The per-slice scale S is computed in float64, as EDEN's (the RHT paper section 4):
 
 * ``scale="biased"``: S = <z, c> / ||c||^2, the least-squares scale;
 * ``scale="unbiased"``: S = ||z||^2 / <z, c>, which makes the estimate unbiased under a
   uniform random rotation for any quantizer, hence also for a vector quantizer.
 
 Supported (dim, bits): dim 2 with bits 1..4, dim 4 with bits 1..2, dim 8 with bits 1 (a
-block index fits one byte). ``rotations="auto"`` runs the l4 check of seed 003 section 7
+block index fits one byte). ``rotations="auto"`` runs the l4 check of the RHT paper section 7
 and skips the first (smoothing) RHT when the input is already flat.
 
 Example::
@@ -74,14 +75,14 @@ def _block_count(d: int, dim: int) -> int:
 
 @register_codec
 class VectorQuantizer(RotatedCodec):
-    """Block VQ over three RHTs (seed 003 section 6).
+    """Block VQ over three RHTs (the RHT paper section 6).
 
     Args:
         bits (int, default 1): bits per coordinate; dim * bits <= 8 (see SUPPORTED).
         dim (int, default 8): block dimension k, 2, 4 or 8.
         scale (str, default "unbiased"): "unbiased" (EDEN's scale correction) or "biased"
             (least squares).
-        rotations (int | str, default 3): composed RHTs, 0..3 or "auto" (seed 003 section
+        rotations (int | str, default 3): composed RHTs, 0..3 or "auto" (the RHT paper section
             7's l4 check: 2 if the input is already flat, else 3).
     """
 

@@ -3,7 +3,8 @@
 For b = 1..8 bits: 2^b centroids that minimize E (Z - c(Z))^2 for Z ~ N(0, 1), by Lloyd's
 iteration on the exact density (boundaries = midpoints; centroid of [a, b] =
 (phi(a) - phi(b)) / (Phi(b) - Phi(a))), run to a fixed point. Used by EDEN / DRIVE
-(seed 003 section 4; EDEN's biased and unbiased variants both quantize to these centroids).
+(the RHT paper ("Quantizing With Randomized Hadamard Transforms: Efficient Heuristic Now
+Proven", 2026) section 4; EDEN's biased and unbiased variants both quantize to these centroids).
 
     python -m fedquant.data.make_lloyd_max
 """

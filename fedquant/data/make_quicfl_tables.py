@@ -1,6 +1,7 @@
 """Recompute QUIC-FL's sender and receiver tables shipped in quicfl_tables.npz.
 
-QUIC-FL (seed 003 section 5; Ben-Basat et al., ICML 2024, section 3) quantizes a scaled
+QUIC-FL (the RHT paper ("Quantizing With Randomized Hadamard Transforms: Efficient Heuristic Now
+Proven", 2026) section 5; Ben-Basat et al., ICML 2024, section 3) quantizes a scaled
 rotated coordinate z in [-T, T] to one of 2^b messages X, using a private index h in
 {0, .., 2^l - 1} that the receiver regenerates from the client's seed. The receiver
 outputs R[X, h]. The design problem, for z ~ N(0, 1) restricted to [-T, T], is

@@ -3,7 +3,7 @@
 For each supported block dimension k and bits per coordinate b (k * b <= 8, so a block's
 index fits one byte: k = 2 with b = 1..4, k = 4 with b = 1, 2, k = 8 with b = 1), the
 codebook holds 2^(k*b) centroids in R^k that minimize E ||Z - c(Z)||^2 for Z ~ N(0, I_k):
-k-means (Lloyd's iteration) on Gaussian samples, as seed 003 section 6.3 prescribes ("the
+k-means (Lloyd's iteration) on Gaussian samples, as the RHT paper section 6.3 prescribes ("the
 optimal codebook is derived via k-means clustering over this distribution").
 
 Everything is seeded: the training samples are ``fedquant.random.normals`` of a fixed seed
