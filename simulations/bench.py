@@ -73,17 +73,11 @@ BASELINE_REPEATS = 3  # the slow torch baselines at most this many times at d >=
 
 # ---- codec specs ------------------------------------------------------------------------
 def parse_codec_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """"eden:bits=2,scale=biased" -> ("eden", {"bits": 2, "scale": "biased"}), values
-    typed by the codec's defaults; ValueError names an unknown codec or parameter."""
-    name, _, rest = text.strip().partition(":")
-    klass = codec_class(name)  # ValueError listing the available codecs
-    params: dict[str, str] = {}
-    for item in filter(None, (p.strip() for p in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"codec spec {text!r}: expected name:key=value,..., got {item!r}")
-        params[key.strip()] = value.strip()
-    codec = klass.from_params(params)  # parses values, rejects unknown keys
+    """"eden:bits=2,scale=biased" -> ("eden", {"bits": 2, "scale": "biased"}): the one spec
+    parser (``fq.parse_codec_spec``), values typed by the codec's defaults; ValueError names
+    an unknown codec or parameter."""
+    name, params = fq.parse_codec_spec(text)
+    codec = codec_class(name).from_params(params)  # parses values, rejects unknown keys
     return name, {k: codec.params()[k] for k in params}
 
 
