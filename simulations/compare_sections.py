@@ -42,7 +42,7 @@ def run_fl(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
         codecs.append({"label": label(name, params), "name": name, "params": params})
     fl_cfg = {"name": "compare-fl", "seed": cfg["seed"], "codecs": codecs,
               "num_clients": table["clients"], "rounds": table["rounds"],
-              **{k: table[k] for k in ("dataset", "model", "alpha") if k in table}}
+              **{k: table[k] for k in ("task", "dataset", "model", "alpha") if k in table}}
     return fl.run_fl(fl_cfg, out_dir / "fl", progress=progress)
 
 
