@@ -50,7 +50,6 @@ import typer
 
 import fedquant as fq
 from fedquant import hadamard, packing
-from fedquant.codecs.base import codec_class
 from fedquant.codecs.eden import lloyd_max_centroids
 from fedquant.rotation import rotate, slice_layout
 
@@ -73,12 +72,9 @@ BASELINE_REPEATS = 3  # the slow torch baselines at most this many times at d >=
 
 # ---- codec specs ------------------------------------------------------------------------
 def parse_codec_spec(text: str) -> tuple[str, dict[str, Any]]:
-    """"eden:bits=2,scale=biased" -> ("eden", {"bits": 2, "scale": "biased"}): the one spec
-    parser (``fq.parse_codec_spec``), values typed by the codec's defaults; ValueError names
-    an unknown codec or parameter."""
-    name, params = fq.parse_codec_spec(text)
-    codec = codec_class(name).from_params(params)  # parses values, rejects unknown keys
-    return name, {k: codec.params()[k] for k in params}
+    """"eden:bits=2,scale=biased" -> ("eden", {"bits": 2, "scale": "biased"})
+    (``fq.codecs.typed_codec_spec``)."""
+    return fq.codecs.typed_codec_spec(text)
 
 
 def label(name: str, params: dict[str, Any]) -> str:

@@ -135,14 +135,22 @@ def validate_config(cfg: dict[str, Any]) -> None:
 
 
 def codec_spec(spec: Any, where: str) -> tuple[str, dict[str, Any]]:
-    """A codec entry of the config, {codec = "eden", bits = 2, ...}, as (name, params)."""
-    if not isinstance(spec, dict) or "codec" not in spec:
-        raise ConfigError(f"{where}: expected a table with a 'codec' key, got {spec!r}")
+    """A codec entry of the config as (name, params): a spec string "eden:bits=2" or a table
+    with the same keys, {codec = "eden", bits = 2} (its codec may be a spec too)."""
+    if isinstance(spec, str):
+        spec = {"codec": spec}
+    if not isinstance(spec, dict) or not isinstance(spec.get("codec"), str):
+        raise ConfigError(f"{where}: expected a codec spec like \"eden:bits=2\" or a table "
+                          f"like {{codec = \"eden\", bits = 2}}, got {spec!r}")
     params = {k: v for k, v in spec.items() if k != "codec"}
-    name = spec["codec"]
-    if name not in fq.available_codecs():
-        raise ConfigError(f"{where}.codec: unknown codec {name!r}; "
-                          f"allowed: {fq.available_codecs()}")
+    try:
+        name, spec_params = fq.codecs.typed_codec_spec(spec["codec"])
+    except ValueError as e:
+        raise ConfigError(f"{where}.codec: {e}") from None
+    both = sorted(set(spec_params) & set(params))
+    if both:
+        raise ConfigError(f"{where}: {both} set both in the codec spec and in the table")
+    params = {**spec_params, **params}
     try:
         fq.get_codec(name, **params)
     except (ValueError, TypeError) as e:

@@ -157,8 +157,8 @@ def expand_codecs(spec: str | list, rotations: list) -> list[tuple[str, dict[str
     if spec == "default":
         entries = [{"codec": name, **DEFAULT_SETTINGS.get(name, {})}
                    for name in fq.available_codecs()]
-    elif isinstance(spec, list) and spec and all(isinstance(e, dict) for e in spec):
-        entries = spec
+    elif isinstance(spec, list) and spec and all(isinstance(e, dict | str) for e in spec):
+        entries = [{"codec": e} if isinstance(e, str) else e for e in spec]
     else:
         raise ValueError(f"config key 'codecs' must be \"default\" or a non-empty list of "
                          f"tables like {{codec = \"eden\", bits = [1, 2]}}, got {spec!r}")
@@ -166,6 +166,9 @@ def expand_codecs(spec: str | list, rotations: list) -> list[tuple[str, dict[str
     for entry in entries:
         entry = dict(entry)
         name = entry.pop("codec", None)
+        if isinstance(name, str) and ":" in name:  # a codec spec "eden:bits=2"
+            name, spec_params = fq.codecs.typed_codec_spec(name)
+            entry = {**spec_params, **entry}
         if name not in fq.available_codecs():
             raise ValueError(f"config key 'codecs': codec {name!r} is not registered; "
                              f"allowed: {fq.available_codecs()}")

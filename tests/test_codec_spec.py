@@ -61,3 +61,14 @@ def test_the_servers_rounds_file_takes_a_spec():
     assert (a.codec, a.params) == (b.codec, b.params) and a.params["bits"] == "3"
     with pytest.raises(ValueError, match="both"):
         RoundConfig.from_dict({**spec, "params": {"bits": 2}})
+
+
+def test_experiment_configs_take_a_spec_or_a_table_alike():
+    from fedquant.simulations import compare, dme
+
+    for spec in ("eden:bits=3", {"codec": "eden:bits=3"}, {"codec": "eden", "bits": 3}):
+        assert compare.codec_spec(spec, "x") == ("eden", {"bits": 3})
+    assert dme.expand_codecs(["eden:bits=3"], [1]) == dme.expand_codecs(
+        [{"codec": "eden", "bits": 3}], [1])
+    with pytest.raises(ValueError, match="both"):
+        compare.codec_spec({"codec": "eden:bits=3", "bits": 2}, "x")

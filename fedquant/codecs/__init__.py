@@ -27,7 +27,8 @@ from fedquant.codecs.base import (
     get_codec,
     parse_codec_spec,
     register_codec,
+    typed_codec_spec,
 )
 
 __all__ = ["Codec", "available_codecs", "codec_class", "codec_for", "codec_spec", "get_codec",
-           "parse_codec_spec", "register_codec"]
+           "parse_codec_spec", "register_codec", "typed_codec_spec"]

@@ -212,6 +212,15 @@ def parse_codec_spec(spec: str) -> tuple[str, dict[str, str]]:
     return name, params
 
 
+def typed_codec_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"eden:bits=2,scale=biased"`` -> ``("eden", {"bits": 2, "scale": "biased"})``: the
+    spec's parameters typed by the codec's defaults (for configs that keep typed values);
+    ValueError names an unknown codec or a bad parameter."""
+    name, params = parse_codec_spec(spec)
+    codec = codec_class(name).from_params(params)
+    return name, {k: codec.params()[k] for k in params}
+
+
 def codec_spec(codec: Codec) -> str:
     """The spec string of a codec instance (its name and every parameter), the inverse of
     :func:`get_codec` on a spec: ``get_codec(codec_spec(c))`` equals ``c``."""
