@@ -58,6 +58,9 @@ def main(grid: Grid, context: Context) -> None:
     task = BoundTask(spec or "dataset", rc)
     device = str(rc.get("device", "cpu"))
     model = task.net(seed=int(rc.get("seed", 0)))
+    if ptq[0] and not fl_task.ptq_applies(model):
+        raise ValueError(f"'final-ptq-bits' > 0 needs a model of nn.Linear layers; the Net of "
+                         f"task {spec!r} is {type(model).__name__} (set final-ptq-bits = 0)")
     testloader = task.central_testloader(int(rc.get("num-partitions", 0)) or
                                          len(list(grid.get_node_ids())) or 1)
     min_nodes, server_lr = int(rc.get("min-nodes", 2)), float(rc.get("server-lr", 1.0))

@@ -46,6 +46,7 @@ import json
 import math
 import time
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -379,6 +380,12 @@ def run_fl_with_ptq(config: dict, out_dir: Path, quick: bool = False, progress: 
     with Progress(disable=not progress, transient=True) as bar, one_thread():
         job = bar.add_task("fedquant fl", total=len(specs) * cfg["rounds"])
         advance = lambda n=1: bar.advance(job, n)  # noqa: E731
+        if cfg["final_ptq_bits"] and cfg["task"] and not fl_task.ptq_applies(
+                bound_task(cfg).net(cfg["seed"])):
+            warnings.warn(f"final PTQ skipped: the Net of task {cfg['task']!r} is not an "
+                          "nn.Sequential of nn.Linear layers (set final_ptq_bits = 0)",
+                          stacklevel=2)
+            cfg = {**cfg, "final_ptq_bits": 0}
         if cfg["engine"] == "inprocess":
             task = bound_task(cfg)
             loaders = [task.load_data(i, cfg["num_clients"])[0]

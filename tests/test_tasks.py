@@ -251,3 +251,28 @@ def test_bound_task_fills_named_options_and_positional_fallbacks(tmp_path):
     assert task.test(task.net(), loader, "cpu") == (1.0, 0.5)
     with pytest.raises(ValueError, match="Net\\(\\) needs the parameter 'width'"):
         BoundTask(str(path)).net()
+
+
+def test_the_example_flower_apps_task_module_runs_in_fedquant_fl(tmp_path):
+    """simulations/examples/flower_app/digitsapp/task.py (a BatchNorm CNN, the quickstart
+    shape) runs unchanged; BatchNorm statistics travel raw and are averaged."""
+    from pathlib import Path
+
+    path = Path(fl.__file__).parent / "examples" / "flower_app" / "digitsapp" / "task.py"
+    cfg = fl.validate({"task": str(path), "rounds": 1, "num_clients": 2, "partitioning": "iid",
+                       "final_ptq_bits": 4, "codecs": [{"name": "eden", "params": {"bits": 2}}]})
+    with pytest.warns(UserWarning, match="final PTQ skipped"):
+        rows, ptqs = fl.run_fl_with_ptq(cfg, tmp_path, progress=False)
+    assert ptqs == [] and [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["clients"] == 2 and rows[1]["accuracy"] > rows[0]["accuracy"]
+
+
+def test_raw_arrays_are_averaged_by_examples_and_counters_kept():
+    like = {"bn.running_mean": np.zeros(3, np.float32), "bn.num_batches_tracked": np.array(0)}
+    states = [({"bn.running_mean": np.array([1.0, 2, 3], np.float32),
+                "bn.num_batches_tracked": np.array(4)}, 10.0),
+              ({"bn.running_mean": np.array([3.0, 2, 1], np.float32),
+                "bn.num_batches_tracked": np.array(9)}, 30.0)]
+    out = fl._raw_mean(states, list(like), like)
+    np.testing.assert_allclose(out["bn.running_mean"], [2.5, 2.0, 1.5])
+    assert out["bn.running_mean"].dtype == np.float32 and int(out["bn.num_batches_tracked"]) == 4

@@ -343,6 +343,15 @@ def check_ptq(bits: int, method: str, calib_size: int, model: str | None = None,
                          "linear); post-training quantization does not apply to model = 'cnn'")
 
 
+def ptq_applies(model: nn.Module) -> bool:
+    """Whether final-model PTQ applies: `model` is nn.Linear layers (with ReLUs)."""
+    try:
+        _linear_stack(model)
+    except ValueError:
+        return False
+    return True
+
+
 def _linear_stack(model: nn.Module) -> nn.Sequential:
     """The model as the nn.Sequential of Linear layers that fedquant.ptq quantizes."""
     if isinstance(model, nn.Linear):
