@@ -632,8 +632,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     certs = None
     if args.tls or args.node_auth:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        import generate_certs  # noqa: PLC0415  (a sibling script)
+        if str(Path(__file__).resolve().parent) not in sys.path:  # imported, not run
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import generate_certs  # the sibling script
         certs = args.out.resolve() / "certificates"
         generate_certs.generate(certs, supernodes=args.supernodes if args.node_auth else 0)
     rows = run_app(args.out, {"num-server-rounds": args.rounds, "codec": args.codec},
