@@ -10,9 +10,9 @@ of ``fedquant fl`` calls too.
 
 Run config keys (``[tool.flwr.app.config]`` in pyproject.toml): task (a built-in name, a
 dotted module path or a .py file; empty: the built-in ``dataset`` task of the keys dataset,
-model, hidden, partitioning, alpha, data-seed), torch-threads, device, and any key a task
-function names (``-`` read as ``_``); the server sends local-epochs, batch-size and lr in
-the train config.
+model, hidden, partitioning, alpha, data-seed), torch-threads, and any key a task function
+names (``-`` read as ``_``; Flower accepts the keys that config declares; ``device``
+defaults to cpu); the server sends local-epochs, batch-size and lr in the train config.
 """
 
 from __future__ import annotations
