@@ -95,11 +95,17 @@ def test_dropout_leaves_the_mean_of_the_survivors_unbiased():
     assert per_round < ind
 
 
-def test_stratum_is_a_permutation_per_coordinate():
-    places = torch.stack([stratum(77, 12, i, 500) for i in range(12)])  # (clients, coords)
-    assert torch.equal(places.sort(0).values, torch.arange(12).unsqueeze(1).expand(12, 500))
-    # and varies across coordinates (not one fixed assignment)
-    assert len({tuple(places[:, j].tolist()) for j in range(500)}) > 400
+def test_stratum_is_a_permutation_per_coordinate_with_uniform_places():
+    n, coords = 12, 12000
+    places = torch.stack([stratum(77, n, i, coords) for i in range(n)])  # (clients, coords)
+    # the n places of a coordinate are distinct: the dithers are stratified
+    assert torch.equal(places.sort(0).values, torch.arange(n).unsqueeze(1).expand(n, coords))
+    # every client's place is uniform over 0..n-1 (each client unbiased): counts near 1000
+    for i in (0, 5, 11):
+        counts = torch.bincount(places[i], minlength=n).double()
+        assert float(((counts - coords / n) ** 2 / (coords / n)).sum()) < 40  # chi2, 11 dof
+    # and the pairing of clients varies across coordinates (not one fixed assignment)
+    assert len(set(((places[1] - places[0]) % n).tolist())) >= 4
 
 
 def test_payloads_of_a_round_share_params_and_carry_the_index():

@@ -15,8 +15,12 @@ Here the same stratified uniforms are the dither of the entropy-coded dithered q
 
     u_ij = (pi_j(i) + gamma_ij) / n - 1/2,
 
-with an independent uniformly random permutation pi_j per coordinate (client i's place
-among n hashes of (seed, j, i')) and gamma_ij uniform from the client's own stream. Each
+with a random permutation pi_j per coordinate, pi_j(i) = (a_j i + s_j) mod n (a_j a
+random unit mod n, s_j a random shift), and gamma_ij uniform from the client's own stream.
+The paper draws pi uniformly from all permutations; the affine family keeps the two
+properties each coordinate needs (every pi_j(i) is uniform, so every client is unbiased;
+the n places are distinct, so the dithers are stratified) at O(1) cost per coordinate,
+where ranking n hashes would cost O(n) per coordinate and O(n^2 d) per round. Each
 client's estimate is exactly an ECDQ estimate (unbiased, vNMSE = step^2 / 12, the same
 entropy-coded rate), but when the clients' rotated vectors are close, their errors
 step * (round(t + u_ij) - t - u_ij) sample the sawtooth at n evenly spread points and the
@@ -38,17 +42,18 @@ Example::
 
 from __future__ import annotations
 
-import numpy as np
+import functools
+import math
+
 import torch
 
 from fedquant import random as fqr
-from fedquant._numba import AVAILABLE, njit
 from fedquant.codecs.base import register_codec
 from fedquant.codecs.ecdq import ECDQ
 from fedquant.wire import Encoded, Section, WireError
 
 MAX_CLIENTS = 1 << 16
-_CHUNK = 1 << 22  # hashes per block when ranking the clients of many coordinates
+_A_START = 1 << 40  # counter offset of the multipliers' stream (the shifts start at 0)
 
 
 def check_clients(clients: int, client: int) -> tuple[int, int]:
@@ -63,48 +68,23 @@ def check_clients(clients: int, client: int) -> tuple[int, int]:
     return clients, client
 
 
-@njit(cache=True, nogil=True)
-def _places_numba(key: np.uint64, clients: int, client: int,
-                  out: np.ndarray) -> None:  # pragma: no cover - jit
-    """out[j] = #{i : h(j, i) < h(j, client), ties by index}, h(j, i) the hash of counter
-    j * clients + i in the stream `key`."""
-    for j in range(out.size):
-        base = np.uint64(j) * np.uint64(clients)
-        mine = fqr.hash64_numba(key, base + np.uint64(client))
-        below = 0
-        for i in range(clients):
-            h = fqr.hash64_numba(key, base + np.uint64(i))
-            if h < mine or (h == mine and i < client):
-                below += 1
-        out[j] = below
+@functools.cache
+def units(n: int) -> torch.Tensor:
+    """The multipliers a in 1..n-1 (0 for n = 1) with gcd(a, n) = 1, int64."""
+    return torch.tensor([a for a in range(1, n) if math.gcd(a, n) == 1] or [0],
+                        dtype=torch.int64)
 
 
 def stratum(seed: int, clients: int, client: int, n: int) -> torch.Tensor:
-    """pi_j(client) for j in [0, n): the client's place (int64, CPU) among the `clients`
-    hashes hash64(seed, SHARED_INDEX, j * clients + i'), ties broken by index, so that
-    pi_j is a uniformly random permutation of 0..clients-1, independent over j (a numba
-    loop; :func:`_places_torch` gives the same numbers without numba)."""
-    if AVAILABLE:
-        out = np.empty(n, dtype=np.int64)
-        _places_numba(np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX)), clients,
-                      client, out)
-        return torch.from_numpy(out)
-    out = torch.empty(n, dtype=torch.int64)
-    rows = max(1, _CHUNK // clients)
-    for lo in range(0, n, rows):
-        hi = min(n, lo + rows)
-        h = fqr.hash64_torch(seed, fqr.Purpose.SHARED_INDEX, lo * clients,
-                             (hi - lo) * clients).view(hi - lo, clients)
-        out[lo:hi] = _places_torch(h, client)
-    return out
-
-
-def _places_torch(h: torch.Tensor, client: int) -> torch.Tensor:
-    """Row-wise place of column `client` among int64 hash bits compared as uint64 (flip
-    the sign bit, then signed order is unsigned order)."""
-    h = h ^ torch.iinfo(torch.int64).min
-    mine = h[:, client: client + 1]
-    return (h < mine).sum(1) + (h[:, :client] == mine).sum(1)
+    """pi_j(client) for j in [0, n) (int64, CPU): pi_j(i) = (a_j * i + s_j) mod clients with
+    a_j a uniform unit mod clients and s_j uniform in 0..clients-1, both from the shared
+    stream (seed, SHARED_INDEX). Each pi_j is a permutation (the places are distinct) and
+    pi_j(i) is uniform for every i (so each client's dither is uniform), at O(1) cost per
+    coordinate whatever the number of clients."""
+    shift = fqr.integers(seed, fqr.Purpose.SHARED_INDEX, n, clients)
+    table = units(clients)
+    a = table[fqr.integers(seed, fqr.Purpose.SHARED_INDEX, n, table.numel(), start=_A_START)]
+    return (a * client + shift) % clients
 
 
 @register_codec
@@ -160,4 +140,4 @@ class Correlated(ECDQ):
         self.client_of(enc)
 
 
-__all__ = ["Correlated", "check_clients", "stratum"]
+__all__ = ["Correlated", "check_clients", "stratum", "units"]
