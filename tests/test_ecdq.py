@@ -128,3 +128,18 @@ def test_bad_scales_are_wire_errors(scales, field):
 def test_bad_parameters_raise_value_error(params):
     with pytest.raises(ValueError):
         fq.get_codec("ecdq", **params)
+
+
+@pytest.mark.parametrize("spec, size, digest", [
+    ("ecdq:bits=2.0", 250, "8a21762aa29b1038"),
+    ("correlated:bits=1.0,clients=4,client=2", 156, "c02ac905f8e406c0"),
+    ("eden-mix:bits=1.5", 198, "0cd436970d1daa05"),
+])
+def test_golden_bytes(spec, size, digest):
+    # the wire contract: a change of the dither, the bucket models (scipy's ndtr rounded to
+    # 2^-32, constriction's quantization of them), the step search or the layout changes
+    # these bytes, and payloads from another version would no longer decode the same
+    import hashlib
+    x = torch.arange(1000, dtype=torch.float32).sin()
+    blob = fq.get_codec(spec).encode(x, seed=12345).to_bytes()
+    assert (len(blob), hashlib.sha256(blob).hexdigest()[:16]) == (size, digest)
