@@ -1,10 +1,12 @@
 """Entropy-coded dithered quantization (ECDQ) of the rotated vector, to a bit budget.
 
 Zamir and Feder, "On universal quantization by randomized uniform/lattice quantizers",
-IEEE Trans. Inf. Theory 38(2), 1992, https://doi.org/10.1109/18.119713 (the main theorem,
-Section II: the conditional entropy of a subtractively dithered uniform quantizer's index
-given the dither equals I(X; X + N) with N uniform on a step, and its error is uniform and
-independent of the input). Each power-of-two slice z of RHT^k(x) (the rotations of EDEN,
+IEEE Trans. Inf. Theory 38(2), 1992, https://doi.org/10.1109/18.119713: its section 1.A
+defines the randomized (subtractively dithered) uniform quantizer, whose error is uniform
+on a step and independent of the input, and its first theorem gives the rate of entropy
+coding its index given the dither, H(Q | U) = I(X; X + N) with N uniform on a step.
+
+Each power-of-two slice z of RHT^k(x) (the rotations of EDEN,
 Vargaftik et al., ICML 2022, https://proceedings.mlr.press/v162/vargaftik22a.html, section 4)
 is normalized by its RMS sigma (so t = z / sigma is near N(0, 1)), and with a shared dither
 u_i uniform on [-1/2, 1/2) that the receiver regenerates from (seed, Purpose.DITHER, i):
