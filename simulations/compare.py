@@ -38,7 +38,7 @@ TOP_KEYS = {"name", "seed", "plugins", "dme", "fl", "speed", "studies", "quick",
 SPEED_KEYS = {"d", "repeats", "codecs"}
 SECTION_KEYS = {  # the keys of each table; [quick] and [full] hold the same tables
     "dme": {"d", "clients", "trials", "inputs", "rotations", "codecs"},
-    "fl": {"dataset", "model", "clients", "alpha", "rounds", "codecs"},
+    "fl": {"task", "dataset", "model", "clients", "alpha", "rounds", "codecs"},
     "speed": SPEED_KEYS,
 }
 BUDGETS = (1, 2, 3, 4)

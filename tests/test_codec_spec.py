@@ -72,3 +72,11 @@ def test_experiment_configs_take_a_spec_or_a_table_alike():
         [{"codec": "eden", "bits": 3}], [1])
     with pytest.raises(ValueError, match="both"):
         compare.codec_spec({"codec": "eden:bits=3", "bits": 2}, "x")
+
+
+def test_compare_takes_a_task_module_for_its_fl_section(tmp_path):
+    from fedquant.simulations import compare
+
+    path = tmp_path / "my.toml"
+    path.write_text('[fl]\ntask = "synthetic"\n')
+    assert compare.load_config(path, "quick")["fl"]["task"] == "synthetic"
