@@ -181,6 +181,7 @@ class ECDQ(RotatedCodec):
     name = "ecdq"
     unbiased = True
     raw_float_dtypes = {"ans": None}  # raw 32-bit words are ANS integers, not floats
+    pad_ratio = PAD_RATIO
 
     def __init__(self, bits: float = 2.0, rotations: str = "auto"):
         self.bits = check_bits(bits)
@@ -216,8 +217,7 @@ class ECDQ(RotatedCodec):
         active = self._active(d, sigmas)
         t = torch.cat([z[lo:hi] / sg for lo, hi, sg in active]).numpy() if active else \
             np.zeros(0)
-        means = self._means(seed, d, active, getattr(self, "client", 0))
-        order_bounds = _buckets(means)
+        state = self.coding_state(seed, d, active, getattr(self, "client", 0))
 
         def build(step: float | None) -> Encoded | None:
             """The encoding at `step` (None: the header alone, with no ANS words); None
@@ -226,13 +226,10 @@ class ECDQ(RotatedCodec):
                 ans = Section("ans", 32, 0, b"")
                 return self._new_encoded(x, seed, rotations=k, scales=(1.0, 1.0, *sigmas),
                                          sections={"ans": ans, **self.extra_sections()})
-            q = np.rint(t * (1.0 / step) + means).astype(np.int32) if t.size else \
-                np.zeros(0, np.int32)
-            m = int(np.abs(q).max()) if q.size else 0
-            if m > MAX_SYMBOL:
+            coded = self.code(t, state, step) if t.size else (np.zeros(0, np.uint32), 0)
+            if coded is None:
                 return None
-            words = ans_encode(q, means, step, max(m, 1), order_bounds) if q.size else \
-                np.zeros(0, np.uint32)
+            words, m = coded
             ans = Section.from_raw("ans", torch.from_numpy(words.view(np.int32)))
             return self._padded(self._new_encoded(x, seed, rotations=k,
                                                   scales=(step, float(m), *sigmas),
@@ -254,10 +251,41 @@ class ECDQ(RotatedCodec):
         u = self.dither(seed, padded_size(d), client)
         return torch.cat([u[lo:hi] for lo, hi, _ in active]).numpy()
 
+    # ---- the quantizer and its code (a lattice codec overrides these four) --------------
+    def coding_state(self, seed: int, d: int, active: list[tuple[int, int, float]],
+                     client: int = 0):
+        """What both sides derive from the seed before coding: the dither of the active
+        coordinates and its bucket order."""
+        means = self._means(seed, d, active, client)
+        return means, _buckets(means)
+
+    def code(self, t: np.ndarray, state, step: float) -> tuple[np.ndarray, int] | None:
+        """(ANS words, M) of the normalized coordinates t at `step`; None if an index
+        would exceed MAX_SYMBOL."""
+        means, order_bounds = state
+        q = np.rint(t * (1.0 / step) + means).astype(np.int32)
+        m = int(np.abs(q).max())
+        if m > MAX_SYMBOL:
+            return None
+        return ans_encode(q, means, step, max(m, 1), order_bounds), m
+
+    def values(self, words: np.ndarray, state, step: float, m: int) -> np.ndarray:
+        """The receiver's normalized coordinates t_hat (float64) from the ANS words."""
+        means, _ = state
+        return (ans_decode(words, means, step, max(m, 1)) - means) * step
+
+    def first_step(self, rate: float) -> float:
+        """The step whose ideal rate on N(0, 1) is `rate` bits per coordinate."""
+        return step_for_rate(rate)
+
+    def slope(self, step: float) -> float:
+        """d rate / d log2(step) near `step` (negative)."""
+        return rate_slope(step)
+
     def _padded(self, enc: Encoded) -> Encoded:
         """Add zero bytes when the payload is below numel / PAD_RATIO bytes, so that the
         parser's expansion cap (fedquant.wire.MAX_EXPANSION) admits it."""
-        short = -(-enc.numel // PAD_RATIO) - enc.nbytes
+        short = -(-enc.numel // self.pad_ratio) - enc.nbytes
         if short > 0:
             enc.sections["pad"] = Section("pad", 8, short, bytes(short))
         return enc
@@ -269,7 +297,7 @@ class ECDQ(RotatedCodec):
         if coded == 0:
             return build(1.0)
         header = build(None).nbytes + 6  # + the ANS words' length prefix and final word
-        step = step_for_rate(max(8.0 * (budget - header) / coded, 1e-3))
+        step = self.first_step(max(8.0 * (budget - header) / coded, 1e-3))
         best, last = None, None
         for _ in range(MAX_SEARCH):
             enc = build(step)
@@ -283,7 +311,7 @@ class ECDQ(RotatedCodec):
                 break
             # bits per symbol to shed (or to spend), aiming at the middle of the window
             excess = 8.0 * (size - budget * (1 - TOLERANCE / 2)) / coded
-            slope = min(rate_slope(step), -0.05)
+            slope = min(self.slope(step), -0.05)
             factor = 2 ** min(max(-excess / slope, -8.0), 8.0)
             step = min(max(step * factor, MIN_STEP), MAX_STEP)
         while best is None and last is not None and step < MAX_STEP:  # header > budget
@@ -328,9 +356,9 @@ class ECDQ(RotatedCodec):
         out = torch.zeros(padded_size(d), dtype=torch.float64)
         active = self._active(d, sigmas)
         if active:
-            means = self._means(enc.seed, d, active, self.client_of(enc))
+            state = self.coding_state(enc.seed, d, active, self.client_of(enc))
             words = enc.section("ans").raw("int").numpy().view(np.uint32)
-            values = (ans_decode(words, means, step, max(m, 1)) - means) * step
+            values = self.values(words, state, step, m)
             pos = 0
             for lo, hi, sg in active:
                 out[lo:hi] = torch.from_numpy(values[pos: pos + hi - lo]) * sg
