@@ -75,7 +75,7 @@ DEFAULTS: dict[str, Any] = {
                {"label": "eden b=2", "name": "eden", "params": {"bits": 2}}],
 }
 ALLOWED_KEYS = sorted([*DEFAULTS, "quick"])
-CODEC_KEYS = ("label", "name", "params", "error_feedback", "optional")
+CODEC_KEYS = ("label", "codec", "name", "params", "error_feedback", "optional")
 QUICK_KEYS = ("rounds", "num_clients", "codecs", "local_epochs")
 ENGINES = ("inprocess", "flower")
 COLUMNS = ("label", "codec", "params", "round", "accuracy", "loss", "uplink_bytes",
@@ -102,6 +102,12 @@ def _check_codec(i: int, entry: Any) -> dict:
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)} in 'codecs[{i}]'; "
                          f"allowed: {list(CODEC_KEYS)}")
+    if "codec" in entry:  # the codec spec "eden:bits=2", instead of name + params
+        if {"name", "params"} & set(entry):
+            raise ValueError(f"'codecs[{i}]' sets both 'codec' and 'name'/'params'; use one")
+        name, params = fq.parse_codec_spec(str(entry["codec"]))
+        entry = {k: v for k, v in entry.items() if k != "codec"} | {"name": name,
+                                                                     "params": params}
     if not isinstance(entry.get("name"), str):
         raise ValueError(f"config key 'codecs[{i}].name' must be a codec name; "
                          f"available: {fq.available_codecs()}")

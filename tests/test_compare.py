@@ -101,7 +101,7 @@ def test_same_config_same_numbers(quick_run, tmp_path):
     ("[speed]\nsize = 3\n", "unknown key 'speed.size'"),
     ("[fl]\ncodecs = [{ codec = 'nope' }]\n", "fl.codecs[0].codec: unknown codec 'nope'"),
     ("[dme]\ncodecs = [{ codec = 'eden', bits = 11 }]\n", "bits must be"),
-    ("[dme]\ncodecs = [{ bits = 2 }]\n", "expected a table with a 'codec' key"),
+    ("[dme]\ncodecs = [{ bits = 2 }]\n", "expected a codec spec"),
     ("studies = ['astrology']\n", "unknown study 'astrology'"),
     ("seed = -1\n", "seed must be a non-negative integer"),
 ])
