@@ -8,6 +8,7 @@ from fedquant.codecs import (
     eden,  # noqa: F401
     fractional,  # noqa: F401
     identity,  # noqa: F401
+    lattice,  # noqa: F401
     lplr,  # noqa: F401
     qsgd,  # noqa: F401
     quicfl,  # noqa: F401
