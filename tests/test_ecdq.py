@@ -132,7 +132,7 @@ def test_bad_parameters_raise_value_error(params):
 
 @pytest.mark.parametrize("spec, size, digest", [
     ("ecdq:bits=2.0", 250, "8a21762aa29b1038"),
-    ("correlated:bits=1.0,clients=4,client=2", 156, "c02ac905f8e406c0"),
+    ("correlated:bits=2.0,clients=4,client=2", 248, "b210c2fb47d39dae"),
     ("eden-mix:bits=1.5", 198, "0cd436970d1daa05"),
     ("ecdq-e8:bits=2.0", 249, "b57e06a8017c0fe8"),
 ])
@@ -193,3 +193,13 @@ def test_e8_large_index_is_a_wire_error():
     enc.scales = (enc.scales[0], 65.0, *enc.scales[2:])
     with pytest.raises(fq.WireError, match="M"):
         fq.Encoded.from_bytes(enc.to_bytes())
+
+
+@pytest.mark.parametrize("name", ["ecdq", "ecdq-e8"])
+def test_tensor_smaller_than_its_header_keeps_the_requested_error(name):
+    # 200 coordinates at 2 bits: 50 bytes, less than the header. The codec exceeds the
+    # budget by the header instead of sending a useless coarse step
+    x = _x("normal", 200, seed=3)
+    codec = fq.get_codec(name, bits=2.0)
+    errs = [fq.vnmse(x, fq.decode(_wire(codec, x, seed=s)[0])) for s in range(20)]
+    assert sum(errs) / len(errs) < 0.15

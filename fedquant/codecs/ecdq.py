@@ -26,7 +26,9 @@ The budget ``bits`` is met on the measured wire bytes, header included: the step
 taken from the Gaussian's rate function, then corrected by re-encoding until
 ``len(to_bytes())`` lies in [(1 - tol) * budget, budget] (tol = 0.2%). Any real
 ``bits`` in [1/16, 8] works, so fractional budgets (0.5, 1.5, 2.5) need nothing else. A
-tensor too small for its header to fit the budget gets the coarsest step (still unbiased).
+tensor too small for its header to fit the budget (a few hundred coordinates) gets the
+step of ``bits`` per coordinate without the header: the wire then exceeds the budget by
+the header, and the error stays that of the requested rate.
 
 Wire: scales (step, M, sigma_1 .. sigma_S) with M the largest |q| (the model's support is
 -M..M) and one RMS per slice of ``rotation.slice_layout(d)``; section "ans" (the ANS words,
@@ -298,13 +300,13 @@ class ECDQ(RotatedCodec):
             return build(1.0)
         header = build(None).nbytes + 6  # + the ANS words' length prefix and final word
         step = self.first_step(max(8.0 * (budget - header) / coded, 1e-3))
-        best, last = None, None
+        best = None
         for _ in range(MAX_SEARCH):
             enc = build(step)
             if enc is None:  # an index beyond MAX_SYMBOL: coarser
                 step = min(step * 2, MAX_STEP)
                 continue
-            last, size = enc, enc.nbytes
+            size = enc.nbytes
             if size <= budget and (best is None or enc.scales[0] < best.scales[0]):
                 best = enc
             if budget * (1 - TOLERANCE) <= size <= budget:
@@ -314,12 +316,16 @@ class ECDQ(RotatedCodec):
             slope = min(self.slope(step), -0.05)
             factor = 2 ** min(max(-excess / slope, -8.0), 8.0)
             step = min(max(step * factor, MIN_STEP), MAX_STEP)
-        while best is None and last is not None and step < MAX_STEP:  # header > budget
-            step = min(step * 4, MAX_STEP)
+        if best is not None:
+            return best
+        # the header alone (nearly) fills the budget (a tensor of a few hundred
+        # coordinates): spend `bits` per coordinate on the payload and exceed the budget by
+        # the header, rather than send a step so coarse that the estimate is useless
+        step, enc = self.first_step(self.bits), None
+        while enc is None and step <= MAX_STEP:
             enc = build(step)
-            last = enc or last
-            best = enc if enc is not None and enc.nbytes <= budget else None
-        return best if best is not None else (last or build(MAX_STEP))
+            step *= 2
+        return enc if enc is not None else build(MAX_STEP)
 
     # ---- receiver ------------------------------------------------------------------------
     def validate(self, enc: Encoded) -> None:
