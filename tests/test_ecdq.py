@@ -124,7 +124,7 @@ def test_bad_scales_are_wire_errors(scales, field):
 
 
 @pytest.mark.parametrize("params", [{"bits": 0.0}, {"bits": 17.0}, {"bits": float("nan")},
-                                    {"rotations": 0}, {"rotations": 5}])
+                                    {"rotations": 4}, {"rotations": 5}])
 def test_bad_parameters_raise_value_error(params):
     with pytest.raises(ValueError):
         fq.get_codec("ecdq", **params)

@@ -83,7 +83,7 @@ def _tamper(change):
     (lambda e: setattr(e, "scales", (0.5, *e.scales[1:])), "part size"),
     (lambda e: setattr(e, "scales", e.scales[:-1]), "scales"),
     (lambda e: e.sections.pop("q_hi"), "sections"),
-    (lambda e: setattr(e, "rotations", 0), "rotations"),
+    (lambda e: setattr(e, "rotations", 7), "rotations"),
 ])
 def test_inconsistent_payloads_are_wire_errors(change, field):
     with pytest.raises(fq.WireError, match=field):

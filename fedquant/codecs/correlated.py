@@ -97,7 +97,7 @@ class Correlated(ECDQ):
         clients (int, default 1): n, the number of clients of the round (1..65536).
         client (int, default 0): this sender's index in 0..n-1 (not a wire parameter: it
             travels in the "client" section).
-        rotations (int | str, default "auto"): composed RHTs, 1..3 or "auto".
+        rotations (int | str, default "auto"): composed RHTs, 0..3 or "auto".
     """
 
     name = "correlated"

@@ -176,7 +176,7 @@ class ECDQ(RotatedCodec):
     Args:
         bits (float, default 2.0): bits per coordinate on the wire, header included, any
             real number in [1/16, 8].
-        rotations (int | str, default "auto"): composed RHTs, 1..3 or "auto" (EDEN's
+        rotations (int | str, default "auto"): composed RHTs, 0..3 or "auto" (EDEN's
             section 7 check: 1 if the input is already flat, else 2).
     """
 
@@ -187,9 +187,6 @@ class ECDQ(RotatedCodec):
 
     def __init__(self, bits: float = 2.0, rotations: str = "auto"):
         self.bits = check_bits(bits)
-        if str(rotations) == "0":
-            raise ValueError("rotations must be 1, 2, 3 or 'auto' for ecdq (its entropy "
-                             "model is the Gaussian that the rotation produces)")
         self.set_rotations(rotations)
 
     # ---- shared randomness ---------------------------------------------------------------
@@ -330,8 +327,6 @@ class ECDQ(RotatedCodec):
     # ---- receiver ------------------------------------------------------------------------
     def validate(self, enc: Encoded) -> None:
         super().validate(enc)
-        if enc.rotations == 0:
-            raise WireError("rotations: ecdq needs 1..3, got 0")
         expect_scales(enc, 2 + len(slice_layout(enc.numel)))
         step, m = enc.scales[0], enc.scales[1]
         if not MIN_STEP <= step <= MAX_STEP:

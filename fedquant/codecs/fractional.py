@@ -50,7 +50,8 @@ class EdenMix(Codec):
     Args:
         bits (float, default 1.5): bits per coordinate on the wire, header included, in
             [1/32, 8].
-        rotations (int | str, default "auto"): composed RHTs of each part, 1..3 or "auto".
+        rotations (int | str, default "auto"): composed RHTs of each part, 0..3 or
+            "auto" (0 = none: biased, like EDEN without a rotation).
     """
 
     name = "eden-mix"
@@ -61,8 +62,6 @@ class EdenMix(Codec):
                 math.isfinite(bits) and MIN_BITS <= bits <= MAX_BITS):
             raise ValueError(f"bits must be a real number in [{MIN_BITS}, {MAX_BITS}], "
                              f"got {bits!r}")
-        if str(rotations) == "0":
-            raise ValueError("rotations must be 1, 2, 3 or 'auto' for eden-mix")
         resolve_rotations(rotations, torch.ones(1))  # ValueError if bad
         self.bits, self.rotations = float(bits), str(rotations)
 
@@ -89,7 +88,7 @@ class EdenMix(Codec):
         flat = check_input(x)
         seed = check_seed(seed)
         d = flat.numel()
-        r = max(resolve_rotations(self.rotations, flat, "scalar") if d else 1, 1)
+        r = resolve_rotations(self.rotations, flat, "scalar") if d else 1
         budget = math.floor(self.bits * d / 8)
         overhead, seen, enc = 48.0, set(), None  # header guess; measured and corrected
         for _ in range(4):
@@ -147,8 +146,8 @@ class EdenMix(Codec):
         return out
 
     def validate(self, enc: Encoded) -> None:
-        if not 1 <= enc.rotations <= 3:
-            raise WireError(f"rotations: must be 1..3, got {enc.rotations}")
+        if enc.rotations > 3:
+            raise WireError(f"rotations: must be 0..3, got {enc.rotations}")
         for codec, inner in self._inner(enc):
             codec.validate(inner)
 

@@ -125,7 +125,7 @@ class ECDQE8(ECDQ):
     Args:
         bits (float, default 2.0): bits per coordinate on the wire, header included, in
             [1/4, 5].
-        rotations (int | str, default "auto"): composed RHTs, 1..3 or "auto".
+        rotations (int | str, default "auto"): composed RHTs, 0..3 or "auto".
     """
 
     name = "ecdq-e8"
