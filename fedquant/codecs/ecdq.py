@@ -76,7 +76,7 @@ def check_bits(bits: float) -> float:
     return float(bits)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)  # bounded: a long-lived process sees many steps
 def gaussian_rate(step: float) -> float:
     """Bits per coordinate of the ideal code of q = round(t / step + u) for t ~ N(0, 1)
     given the dither u ~ U[-1/2, 1/2): E_u H(Q | u), by a 256-point rule in u; below a
@@ -92,7 +92,7 @@ def gaussian_rate(step: float) -> float:
     return float(-(p * np.log2(p)).sum() / u.size)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=4096)
 def step_for_rate(rate: float) -> float:
     """The step whose Gaussian rate (:func:`gaussian_rate`) is `rate` bits, by bisection
     on log(step) (the rate falls monotonically as the step grows)."""
