@@ -68,7 +68,7 @@ def check_clients(clients: int, client: int) -> tuple[int, int]:
     return clients, client
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # bounded: `clients` comes from the wire
 def units(n: int) -> torch.Tensor:
     """The multipliers a in 1..n-1 (0 for n = 1) with gcd(a, n) = 1, int64."""
     return torch.tensor([a for a in range(1, n) if math.gcd(a, n) == 1] or [0],
