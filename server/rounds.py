@@ -156,7 +156,10 @@ class RoundConfig:
         for key in ("id", "codec", "shape"):
             if key not in spec:
                 raise ValueError(f"round key '{key}' is required")
-        codec, params = spec["codec"], dict(spec.get("params", {}))
+        codec, params = spec["codec"], spec.get("params", {})
+        if not isinstance(params, dict):
+            raise ValueError(f"round {spec.get('id')!r}: params must be a table, "
+                             f"got {params!r}")
         if isinstance(codec, str) and ":" in codec:  # the codec spec "eden:bits=2,..."
             codec, spec_params = fq.parse_codec_spec(codec)
             both = sorted(set(spec_params) & set(params))
