@@ -252,3 +252,42 @@ def test_the_example_app_on_the_simulation_engine_plain_and_compressed(tmp_path)
         # own randomness moves accuracy by several points: a looser bound there.
         gap = abs(comp[3]["accuracy"] - plain[3]["accuracy"])
         assert gap <= (0.02 if strategy == "fedavg" else 0.12), (strategy, plain, comp)
+
+
+def test_correlated_quantization_gives_each_sampled_client_its_stratum():
+    """Suresh et al.'s correlated quantization through the wrapper: n sampled clients share
+    the round seed and take the strata 0..n-1; the round's mean is their decode_mean."""
+    sent = {}
+
+    def keep(node, reply):
+        sent[node] = bytes(reply.content["arrays"][PAYLOAD_KEY].data)
+        return reply
+
+    strategy = CompressedStrategy(FedAvg(fraction_evaluate=0.0), codec="correlated:bits=2")
+    assert strategy.seed_policy == "shared"
+    arrays, (new, metrics) = _round(strategy, _Grid(_contexts(3), tamper=keep))
+    assert metrics["fedquant-dropped"] == 0 and len(sent) == 3
+    encs = [fq.Encoded.from_bytes(b) for b in sent.values()]
+    assert {e.params["clients"] for e in encs} == {"3"} and len({e.seed for e in encs}) == 1
+    codec = fq.codecs.codec_for(encs[0])
+    assert sorted(codec.client_of(e) for e in encs) == [0, 1, 2]  # distinct strata
+    for key in arrays.keys():
+        assert np.isfinite(new[key].numpy()).all()
+    # a client that claims another client's stratum is dropped; the others make the round
+    first = next(iter(sent))
+
+    def swap(node, reply):
+        if node != first:
+            return reply
+        enc = fq.get_codec(fq.codec_spec(codec), client=2 if codec.client_of(
+            fq.Encoded.from_bytes(sent[node])) != 2 else 1).encode(torch.zeros(encs[0].numel),
+                                                                seed=encs[0].seed)
+        blob = enc.to_bytes()
+        reply.content["arrays"][PAYLOAD_KEY] = Array(
+            dtype="uint8", shape=(len(blob),), stype="fedquant.v1.EncodedUpdate", data=blob)
+        return reply
+
+    strategy = CompressedStrategy(FedAvg(fraction_evaluate=0.0), codec="correlated:bits=2")
+    _, (_, metrics) = _round(strategy, _Grid(_contexts(3), tamper=swap))
+    assert metrics["fedquant-dropped"] == 1
+    assert "stratum" in strategy.round_stats[1]["dropped"][first]

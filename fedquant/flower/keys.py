@@ -9,6 +9,7 @@ ROUND_SEED_KEY = "fedquant.round-seed"      # uint64 as text (does not fit a sin
 SEED_POLICY_KEY = "fedquant.seed-policy"    # "per-client" or "shared"
 RAW_KEYS_KEY = "fedquant.raw-keys"          # comma-separated glob patterns, or "none"
 ERROR_FEEDBACK_KEY = "fedquant.error-feedback"  # bool
+CLIENT_INDEX_KEY = "fedquant.client-index"  # a client's index in 0..n-1 (correlated codecs)
 
 #: the reply's compressed update: an Array of raw bytes (the serialized fq.Encoded)
 PAYLOAD_KEY = "fedquant.payload"

@@ -100,7 +100,10 @@ class _Settings:
             s.round_seed = int(str(config[keys.ROUND_SEED_KEY]))
         except (KeyError, ValueError):
             raise ValueError(f"'{keys.ROUND_SEED_KEY}' must be an integer as text") from None
-        s.codec = codec_for_round(fq.get_codec(str(config[keys.CODEC_KEY])), s.round_seed)
+        index = ({"client": int(config[keys.CLIENT_INDEX_KEY])}
+                 if keys.CLIENT_INDEX_KEY in config else {})  # correlated quantization
+        s.codec = codec_for_round(fq.get_codec(str(config[keys.CODEC_KEY]), **index),
+                                  s.round_seed)
         s.seed_policy = str(config.get(keys.SEED_POLICY_KEY, "per-client"))
         s.raw_patterns = keys.raw_patterns_from_text(str(config.get(keys.RAW_KEYS_KEY,
                                                                     "none")))

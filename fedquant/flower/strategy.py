@@ -21,7 +21,7 @@ from logging import INFO, WARNING
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
@@ -90,6 +90,8 @@ class CompressedStrategy(Strategy):
         if not isinstance(strategy, Strategy):
             raise TypeError(f"CompressedStrategy wraps a flwr Strategy, got "
                             f"{type(strategy).__name__}")
+        if _is_correlated(codec if isinstance(codec, fq.Codec) else fq.get_codec(codec)):
+            seed_policy = "shared"  # the round's clients share the rotation and the strata
         if seed_policy not in SEED_POLICIES:
             raise ValueError(f"seed_policy must be one of {SEED_POLICIES}, got {seed_policy!r}")
         self.strategy = strategy
@@ -105,6 +107,7 @@ class CompressedStrategy(Strategy):
         self.round_stats: dict[int, dict] = {}
         self._global: dict[str, np.ndarray] | None = None
         self._round: tuple[int, int, fq.Codec] | None = None
+        self._strata: dict[int, int] = {}  # node id -> stratum (correlated codecs)
 
     def __repr__(self) -> str:
         return f"CompressedStrategy({self.strategy!r}, codec={fq.codec_spec(self.codec)!r})"
@@ -127,7 +130,21 @@ class CompressedStrategy(Strategy):
         config[keys.SEED_POLICY_KEY] = self.seed_policy
         config[keys.RAW_KEYS_KEY] = keys.raw_patterns_text(self.raw_patterns)
         config[keys.ERROR_FEEDBACK_KEY] = self.error_feedback
-        return self.strategy.configure_train(server_round, arrays, config, grid)
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        if _is_correlated(codec) and messages:
+            # correlated quantization (Suresh et al., ICML 2022): the n sampled clients of
+            # the round take the strata 0..n-1 of one shared dither
+            codec = type(codec)(**{**codec.params(), "clients": len(messages), "client": 0})
+            self._round = (server_round, seed, codec)
+            for index, msg in enumerate(messages):
+                # strategies share one RecordDict between their messages: give each its own
+                content = RecordDict(dict(msg.content.items()))
+                key = next(k for k, c in content.config_records.items() if keys.CODEC_KEY in c)
+                content[key] = ConfigRecord({**content[key], keys.CODEC_KEY: fq.codec_spec(codec),
+                                             keys.CLIENT_INDEX_KEY: index})
+                msg.content = content
+            self._strata = {msg.metadata.dst_node_id: i for i, msg in enumerate(messages)}
+        return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message],
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -155,6 +172,9 @@ class CompressedStrategy(Strategy):
                                                          if k in record)
                 expected = client_seed(seed, node, self.seed_policy)
                 enc = check_payload(Payload(node, blob, 1.0, expected), numel, codec)
+                if _is_correlated(codec) and codec.client_of(enc) != self._strata.get(node):
+                    raise fq.WireError(f"stratum: expected client index "
+                                       f"{self._strata.get(node)}, got {codec.client_of(enc)}")
                 update = fq.decode(enc)  # fq.WireError if it decodes to non-finite values
                 _check_raw(record, raw, self._global)
             except ValueError as err:  # fq.WireError is a ValueError
@@ -216,6 +236,11 @@ def _single_record(msg: Message) -> tuple[str, ArrayRecord]:
                          f"{len(msg.content.array_records)} (is compression_mod in the "
                          "ClientApp's mods?)")
     return next(iter(msg.content.array_records.items()))
+
+
+def _is_correlated(codec: fq.Codec) -> bool:
+    """Whether the codec's clients take strata of one shared dither (``clients``/``client``)."""
+    return {"clients", "client"} <= set(codec.params())
 
 
 def _check_raw(record: ArrayRecord, raw: list[str], global_: dict[str, np.ndarray]) -> None:
