@@ -21,8 +21,6 @@ import json
 import os
 import pathlib
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,6 +32,7 @@ import numpy as np
 import typer
 from fedquant.clients.grpc_client import AggregatorClient
 from fedquant.server.cli import reuse_freed_memory
+from fedquant.simulations.common import rss_kib, start_local_server
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -77,29 +76,6 @@ class BenchConfig:
 
 
 QUICK = {"clients": 8, "small_clients": 2, "dim": 2**14}
-
-
-def _server(data_dir: pathlib.Path, decode_slots: int) -> tuple[subprocess.Popen, int]:
-    port_file = data_dir / "port"
-    args = [sys.executable, "-m", "fedquant.server.cli", "--data-dir", str(data_dir), "--insecure",
-            "--port", "0", "--port-file", str(port_file), "--log-level", "warning"]
-    if decode_slots:
-        args += ["--decode-slots", str(decode_slots)]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    return proc, int(port_file.read_text())
-
-
-def _rss_kib(pid: int, field: str) -> int:
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -176,7 +152,8 @@ def run(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
         for n in sorted({cfg.small_clients, cfg.clients}):
             subset = payloads[:n]
             codec_rate = codec_decode_rate(subset)
-            proc, port = _server(pathlib.Path(tmp) / f"n{n}", cfg.decode_slots)
+            flags = ["--decode-slots", str(cfg.decode_slots)] if cfg.decode_slots else []
+            proc, port = start_local_server(pathlib.Path(tmp) / f"n{n}", *flags)
             try:
                 target = f"127.0.0.1:{port}"
                 # opening rounds needs the admin token the server wrote on first start
@@ -188,12 +165,12 @@ def run(cfg: BenchConfig, console: Console | None = None) -> list[dict]:
                     op.push("warmup", 0, subset[0])
                     op.open_round("bench", "eden", codec_params, round_seed=cfg.round_seed,
                                   shape=[cfg.dim], expected=n)
-                    rss_idle = _rss_kib(proc.pid, "VmRSS")
+                    rss_idle = rss_kib(proc.pid, "VmRSS")
                     cpu_before = _cpu_seconds(proc.pid)
                     timing = push_round(target, "bench", subset, progress)
                     server_cpu = _cpu_seconds(proc.pid) - cpu_before
                     mean = op.get_mean("bench", wait_s=60)
-                peak = _rss_kib(proc.pid, "VmHWM")
+                peak = rss_kib(proc.pid, "VmHWM")
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(30)

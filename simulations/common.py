@@ -9,6 +9,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,3 +82,29 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def start_local_server(data_dir: Path, *flags: str, log_level: str = "warning",
+                       timeout_s: float = 120.0) -> tuple[subprocess.Popen, int]:
+    """`fedquant serve --insecure` on 127.0.0.1 with an ephemeral port, for the benchmarks;
+    returns (process, port) once it serves. Stop it by its PID (SIGTERM)."""
+    port_file = Path(data_dir) / "port"
+    args = [sys.executable, "-m", "fedquant.server.cli", "--data-dir", str(data_dir),
+            "--insecure", "--port", "0", "--port-file", str(port_file),
+            "--log-level", log_level, *flags]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"the server did not start (see {data_dir})")
+        time.sleep(0.05)
+    return proc, int(port_file.read_text())
+
+
+def rss_kib(pid: int, field: str = "VmHWM") -> int:
+    """A process's peak (VmHWM) or current (VmRSS) resident memory in KiB (0 if unknown)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0

@@ -28,7 +28,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -38,6 +37,7 @@ import grpc
 import numpy as np
 import torch
 import typer
+from fedquant.simulations.common import rss_kib, start_local_server
 
 import fedquant as fq
 from fedquant._proto import aggregator_pb2 as pb
@@ -48,29 +48,6 @@ BAD_KINDS = ("nan_scale", "huge_scale", "heavy_weight", "wrong_seed", "garbage",
              "stall")
 CHANNELS = 8
 ROUND = "soak"
-
-
-def _server(data_dir: pathlib.Path, idle_timeout_s: float) -> subprocess.Popen:
-    port_file = data_dir / "port"
-    args = [sys.executable, "-m", "fedquant.server.cli", "--data-dir", str(data_dir),
-            "--insecure", "--port", "0", "--port-file", str(port_file), "--log-level", "error",
-            "--norm-median-multiple", "10", "--idle-timeout-s", str(idle_timeout_s)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the server did not start")
-        time.sleep(0.05)
-    return proc
-
-
-def _rss_mib(pid: int, field: str = "VmHWM") -> float:
-    """The server's peak (VmHWM) or current (VmRSS) resident memory, MiB."""
-    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _hostile(kind: str, blob: bytes, rng: np.random.Generator) -> tuple[bytes, float, int]:
@@ -150,7 +127,7 @@ async def _soak(target: str, admin: str, clients: int, waves: int, bad_fraction:
         round_id=ROUND, codec=pb.CodecSpec(name="eden", params=codec.wire_params()),
         round_seed=seed, shape=[dim], expected_count=clients, quorum=clients),
         metadata=admin_md, timeout=60)
-    idle_rss = _rss_mib(pid, "VmRSS")  # the baseline: the server before the first push
+    idle_rss = rss_kib(pid, "VmRSS") / 1024  # the baseline: the server before the first push
 
     outcomes: dict[int, str] = {}
     latencies: list[float] = []
@@ -212,13 +189,15 @@ def run(clients: int = 1000, waves: int = 10, bad_fraction: float = 0.05, dim: i
     with tempfile.TemporaryDirectory() as tmp:
         data = pathlib.Path(tmp) / "data"
         data.mkdir(mode=0o700)
-        proc = _server(data, idle_timeout_s)
+        proc, port = start_local_server(data, "--norm-median-multiple", "10",
+                                        "--idle-timeout-s", str(idle_timeout_s),
+                                        log_level="error")
         try:
-            target = f"127.0.0.1:{int((data / 'port').read_text())}"
+            target = f"127.0.0.1:{port}"
             admin = (data / "admin.token").read_text().strip()
             row = asyncio.run(_soak(target, admin, clients, waves, bad_fraction, dim, bits,
                                     seed, log, proc.pid))
-            row["server_peak_rss_mib"] = _rss_mib(proc.pid)
+            row["server_peak_rss_mib"] = rss_kib(proc.pid) / 1024
         finally:
             os.kill(proc.pid, signal.SIGTERM)
             try:
