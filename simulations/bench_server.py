@@ -39,8 +39,6 @@ from rich.table import Table
 
 import fedquant as fq
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 @dataclass(frozen=True)
 class BenchConfig:
