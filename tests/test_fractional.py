@@ -1,6 +1,8 @@
 """Real bit budgets: eden-mix (EDEN's shared-randomness sparsification below 1 bit, two
 adjacent integer budgets over slices above) and ecdq (a continuous step)."""
 
+import math
+
 import pytest
 import torch
 
@@ -94,3 +96,19 @@ def test_inconsistent_payloads_are_wire_errors(change, field):
 def test_bad_budgets_raise_value_error(bits):
     with pytest.raises(ValueError, match="bits"):
         fq.get_codec("eden-mix", bits=bits)
+
+
+@pytest.mark.parametrize("bits", [0.5, 1.5, 2.5])
+def test_eden_itself_takes_a_real_budget(bits):
+    """`eden` with a real bits is EDEN over mixed integer budgets (eden-mix), on budget."""
+    x = torch.randn(1 << 16)
+    for codec in (fq.get_codec(f"eden:bits={bits}"), fq.get_codec("eden", bits=bits)):
+        assert codec.name == "eden-mix" and codec.params()["bits"] == bits
+        enc = codec.encode(x, seed=11)
+        assert abs(8 * enc.nbytes / x.numel() - bits) <= 0.02 * bits
+        err = float(fq.vnmse(x, fq.decode(fq.Encoded.from_bytes(enc.to_bytes()))))
+        lower = fq.vnmse(x, fq.decode(fq.get_codec("eden", bits=math.ceil(bits)).encode(x, 11)))
+        assert float(lower) < err  # a fractional budget costs error against the next integer
+    with pytest.raises(ValueError, match="scale='unbiased'"):
+        fq.get_codec("eden", bits=bits, scale="biased")
+    assert fq.get_codec("eden:bits=2.0").name == "eden"  # an integral real stays plain EDEN

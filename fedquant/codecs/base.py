@@ -44,7 +44,10 @@ def _from_text(name: str, text: str, default: Any) -> Any:
                 raise ValueError
             return text == "true"
         if isinstance(default, int):
-            return int(text)
+            try:
+                return int(text)
+            except ValueError:  # a real where the default is an integer (EDEN's bits=1.5):
+                return float(text)  # the codec's constructor accepts or names it
         if isinstance(default, float):
             return float(text)
     except ValueError:

@@ -25,11 +25,12 @@ import functools
 import json
 import math
 import pathlib
+from typing import Any
 
 import torch
 
 from fedquant import cpu_kernels
-from fedquant.codecs.base import expect_section, register_codec, restore
+from fedquant.codecs.base import Codec, expect_section, register_codec, restore
 from fedquant.codecs.rotated import SCALES, RotatedCodec, check_scale, slice_values
 from fedquant.rotation import padded_size, slice_layout
 from fedquant.wire import Encoded, Section
@@ -55,7 +56,9 @@ class Eden(RotatedCodec):
     """EDEN (the RHT paper section 4): b-bit Lloyd-Max quantization of the rotated vector.
 
     Args:
-        bits (int, default 2): bits per coordinate, 1..8.
+        bits (int, default 2): bits per coordinate, 1..8. A real budget (0.5, 1.5, 2.5)
+            gives the unbiased ``eden-mix`` codec: EDEN over two integer budgets, or over
+            a shared random subset below one bit, measured on the wire.
         scale (str, default "unbiased"): "unbiased" or "biased" (least squares).
         rotations (int | str, default "auto"): composed RHTs, 0..3 or "auto"
             (the RHT paper section 7's l3 check: 1 if the input is already flat, else 2).
@@ -63,9 +66,25 @@ class Eden(RotatedCodec):
 
     name = "eden"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> Codec:
+        # A real budget (bits=1.5, 0.5) is EDEN over two integer budgets or a shared random
+        # subset: the `eden-mix` codec (fedquant.codecs.fractional), unbiased.
+        bits = kwargs.get("bits", args[0] if args else 2)
+        if cls is Eden and isinstance(bits, float) and not bits.is_integer():
+            scale = kwargs.get("scale", args[1] if len(args) > 1 else "unbiased")
+            if scale != "unbiased":
+                raise ValueError(f"a real bits ({bits}) needs scale='unbiased', got {scale!r}")
+            from fedquant.codecs.fractional import EdenMix
+
+            return EdenMix(bits, kwargs.get("rotations", args[2] if len(args) > 2 else "auto"))
+        return super().__new__(cls)
+
     def __init__(self, bits: int = 2, scale: str = "unbiased", rotations: str = "auto"):
-        if not isinstance(bits, int) or not 1 <= bits <= 8:
-            raise ValueError(f"bits must be an integer in 1..8, got {bits!r}")
+        if isinstance(bits, float) and bits.is_integer():
+            bits = int(bits)
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+            raise ValueError(f"bits must be an integer in 1..8 (or a real budget such as "
+                             f"1.5, sent as eden-mix), got {bits!r}")
         self.bits, self.scale = bits, check_scale(scale)
         self.set_rotations(rotations)
 
