@@ -6,8 +6,11 @@
 
 The tensor comes from ``--tensor`` (a ``torch.save``'d tensor or a ``.npy`` array, of the
 round's shape) or, with ``--random``, is a standard normal vector of the round's shape drawn
-from ``fq.random.normals(seed)``. The seed of the encoding is always
-``derive_seed(round_seed, client_id)``.
+from ``fq.random.normals(seed)``. The seed of the encoding is
+``derive_seed(round_seed, client_id)``, except in a correlated round (codec ``correlated``),
+where it is the round seed and ``--stratum`` (default: the client's position in the round's
+sorted cohort; required when the round has no cohort) is this client's index in
+0..clients-1.
 
 A failed call is one line on stderr with the status and what went wrong, e.g.
 ``UNAVAILABLE: nothing listening at 127.0.0.1:50051``, and exit code 1; ``--retries 0``
@@ -63,6 +66,9 @@ def push(
         help="After pushing, wait this many seconds for the round's mean (0: don't).")] = 0.0,
     mean_out: Annotated[pathlib.Path | None, typer.Option(
         help="Save the fetched mean here (torch.save).")] = None,
+    stratum: Annotated[int | None, typer.Option(
+        help="Correlated rounds: this client's stratum in 0..clients-1 (default: its "
+             "position in the round's cohort).")] = None,
 ) -> None:
     """Encode a tensor with the round's codec and seed, and push it to the server."""
     if (tensor is None) == (not random):
@@ -81,7 +87,7 @@ def push(
         raise typer.BadParameter(f"--token-file {token_file}: {e.strerror}") from None
     try:
         summary = _push(target, round_id, client_id, x, seed, weight, token, retries,
-                        wait_mean, mean_out, insecure=insecure, root_cert=root_cert,
+                        wait_mean, mean_out, stratum, insecure=insecure, root_cert=root_cert,
                         client_cert=client_cert, client_key=client_key)
     except grpc.RpcError as e:
         print(describe_error(e, target), file=sys.stderr, flush=True)
@@ -94,14 +100,14 @@ def push(
 
 def _push(target: str, round_id: str, client_id: int, x: torch.Tensor | None, seed: int,
           weight: float, token: str | None, retries: int, wait_mean: float,
-          mean_out: pathlib.Path | None, **tls) -> dict:
+          mean_out: pathlib.Path | None, stratum: int | None = None, **tls) -> dict:
     with AggregatorClient(target, token=token, retries=retries, **tls) as client:
         if x is None:  # --random: a vector of the round's shape
             shape = tuple(client.round_status(round_id).shape)
             x = fq.random.normals(seed, fq.random.Purpose.PRIVATE, math.prod(shape))
             x = x.reshape(shape)
         try:
-            enc = client.encode(round_id, client_id, x)
+            enc = client.encode(round_id, client_id, x, stratum)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         result = client.push(round_id, client_id, enc, weight)

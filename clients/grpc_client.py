@@ -5,6 +5,10 @@ client_id)``, streams the serialized update in 1 MiB chunks (so updates above gR
 message limit work), retries on UNAVAILABLE with exponential backoff, and fetches the mean.
 Retrying is idempotent: a second push of a client is answered ALREADY_EXISTS with the
 digest of the recorded payload, which counts as success when it matches ours.
+In a correlated round (correlated quantization, Suresh et al., ICML 2022,
+https://proceedings.mlr.press/v162/suresh22a.html) every client encodes with the round seed
+itself and its own stratum in 0..clients-1 (``stratum=``; by default the client's position
+in the round's sorted cohort).
 Opening and closing rounds needs the server's admin token (``token=``: the tokens file's
 "operator" entry, or the one the server wrote to ``<data-dir>/admin.token``).
 
@@ -124,18 +128,42 @@ class AggregatorClient:
                                           metadata=self._metadata))
 
     # ---- pushing -----------------------------------------------------------------------
-    def encode(self, round_id: str, client_id: int, x: torch.Tensor) -> fq.Encoded:
-        """Encode `x` with the round's codec and this client's derived seed."""
+    def encode(self, round_id: str, client_id: int, x: torch.Tensor,
+               stratum: int | None = None) -> fq.Encoded:
+        """Encode `x` with the round's codec and this client's derived seed.
+
+        In a correlated round (a codec with ``clients`` strata) the seed is the round seed
+        and `stratum` (0..clients-1) this client's index; None takes the client's position
+        in the round's sorted cohort, and is a ValueError when the round has no cohort.
+        `stratum` is a ValueError in any other round."""
         status = self.round_status(round_id)
         if tuple(x.shape) != tuple(status.shape):
             raise ValueError(f"tensor shape {list(x.shape)} does not match round "
                              f"{round_id!r}'s shape {list(status.shape)}")
-        codec = fq.codecs.codec_class(status.codec.name).from_params(dict(status.codec.params))
-        return codec.encode(x, seed=fq.random.derive_seed(status.round_seed, client_id))
+        params = dict(status.codec.params)
+        klass = fq.codecs.codec_class(status.codec.name)
+        if "clients" not in params:
+            if stratum is not None:
+                raise ValueError(f"a stratum is only for correlated rounds; round {round_id!r}"
+                                 f" uses {status.codec.name}")
+            codec = klass.from_params(params)
+            return codec.encode(x, seed=fq.random.derive_seed(status.round_seed, client_id))
+        if stratum is None:
+            cohort = sorted(status.cohort)
+            if client_id not in cohort:
+                raise ValueError(f"round {round_id!r} is a correlated round: pass this client's "
+                                 f"stratum in 0..{int(params['clients']) - 1} (the round has "
+                                 + ("no cohort to take it from)" if not cohort else
+                                    f"a cohort without client {client_id})"))
+            stratum = cohort.index(client_id)
+        codec = klass.from_params({**params, "client": str(stratum)})  # ValueError if out
+        return codec.encode(x, seed=status.round_seed)
 
     def push_tensor(self, round_id: str, client_id: int, x: torch.Tensor,
-                    weight: float = 1.0) -> PushResult:
-        return self.push(round_id, client_id, self.encode(round_id, client_id, x), weight)
+                    weight: float = 1.0, stratum: int | None = None) -> PushResult:
+        """Encode (see :meth:`encode`) and push `x`."""
+        return self.push(round_id, client_id, self.encode(round_id, client_id, x, stratum),
+                         weight)
 
     def push(self, round_id: str, client_id: int, update: fq.Encoded | bytes,
              weight: float = 1.0) -> PushResult:

@@ -389,6 +389,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         except fq.WireError as e:
             raise AggregationError("INVALID_ARGUMENT", f"malformed EncodedUpdate: {e}") from None
         self.book.check_payload(rnd, header.client_id, enc)
+        stratum = self.book.stratum_of(rnd, enc)  # None unless a correlated round
         digest = hashlib.sha256(payload).hexdigest()
         try:
             contribution = self.book.decode(rnd, enc, header.weight)
@@ -405,7 +406,7 @@ class AggregatorServicer(pb_grpc.AggregatorServicer):
         decode_s = time.perf_counter() - started
         pushes, state = self.book.accept(rnd, header.client_id, header.weight, payload, digest,
                                          contribution, decode_s, close_on_quorum=False,
-                                         verdict=verdict)
+                                         verdict=verdict, stratum=stratum)
         if state == "closing":  # this push completed the quorum: close after acknowledging
             self.decoder.submit(self._close_on_quorum, rnd)
         self.metrics.add("fedquant_push_bytes_total", len(payload))

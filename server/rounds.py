@@ -9,6 +9,14 @@ pays a single inverse rotation at close (the RHT paper section 5). The round clo
 on deadline or on an operator call; closing stores the float32 mean ``sum / total_weight``
 in the log, and the closed round leaves memory (it is read back from the log on demand).
 
+Correlated rounds (:func:`is_stratified` codecs: correlated quantization, Suresh et al.,
+"Correlated quantization for distributed mean estimation and optimization", ICML 2022,
+https://proceedings.mlr.press/v162/suresh22a.html): every client encodes with the round
+seed itself and its own stratum in 0..clients-1 (the payload's "client" section); the
+round's ``clients`` must equal its expected count or cohort size when those are set, and a
+stratum is accepted at most once per round. Each push is still decoded on its own, so the
+mean is the plain weighted ``fq.decode_mean`` of the accepted payloads.
+
 Robustness: every push is decoded on its own before it is added, so a bad client is
 attributed and refused alone: a decode that fails or holds NaN/Inf, or an update whose norm
 exceeds the round's :class:`fedquant.robust.NormPolicy` bound, is rejected with its reason
@@ -114,7 +122,8 @@ class RoundConfig:
             raise ValueError(f"round id must be 1..128 chars of [A-Za-z0-9_.-], got {round_id!r}")
         klass = codec_class(codec)  # ValueError lists the available codecs
         text = {str(k): fq.codecs.base._to_text(v) for k, v in dict(params).items()}
-        canonical = klass.from_params(text).wire_params()
+        instance = klass.from_params(text)
+        canonical = instance.wire_params()
         if not isinstance(round_seed, int) or not 0 <= round_seed <= MAX_CLIENT_ID:
             raise ValueError(f"round_seed must be an integer in [0, 2^64), got {round_seed!r}")
         shape = tuple(shape)
@@ -138,6 +147,10 @@ class RoundConfig:
                              f"{expected} and {quorum}")
         if cohort and quorum > len(cohort):
             raise ValueError(f"quorum {quorum} exceeds the cohort size {len(cohort)}")
+        if is_stratified(instance) and expected and instance.clients != expected:
+            raise ValueError(f"codec {codec} has clients={instance.clients} strata but the "
+                             f"round expects {expected} clients (cohort size or expected): "
+                             "they must be equal")
         if not math.isfinite(deadline_s) or not 0 <= deadline_s <= MAX_DEADLINE_S:
             raise ValueError(f"deadline_s must be in [0, {MAX_DEADLINE_S:g}] (a week), "
                              f"got {deadline_s}")
@@ -196,6 +209,15 @@ class Contribution:
     weight: float = 1.0  # still to multiply by, as the values are added to the sum
 
 
+def is_stratified(codec: fq.Codec) -> bool:
+    """Whether the codec's clients share the round seed and each send its own stratum
+    (correlated quantization): it has an integer ``clients`` and reads a payload's stratum
+    with ``client_of(enc)``."""
+    clients = getattr(codec, "clients", None)
+    return (isinstance(clients, int) and not isinstance(clients, bool)
+            and callable(getattr(codec, "client_of", None)))
+
+
 def shares_rotation(codec: fq.Codec) -> bool:
     """Whether all of a round's clients share the codec's rotation, so that their estimates
     can be summed before one inverse rotation: the codec offers ``accumulate(out, enc, w)``
@@ -235,6 +257,8 @@ class Round:
     norms: dict[int, float] = field(default_factory=dict)  # client -> update norm (unclipped)
     factors: dict[int, float] = field(default_factory=dict)  # client -> clip factor applied
     rejected: dict[int, str] = field(default_factory=dict)  # client -> reason
+    # Correlated rounds: stratum -> client id, of the accepted and the pending pushes.
+    strata: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: threading.Event = field(default_factory=threading.Event)
 
@@ -311,6 +335,7 @@ class RoundBook:
             if rnd.config.cohort and push.client_id not in rnd.config.cohort:
                 raise AggregationError("DATA_LOSS", "client not in the round's cohort")
             self.check_payload(rnd, push.client_id, enc)  # another round's payload fails here
+            stratum = self.stratum_of(rnd, enc)
             contribution = self.decode(rnd, enc, push.weight)
             norm = contribution_norm(contribution, push.weight)
             if not math.isfinite(norm):
@@ -322,6 +347,8 @@ class RoundBook:
             self.store.quarantine(rnd.round_id, push.key or push.client_id, str(e))
             return
         rnd.pushes[push.client_id] = PushRecord(push.weight, push.nbytes, push.sha256)
+        if stratum is not None:
+            rnd.strata[stratum] = push.client_id
         rnd.norms[push.client_id] = norm
         rnd.factors[push.client_id] = push.factor
         rnd.bytes_received += push.nbytes
@@ -430,10 +457,32 @@ class RoundBook:
         if tuple(enc.shape) != cfg.shape:
             raise AggregationError("FAILED_PRECONDITION", f"payload shape {list(enc.shape)} "
                                    f"does not match round {cfg.round_id!r}'s {list(cfg.shape)}")
+        if is_stratified(rnd.codec):
+            if enc.seed != cfg.round_seed:
+                raise AggregationError("FAILED_PRECONDITION", f"payload seed {enc.seed} is not "
+                                       f"the round seed {cfg.round_seed}: the clients of a "
+                                       f"{cfg.codec} round all encode with the round seed")
+            stratum = self.stratum_of(rnd, enc)
+            with rnd.lock:
+                owner = rnd.strata.get(stratum)
+            if owner is not None and owner != client_id:
+                raise AggregationError("FAILED_PRECONDITION", _stratum_taken(rnd, stratum,
+                                                                             owner))
+            return
         expected_seed = fq.random.derive_seed(cfg.round_seed, client_id)
         if enc.seed != expected_seed:
             raise AggregationError("FAILED_PRECONDITION", f"payload seed {enc.seed} is not "
                                    f"derive_seed(round_seed, {client_id}) = {expected_seed}")
+
+    def stratum_of(self, rnd: Round, enc: fq.Encoded) -> int | None:
+        """The payload's stratum in a correlated round (INVALID_ARGUMENT if its "client"
+        section is missing or out of 0..clients-1), None in any other round."""
+        if not is_stratified(rnd.codec):
+            return None
+        try:
+            return rnd.codec.client_of(enc)
+        except (fq.WireError, KeyError, ValueError) as e:
+            raise AggregationError("INVALID_ARGUMENT", f"payload stratum: {e}") from None
 
     def decode(self, rnd: Round, enc: fq.Encoded, weight: float) -> Contribution:
         """weight * decode(enc) as a float64 contribution to the round's sum.
@@ -473,7 +522,8 @@ class RoundBook:
 
     def accept(self, rnd: Round, client_id: int, weight: float, payload: bytes, digest: str,
                contribution: Contribution, decode_seconds: float,
-               close_on_quorum: bool = True, verdict: Verdict | None = None) -> tuple[int, str]:
+               close_on_quorum: bool = True, verdict: Verdict | None = None,
+               stratum: int | None = None) -> tuple[int, str]:
         """Durably log the push, then add it to the running sum; returns (pushes, state).
 
         With ``close_on_quorum=False`` the push that completes the quorum leaves the round
@@ -487,6 +537,9 @@ class RoundBook:
 
         `verdict` (from :meth:`judge`) carries the update's norm and clip factor; None
         judges it here. A rejected verdict raises FAILED_PRECONDITION and logs nothing.
+
+        `stratum` (from :meth:`stratum_of`; None reads it from the payload): in a correlated
+        round, the push's stratum, refused with FAILED_PRECONDITION if another push holds it.
         """
         if not (math.isfinite(weight) and 0 < weight <= MAX_WEIGHT):
             raise AggregationError("INVALID_ARGUMENT", f"weight must be in (0, {MAX_WEIGHT:g}]"
@@ -494,8 +547,16 @@ class RoundBook:
         verdict = verdict or self.judge(rnd, contribution, weight)
         if not verdict.accepted:
             raise AggregationError("FAILED_PRECONDITION", f"update rejected: {verdict.reason}")
+        if stratum is None and is_stratified(rnd.codec):
+            stratum = self.stratum_of(rnd, parse_payload(payload))
         with rnd.lock:
             self._check_open_and_new(rnd, client_id)
+            if stratum is not None:
+                owner = rnd.strata.get(stratum)
+                if owner is not None and owner != client_id:
+                    raise AggregationError("FAILED_PRECONDITION",
+                                           _stratum_taken(rnd, stratum, owner))
+                rnd.strata[stratum] = client_id
             rnd.pending[client_id] = digest
             seq, rnd.next_seq = rnd.next_seq, rnd.next_seq + 1
         try:
@@ -505,6 +566,8 @@ class RoundBook:
         except BaseException as e:
             with rnd.lock:
                 del rnd.pending[client_id]
+                if stratum is not None:
+                    rnd.strata.pop(stratum, None)
                 rnd.drained.notify_all()
             if isinstance(e, sqlite3.IntegrityError):
                 raise AggregationError("ALREADY_EXISTS", f"client {client_id} already pushed "
@@ -635,6 +698,12 @@ class RoundBook:
             raise AggregationError("DATA_LOSS", f"the stored mean of round {rnd.round_id!r} "
                                    "holds NaN or Inf")
         return mean
+
+
+def _stratum_taken(rnd: Round, stratum: int, owner: int) -> str:
+    return (f"stratum {stratum} of round {rnd.round_id!r} is already used by client {owner}; "
+            f"each client of a {rnd.config.codec} round needs its own stratum in "
+            f"0..clients-1")
 
 
 def contribution_norm(contribution: Contribution, weight: float) -> float:
