@@ -197,9 +197,14 @@ def _input_seed(seed: int, input_index: int, trial: int, client: int) -> int:
 def _measure(codec: fq.Codec, xs: list[torch.Tensor], round_seed: int) -> dict[str, Any]:
     """One trial: encode every client through the wire, decode, average."""
     encs, blobs, vnmses, encode_s = [], [], [], 0.0
+    correlated = {"clients", "client"} <= set(codec.params())
     for i, x in enumerate(xs):
         start = time.perf_counter()
-        blob = codec.encode(x, seed=fqr.derive_seed(round_seed, i)).to_bytes()
+        if correlated:  # correlated quantization: the round's clients take strata 0..n-1
+            stratum = type(codec)(**{**codec.params(), "clients": len(xs), "client": i})
+            blob = stratum.encode(x, seed=round_seed).to_bytes()  # one shared seed
+        else:
+            blob = codec.encode(x, seed=fqr.derive_seed(round_seed, i)).to_bytes()
         encode_s += time.perf_counter() - start
         enc = fq.Encoded.from_bytes(blob)
         encs.append(enc)

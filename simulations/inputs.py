@@ -28,7 +28,9 @@ from __future__ import annotations
 import torch
 from fedquant.simulations.gradients import digits_gradient
 
-INPUTS = ("normal", "lognormal", "digits-grad", "onehot", "two-spikes", "block8")
+INPUTS = ("normal", "lognormal", "digits-grad", "onehot", "two-spikes", "block8", "similar")
+#: the common vector of the "similar" clients (one for every round and seed)
+_SIMILAR_BASE_SEED = 0x5EED_C0DE
 
 
 def _first_slice(d: int) -> int:
@@ -51,6 +53,9 @@ def make_input(name: str, d: int, seed: int) -> torch.Tensor:
         return torch.randn(d, generator=g)
     if name == "lognormal":
         return torch.randn(d, generator=g).exp()
+    if name == "similar":  # one common N(0,1) vector plus this client's 10% of noise
+        base = torch.randn(d, generator=torch.Generator().manual_seed(_SIMILAR_BASE_SEED))
+        return base + 0.1 * torch.randn(d, generator=g)
     x = torch.zeros(d)
     n = _first_slice(d)
     if name == "onehot":
