@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -330,17 +329,30 @@ def stop(procs: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
     signal every descendant found before the first signal (which catches Ray actors
     orphaned when their parent exits). SIGTERM, then SIGKILL after `grace` seconds.
     """
-    tree: list[psutil.Process] = []
+    roots = []
     for proc in procs.values():
         if proc.poll() is None:
             try:
-                parent = psutil.Process(proc.pid)
-                tree += [parent, *parent.children(recursive=True)]
+                roots.append(psutil.Process(proc.pid))
             except psutil.NoSuchProcess:
                 pass
+    _terminate_trees(roots, grace)
+    for proc in procs.values():
+        proc.wait()
+
+
+def _terminate_trees(roots: list[psutil.Process], grace: float) -> None:
+    """SIGTERM each process and every descendant found before the first signal, then
+    SIGKILL whatever is still alive after `grace` seconds."""
+    tree: list[psutil.Process] = []
+    for parent in roots:
+        try:
+            tree += [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
     for p in tree:
         try:
-            p.send_signal(signal.SIGTERM)
+            p.terminate()
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(tree, timeout=grace)
@@ -350,8 +362,6 @@ def stop(procs: dict[str, subprocess.Popen], grace: float = 10.0) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(alive, timeout=grace)
-    for proc in procs.values():
-        proc.wait()
 
 
 #: what makes a plain ``flwr run .`` use this environment: the background SuperLink it
@@ -377,24 +387,8 @@ def local_superlinks(port: str | None = None) -> list[psutil.Process]:
 def stop_local_superlink(port: str | None = None, grace: float = 10.0) -> int:
     """Stop what :func:`local_superlinks` finds (and its children); returns how many
     SuperLinks it stopped."""
-    links, tree = local_superlinks(port), []
-    for p in links:
-        try:
-            tree += [p, *p.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            pass
-    for p in tree:
-        try:
-            p.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(tree, timeout=grace)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
+    links = local_superlinks(port)
+    _terminate_trees(links, grace)
     return len(links)
 
 
