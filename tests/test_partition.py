@@ -108,3 +108,20 @@ def test_adapted_min_size_is_between_1_and_10():
     assert adapted_min_size(1437, 10) == 10
     assert adapted_min_size(1437, 100) == 3
     assert adapted_min_size(1437, 1000) == 1
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5])
+def test_inner_dirichlet_splits_digits_among_100_equal_skewed_clients(alpha):
+    labels = _digits_labels()
+    parts = partition_indices(labels, "inner-dirichlet", 100, alpha=alpha, seed=0)
+    _check_cover(parts, len(labels))
+    assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
+    iid = partition_indices(labels, "iid", 100)
+    assert _mean_entropy(parts, labels) < 0.8 * _mean_entropy(iid, labels)
+
+
+def test_inner_dirichlet_skew_grows_as_alpha_shrinks():
+    labels = _digits_labels()
+    skew = {a: _mean_entropy(partition_indices(labels, "inner-dirichlet", 50, a, seed=1), labels)
+            for a in (0.1, 10.0)}
+    assert skew[0.1] < 0.6 * skew[10.0]
