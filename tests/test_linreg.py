@@ -86,7 +86,7 @@ def quick_run(tmp_path_factory):
 def test_quick_run_passes_every_claim(quick_run):
     _, checks = quick_run
     claims = [c["claim"] for c in checks]
-    assert len(checks) == 4 and claims[0].startswith("1") and claims[2].startswith("3")
+    assert len(checks) == 5 and claims[0].startswith("1") and claims[2].startswith("3")
     assert all(c["result"] == "PASS" for c in checks), checks
 
 
@@ -108,7 +108,8 @@ def test_federated_uplink_is_measured_bytes(quick_run):
     rows = [r for r in (out / "federated.csv").read_text().splitlines()[1:]]
     fp32 = [r.split(",") for r in rows if r.startswith("fp32,")]
     cfg = linreg.effective(linreg.load_config(), True)
-    fc, dim = cfg["federated"], cfg["problem"]["dim"]
+    fc = cfg["federated"]
+    dim = fc.get("dim", cfg["problem"]["dim"])
     last = fp32[-1]
     # fp32 sends raw words plus a header: a little over 32 bits per coordinate
     raw_bits = 32 * dim * fc["clients"] * fc["rounds"]
@@ -116,6 +117,79 @@ def test_federated_uplink_is_measured_bytes(quick_run):
     assert raw_bits < int(last[2]) < 1.5 * raw_bits
     eden = [r.split(",") for r in rows if r.startswith("eden(bits=2)")]
     assert 0 < int(eden[-1][2]) < int(last[2])
+
+
+def _claim3_runs(problem, lr, steps=150, batch=4, repeats=24, overrides=None):
+    configs = linreg.variants({"additive_step": 0.25, "mantissa_bits": 2})
+    configs.update(overrides or {})
+    return {label: linreg.quantized_sgd(problem, q, steps, batch, lr, repeats, seed=7)
+            for label, q in configs.items()}
+
+
+def test_averaged_sgd_variance_matches_simulation():
+    """The closed form against Monte Carlo: additive gradient quantization's paired penalty."""
+    problem = linreg.make_problem(16, 1.5, 0.5, seed=2)
+    lr = 0.25 / float(problem.eigenvalues.sum())
+    fp = linreg.quantized_sgd(problem, {}, 150, 4, lr, 200, seed=3)
+    q = linreg.quantized_sgd(problem, {"gradients": Additive(0.25)}, 150, 4, lr, 200, seed=3)
+    pen = linreg.paired_penalty(problem, q, fp, "gradients")
+    pred = linreg.averaged_sgd_variance(problem.eigenvalues, lr, 4, 150,
+                                        linreg.additive_noise_cov(problem, "gradients", 0.25, 4))
+    se = float(pen.std()) / math.sqrt(pen.numel())
+    assert abs(float(pen.mean()) - pred) <= 3 * se + 0.05 * pred
+    # the 1/B law is in the prediction too
+    pred16 = linreg.averaged_sgd_variance(
+        problem.eigenvalues, lr, 16, 150, linreg.additive_noise_cov(problem, "gradients", 0.25, 16))
+    assert pred16 == pytest.approx(pred / 4, rel=0.05)
+    with pytest.raises(ValueError, match="start"):
+        linreg.averaged_sgd_variance(problem.eigenvalues, lr, 4, 10, 1.0, start=11)
+
+
+def test_claim3_passes_and_fails_when_the_noise_is_wrong():
+    problem = linreg.make_problem(16, 1.5, 0.5, seed=4)
+    lr = 0.25 / float(problem.eigenvalues.sum())
+    good = _claim3_runs(problem, lr)
+    check, _ = linreg.noise_claim(problem, good, 0.25, lr, 4, 150)
+    assert check["result"] == "PASS", check
+    # a quantizer with twice the step (4x the variance) misses the prediction
+    loud = _claim3_runs(problem, lr, overrides={"activations/additive":
+                                                {"activations": Additive(0.5)}})
+    check, text = linreg.noise_claim(problem, loud, 0.25, lr, 4, 150)
+    assert check["result"] == "FAIL" and "activations/additive" in text
+    # a place that is not quantized at all adds no noise: no longer "amplified"
+    silent = _claim3_runs(problem, lr, overrides={"params/multiplicative": {}})
+    assert linreg.noise_claim(problem, silent, 0.25, lr, 4, 150)[0]["result"] == "FAIL"
+
+
+class _Scaled:
+    """A codec that sends factor * g through `inner`: 0 is a codec that sends zeros."""
+
+    def __init__(self, factor, inner):
+        self.factor, self.inner = factor, inner
+
+    def encode(self, g, seed):
+        return self.inner.encode(self.factor * g, seed=seed)
+
+
+def test_federated_claim_fails_unconverged_fp32_and_a_zeros_codec():
+    import fedquant as fq
+
+    fc = {"clients": 4, "batch": 8, "rounds": 240, "repeats": 3, "lr_scale": 4.0}
+    problem = linreg.federated_problem({"dim": 64, "decay": 0.5, "noise_std": 0.5}, {}, 0)
+    lr = fc["lr_scale"] / float(problem.eigenvalues.sum())
+    fed = {"fp32": linreg.federated_runs(problem, fq.get_codec("fp32"), fc, lr, 40),
+           "fp16": linreg.federated_runs(problem, fq.get_codec("fp16"), fc, lr, 40),
+           "zeros": linreg.federated_runs(problem, _Scaled(0.0, fq.get_codec("fp16")), fc,
+                                          lr, 40)}
+    (fp_check, codec_check), text = linreg.federated_claim(problem, fed, lr, fc)
+    assert fp_check["result"] == "PASS", fp_check
+    assert codec_check["result"] == "FAIL"
+    assert "- fp16:" in text and "[PASS]" in text.split("- fp16:")[1].splitlines()[0]
+    assert "[FAIL]" in text.split("- zeros:")[1].splitlines()[0]
+    # too few rounds: the tail average still carries the initial bias
+    short = {**fc, "rounds": 40}
+    fed = {"fp32": linreg.federated_runs(problem, fq.get_codec("fp32"), short, lr, 40)}
+    assert linreg.federated_claim(problem, fed, lr, short)[0][0]["result"] == "FAIL"
 
 
 def test_unknown_config_key_is_named(tmp_path):
