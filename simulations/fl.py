@@ -41,8 +41,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import time
 import tomllib
@@ -53,6 +51,7 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
+from fedquant.simulations import evaluation, fl_report, network
 from fedquant.simulations.common import one_thread
 
 import fedquant as fq
@@ -71,17 +70,20 @@ DEFAULTS: dict[str, Any] = {
     "local_epochs": 1, "batch_size": 32, "lr": 0.1, "server_lr": 1.0, "seed": 0,
     "rotations": "", "seed_policy": "per-client", "engine": "inprocess",
     "final_ptq_bits": 0, "final_ptq_method": "spfq", "final_ptq_calib": 256,
+    "repeats": 1, "target_points": evaluation.TARGET_POINTS,
+    "links": [{k: getattr(lk, k) for k in network.LINK_KEYS} for lk in network.DEFAULT_LINKS],
     "codecs": [{"label": "fp32", "name": "fp32"},
                {"label": "eden b=2", "name": "eden", "params": {"bits": 2}}],
 }
 ALLOWED_KEYS = sorted([*DEFAULTS, "quick"])
 CODEC_KEYS = ("label", "codec", "name", "params", "error_feedback", "optional")
-QUICK_KEYS = ("rounds", "num_clients", "codecs", "local_epochs")
+QUICK_KEYS = ("rounds", "num_clients", "codecs", "local_epochs", "repeats")
 ENGINES = ("inprocess", "flower")
-COLUMNS = ("label", "codec", "params", "round", "accuracy", "loss", "uplink_bytes",
-           "cum_uplink_bytes", "downlink_bytes", "clients", "dropped", "wall_s")
-PTQ_COLUMNS = ("label", "final_ptq", "bits", "calib_size", "accuracy_before", "accuracy_after",
-               "accuracy_drop", "loss_before", "loss_after", "fp32_bytes", "ptq_bytes")
+# a round row: fl_report.CSV_COLUMNS (rows.csv) and CLIENT_COLUMNS, the per-client lists
+# for the network model (rows.json only): compute seconds (training + encoding) and
+# len(payload) of each sampled client; None with engine = "flower"
+CLIENT_COLUMNS = ("client_s", "client_bytes")
+COLUMNS = (*fl_report.CSV_COLUMNS, *CLIENT_COLUMNS)
 
 
 # ---- configuration --------------------------------------------------------------------
@@ -130,7 +132,8 @@ def validate(config: dict) -> dict:
     if unknown:
         raise ValueError(f"unknown config key(s) {sorted(unknown)}; allowed: {ALLOWED_KEYS}")
     cfg = {**DEFAULTS, **config}
-    for key in ("hidden", "num_clients", "rounds", "local_epochs", "batch_size", "seed"):
+    for key in ("hidden", "num_clients", "rounds", "local_epochs", "batch_size", "seed",
+                "repeats"):
         _check(key, cfg[key], int)
         if cfg[key] < (0 if key == "seed" else 1):
             raise ValueError(f"config key '{key}' must be >= 1, got {cfg[key]!r}")
@@ -149,13 +152,14 @@ def validate(config: dict) -> dict:
                           sep="_")
     except ValueError as err:
         raise ValueError(f"config key {err}") from None
-    for key in ("alpha", "lr", "server_lr", "fraction_train"):
+    for key in ("alpha", "lr", "server_lr", "fraction_train", "target_points"):
         _check(key, cfg[key], (int, float))
         if not (math.isfinite(cfg[key]) and cfg[key] > 0) or (
                 key == "fraction_train" and cfg[key] > 1):
             raise ValueError(f"config key '{key}' must be a positive number"
                              f"{' <= 1' if key == 'fraction_train' else ''}, got {cfg[key]!r}")
     _check("name", cfg["name"], str)
+    network.parse_links(cfg["links"], "config key 'links'")
     _check("dataset", cfg["dataset"], str)
     if cfg["dataset"] not in fl_task.DATASETS and not cfg["dataset"].startswith("hf:") and \
             not local_datasets.is_local(cfg["dataset"]):
@@ -255,18 +259,20 @@ def _run_codec_inprocess(cfg: dict, spec: dict, task: BoundTask, loaders: list,
     model_bytes = 4 * sum(int(a.size) for a in global_arrays.values())
     loss, acc = task.test(net, testloader, device)
     base = {"label": spec["label"], "codec": spec["name"],
-            "params": ",".join(f"{k}={v}" for k, v in spec["params"].items())}
+            "params": ",".join(f"{k}={v}" for k, v in spec["params"].items()),
+            "seed": cfg["seed"], "numel": int(global_flat.numel()), "model_bytes": model_bytes}
     rows = [{**base, "round": 0, "accuracy": acc, "loss": loss, "uplink_bytes": 0,
              "cum_uplink_bytes": 0, "downlink_bytes": 0, "clients": 0, "dropped": 0,
-             "wall_s": 0.0}]
+             "wall_s": 0.0, "server_s": 0.0, "client_s": [], "client_bytes": []}]
     cum = 0
     for rnd in range(1, cfg["rounds"] + 1):
         start = time.perf_counter()
         round_seed = protocol.round_seed(cfg["seed"], rnd)
         round_codec = protocol.codec_for_round(codec, round_seed)
         sampled = sorted(rng.choice(len(loaders), per_round, replace=False).tolist())
-        payloads, raw_states = [], {}
+        payloads, raw_states, client_s = [], {}, []
         for node in sampled:
+            client_start = time.perf_counter()
             seed = protocol.client_seed(round_seed, node, cfg["seed_policy"])
             set_state(net, global_arrays)
             task.train(net, loaders[node], cfg["local_epochs"], device, seed)
@@ -277,12 +283,15 @@ def _run_codec_inprocess(cfg: dict, spec: dict, task: BoundTask, loaders: list,
             weight = num_examples(loaders[node])
             payloads.append(protocol.Payload(node, enc.to_bytes(), weight, seed))
             raw_states[node] = ({k: local[k] for k in raw_keys}, float(weight))
+            client_s.append(time.perf_counter() - client_start)
+        server_start = time.perf_counter()
         result = protocol.aggregate_payloads(global_flat, payloads, round_codec,
                                              float(cfg["server_lr"]))
         global_flat = result.global_flat
         accepted = [raw_states[n] for n in result.accepted]
         global_arrays = {**global_arrays, **unflatten_arrays(global_flat, global_arrays, keys),
                          **(_raw_mean(accepted, raw_keys, global_arrays) if accepted else {})}
+        server_s = time.perf_counter() - server_start
         set_state(net, global_arrays)
         loss, acc = task.test(net, testloader, device)
         cum += result.uplink_bytes
@@ -290,7 +299,8 @@ def _run_codec_inprocess(cfg: dict, spec: dict, task: BoundTask, loaders: list,
                      "uplink_bytes": result.uplink_bytes, "cum_uplink_bytes": cum,
                      "downlink_bytes": model_bytes * len(sampled),
                      "clients": len(result.accepted), "dropped": len(result.rejected),
-                     "wall_s": time.perf_counter() - start})
+                     "wall_s": time.perf_counter() - start, "server_s": server_s,
+                     "client_s": client_s, "client_bytes": [len(p.data) for p in payloads]})
         advance()
     ptq = None
     if cfg["final_ptq_bits"]:
@@ -339,7 +349,7 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
         "seed-policy": cfg["seed_policy"],
         "error-feedback": spec["error_feedback"], "final-ptq-bits": cfg["final_ptq_bits"],
         "final-ptq-method": cfg["final_ptq_method"], "final-ptq-calib": cfg["final_ptq_calib"]}
-    safe = "".join(ch if ch.isalnum() else "_" for ch in spec["label"])
+    safe = "".join(ch if ch.isalnum() else "_" for ch in spec["label"]) + f"-seed{cfg['seed']}"
     raw = local_deployment.run_app(out_dir / "flower" / safe, run_config,
                                    num_supernodes=cfg["num_clients"], simulation=True)
     rows, cum, ptq = [], 0, None
@@ -354,7 +364,9 @@ def _run_codec_flower(cfg: dict, spec: dict, out_dir: Path, advance):
                      "accuracy": r["accuracy"], "loss": r["loss"],
                      "uplink_bytes": r["uplink_bytes"], "cum_uplink_bytes": cum,
                      "downlink_bytes": r["downlink_bytes"], "clients": r["replied"],
-                     "dropped": r["dropped"] + r["failed"], "wall_s": r["wall_s"]})
+                     "dropped": r["dropped"] + r["failed"], "wall_s": r["wall_s"],
+                     "seed": cfg["seed"], "numel": None, "model_bytes": None,
+                     "server_s": None, "client_s": None, "client_bytes": None})
     advance(cfg["rounds"])
     return rows, ptq
 
@@ -371,7 +383,7 @@ def run_fl(config: dict, out_dir: Path, quick: bool = False, progress: bool = Tr
 
 def run_fl_with_ptq(config: dict, out_dir: Path, quick: bool = False, progress: bool = True,
                     ) -> tuple[list[dict], list[dict]]:
-    """:func:`run_fl`, also returning one final-PTQ result per compressor (PTQ_COLUMNS;
+    """:func:`run_fl`, also returning one final-PTQ result per compressor (fl_report.PTQ_COLUMNS;
     empty when final_ptq_bits is 0)."""
     from rich.progress import Progress
 
@@ -383,8 +395,9 @@ def run_fl_with_ptq(config: dict, out_dir: Path, quick: bool = False, progress: 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     ptqs: list[dict] = []
-    with Progress(disable=not progress, transient=True) as bar, one_thread():
-        job = bar.add_task("fedquant fl", total=len(specs) * cfg["rounds"])
+    with Progress(disable=not progress) as bar, one_thread():
+        job = bar.add_task(f"fl {cfg['name']}",
+                           total=len(specs) * cfg["rounds"] * cfg["repeats"])
         advance = lambda n=1: bar.advance(job, n)  # noqa: E731
         if cfg["final_ptq_bits"] and cfg["task"] and not fl_task.ptq_applies(
                 bound_task(cfg).net(cfg["seed"])):
@@ -392,162 +405,28 @@ def run_fl_with_ptq(config: dict, out_dir: Path, quick: bool = False, progress: 
                           "nn.Sequential of nn.Linear layers (set final_ptq_bits = 0)",
                           stacklevel=2)
             cfg = {**cfg, "final_ptq_bits": 0}
-        if cfg["engine"] == "inprocess":
-            task = bound_task(cfg)
-            loaders = [task.load_data(i, cfg["num_clients"])[0]
-                       for i in range(cfg["num_clients"])]
-            testloader = task.central_testloader(cfg["num_clients"])
-        for spec in specs:
-            bar.update(job, description=f"fl {spec['label']}")
+        for repeat in range(cfg["repeats"]):
+            # seed, seed + 1, ...: the data split, initial model, client sample and codec
+            # seeds all change with it; every codec runs on the same ones (paired by seed)
+            run_cfg = {**cfg, "seed": cfg["seed"] + repeat,
+                       "final_ptq_bits": cfg["final_ptq_bits"] if repeat == 0 else 0}
             if cfg["engine"] == "inprocess":
-                more, ptq = _run_codec_inprocess(cfg, spec, task, loaders, testloader, advance)
-            else:
-                more, ptq = _run_codec_flower(cfg, spec, out_dir, advance)
-            rows += more
-            ptqs += [ptq] if ptq is not None else []
-    _write_results(cfg, rows, out_dir, quick, ptqs)
+                task = bound_task(run_cfg)
+                loaders = [task.load_data(i, cfg["num_clients"])[0]
+                           for i in range(cfg["num_clients"])]
+                testloader = task.central_testloader(cfg["num_clients"])
+            for spec in specs:
+                bar.update(job, description=f"fl {cfg['name']}: {spec['label']}, seed "
+                                            f"{run_cfg['seed']}")
+                if cfg["engine"] == "inprocess":
+                    more, ptq = _run_codec_inprocess(run_cfg, spec, task, loaders, testloader,
+                                                     advance)
+                else:
+                    more, ptq = _run_codec_flower(run_cfg, spec, out_dir, advance)
+                rows += more
+                ptqs += [ptq] if ptq is not None else []
+    fl_report.write_results(cfg, rows, out_dir, quick, ptqs)
     return rows, ptqs
-
-
-# ---- results --------------------------------------------------------------------------
-def summarize(rows: list[dict]) -> list[dict]:
-    """One line per compressor: final accuracy, total uplink, ratio to fp32's uplink."""
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    final = {lab: max((r for r in rows if r["label"] == lab), key=lambda r: r["round"])
-             for lab in labels}
-    ref = next((final[lab] for lab in labels if final[lab]["codec"] == "fp32"), None)
-    out = []
-    for lab in labels:
-        r = final[lab]
-        out.append({"label": lab, "final_accuracy": r["accuracy"], "final_loss": r["loss"],
-                    "uplink_mb": r["cum_uplink_bytes"] / 1e6,
-                    "uplink_vs_fp32": (r["cum_uplink_bytes"] / ref["cum_uplink_bytes"]
-                                       if ref and ref["cum_uplink_bytes"] else math.nan),
-                    "accuracy_vs_fp32": (r["accuracy"] - ref["accuracy"]) if ref else math.nan,
-                    "wall_s": sum(x["wall_s"] for x in rows if x["label"] == lab)})
-    return out
-
-
-def target_check(summary: list[dict]) -> str | None:
-    """Issue 5's target: eden b=2 within 1 point of fp32 with <= 1/14 of its uplink."""
-    eden = next((s for s in summary if s["label"] == "eden b=2"), None)
-    fp32 = next((s for s in summary if s["label"] == "fp32"), None)
-    if eden is None or fp32 is None:
-        return None
-    ok = eden["accuracy_vs_fp32"] >= -0.01 and eden["uplink_vs_fp32"] <= 1 / 14
-    return (f"eden b=2 vs fp32: accuracy {100 * eden['accuracy_vs_fp32']:+.2f} points, uplink "
-            f"1/{1 / eden['uplink_vs_fp32']:.2f} of fp32 -> target (>= -1 point, <= 1/14) "
-            f"{'MET' if ok else 'NOT MET'}")
-
-
-def _plots(rows: list[dict], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = list(dict.fromkeys(r["label"] for r in rows))
-    for name, xkey, xlabel, xscale in (
-            ("accuracy_vs_rounds.png", "round", "round", "linear"),
-            ("accuracy_vs_uplink.png", "cum_uplink_bytes", "cumulative uplink (MB)", "log")):
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        for lab in labels:
-            pts = [r for r in rows if r["label"] == lab and (xkey == "round" or r[xkey] > 0)]
-            xs = [r[xkey] / (1e6 if xkey != "round" else 1) for r in pts]
-            ax.plot(xs, [100 * r["accuracy"] for r in pts], marker=".", label=lab)
-        ax.set_xscale(xscale)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / name, dpi=120)
-        plt.close(fig)
-
-
-def _ptq_lines(ptqs: list[dict]) -> list[str]:
-    """report.md's final-PTQ table (none when final_ptq_bits is 0)."""
-    if not ptqs:
-        return []
-    p0 = ptqs[0]
-    lines = ["", f"Final global model quantized after training with {p0['final_ptq']} at "
-             f"{p0['bits']} bits per weight (fedquant.ptq, seed 004), calibration batch of "
-             f"{p0['calib_size']} training rows; accuracy on the held-out split.", "",
-             "| compressor | accuracy fp32 | accuracy PTQ | drop (points, + = lost) | fp32 bytes | "
-             "PTQ bytes | fp32 / PTQ |", "|---|---|---|---|---|---|---|"]
-    for p in ptqs:
-        lines.append(f"| {p['label']} | {100 * p['accuracy_before']:.2f}% | "
-                     f"{100 * p['accuracy_after']:.2f}% | {100 * p['accuracy_drop']:+.2f} | "
-                     f"{p['fp32_bytes']} | {p['ptq_bytes']} | "
-                     f"{p['fp32_bytes'] / p['ptq_bytes']:.2f} |")
-    return lines
-
-
-def _write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool,
-                   ptqs: list[dict] = ()) -> None:
-    with (out_dir / "rows.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    if ptqs:
-        with (out_dir / "final_ptq.csv").open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=PTQ_COLUMNS)
-            writer.writeheader()
-            writer.writerows(ptqs)
-    summary = summarize(rows)
-    config = {k: v for k, v in cfg.items() if k != "quick"}
-    (out_dir / "rows.json").write_text(json.dumps(
-        {"config": config, "quick": quick, "summary": summary, "rows": rows,
-         "final_ptq": list(ptqs)}, indent=1))
-    _plots(rows, out_dir)
-    what = f"task {cfg['task']}" if cfg["task"] else f"{cfg['dataset']} / {cfg['model']}"
-    lines = [f"# fedquant fl: {cfg['name']}{' (quick)' if quick else ''}", "",
-             f"{what}, {cfg['num_clients']} clients, "
-             f"{cfg['partitioning']} (alpha {cfg['alpha']}), {cfg['rounds']} rounds, "
-             f"{cfg['local_epochs']} local epoch(s), lr {cfg['lr']}, server lr "
-             f"{cfg['server_lr']}, seed {cfg['seed']}, engine {cfg['engine']}. Uplink bytes "
-             "are len(payload) of every client's Encoded.", "",
-             "| compressor | final accuracy | vs fp32 (points) | uplink MB | uplink / fp32 |",
-             "|---|---|---|---|---|"]
-    for s in summary:
-        lines.append(f"| {s['label']} | {100 * s['final_accuracy']:.2f}% | "
-                     f"{100 * s['accuracy_vs_fp32']:+.2f} | {s['uplink_mb']:.3f} | "
-                     f"{s['uplink_vs_fp32']:.4f} |")
-    check = target_check(summary)
-    lines += _ptq_lines(list(ptqs))
-    lines += ["", check or "", "", "![accuracy vs rounds](accuracy_vs_rounds.png)",
-              "![accuracy vs uplink](accuracy_vs_uplink.png)", ""]
-    (out_dir / "report.md").write_text("\n".join(lines))
-
-
-def print_summary(rows: list[dict], ptqs: list[dict] = ()) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="fedquant fl")
-    for col in ("compressor", "final acc", "vs fp32", "uplink MB", "uplink/fp32", "time s"):
-        table.add_column(col, justify="left" if col == "compressor" else "right")
-    summary = summarize(rows)
-    for s in summary:
-        table.add_row(s["label"], f"{100 * s['final_accuracy']:.2f}%",
-                      f"{100 * s['accuracy_vs_fp32']:+.2f}", f"{s['uplink_mb']:.3f}",
-                      f"{s['uplink_vs_fp32']:.4f}", f"{s['wall_s']:.1f}")
-    console = Console()
-    console.print(table)
-    if ptqs:
-        ptq_table = Table(title=f"final model PTQ ({ptqs[0]['final_ptq']}, "
-                                f"{ptqs[0]['bits']} bits)")
-        for col in ("compressor", "acc fp32", "acc PTQ", "drop", "fp32 bytes", "PTQ bytes"):
-            ptq_table.add_column(col, justify="left" if col == "compressor" else "right")
-        for p in ptqs:
-            ptq_table.add_row(p["label"], f"{100 * p['accuracy_before']:.2f}%",
-                              f"{100 * p['accuracy_after']:.2f}%",
-                              f"{100 * p['accuracy_drop']:+.2f}", str(p["fp32_bytes"]),
-                              str(p["ptq_bytes"]))
-        console.print(ptq_table)
-    check = target_check(summary)
-    if check:
-        console.print(check)
 
 
 def register(app: typer.Typer) -> None:
@@ -574,5 +453,5 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(str(err)) from err
         out_dir = out or Path("results") / (cfg["name"] + ("-quick" if quick else ""))
         rows, ptqs = run_fl_with_ptq(cfg, out_dir, quick=quick)
-        print_summary(rows, ptqs)
+        fl_report.print_summary(cfg, rows, ptqs)
         typer.echo(f"wrote {out_dir}/rows.csv, rows.json, report.md and plots")
