@@ -130,3 +130,64 @@ def test_correlated_rounds_share_one_seed_and_beat_independent_codecs_on_similar
             assert cq["nmse"] * ratio < ind["nmse"]
         else:
             assert cq["nmse"] < sto["nmse"]
+
+
+_REF = {
+    "d": 4096, "clients": 4, "trials": 1, "seed": 1,
+    "inputs": ["normal", "two-spikes"], "rotations": ["auto"],
+    "codecs": [{"codec": "eden", "bits": [1, 4], "scale": ["unbiased", "biased"]},
+               {"codec": "drive"}],
+    "studies": False,
+}
+
+
+def _reference_result(cfg):
+    from fedquant.simulations.dme import measure_all, reference_claim, resolve_config
+
+    rows, _ = measure_all(resolve_config(cfg), progress=False)
+    checks, text = reference_claim(rows)
+    return checks, text
+
+
+def test_reference_check_passes_for_the_real_codecs():
+    checks, text = _reference_result(_REF)
+    assert len(checks) == 1 and checks[0]["result"] == "PASS", text
+    assert text.count("[PASS]") == 10  # 5 settings x 2 inputs, each against the table
+
+
+def test_reference_check_fails_for_a_codec_that_returns_zeros(monkeypatch):
+    decode = fq.decode
+    monkeypatch.setattr(fq, "decode", lambda enc, *a, **k: 0 * decode(enc, *a, **k))
+    checks, text = _reference_result({**_REF, "inputs": ["normal"]})
+    assert checks[0]["result"] == "FAIL" and "[PASS]" not in text
+
+
+def test_reference_check_fails_when_the_rotation_is_the_identity(monkeypatch):
+    from fedquant.codecs import rotated
+
+    rotate, unrotate = rotated.rotate, rotated.unrotate
+    monkeypatch.setattr(rotated, "rotate", lambda x, seed, k, *a, **kw: rotate(x, seed, 0))
+    monkeypatch.setattr(rotated, "unrotate",
+                        lambda z, seed, k, d, *a, **kw: unrotate(z, seed, 0, d, *a, **kw))
+    checks, text = _reference_result(_REF)
+    assert checks[0]["result"] == "FAIL"
+    # Gaussian inputs need no rotation; the two spikes do
+    assert "[FAIL]" not in "".join(t for t in text.splitlines() if t.startswith("- normal"))
+    assert "[PASS]" not in "".join(t for t in text.splitlines() if t.startswith("- two-spikes"))
+
+
+def test_reference_figures_apply_only_where_the_table_has_them():
+    from fedquant.simulations.dme import reference_vnmse
+
+    def row(codec, params, input_name="normal", rotations="auto"):
+        return {"codec": codec, "params": json.dumps(params), "input": input_name,
+                "rotations": rotations}
+
+    assert reference_vnmse(row("eden", {"bits": 2})) == 0.1331
+    assert reference_vnmse(row("drive", {"scale": "biased"})) == pytest.approx(0.3634, abs=1e-4)
+    assert reference_vnmse(row("quic-fl", {"bits": 2})) == 0.2149
+    assert reference_vnmse(row("quic-fl", {"bits": 2, "shared_bits": 3})) is None
+    assert reference_vnmse(row("eden", {"bits": 1}, "two-spikes", "1")) == 1.0
+    assert reference_vnmse(row("eden", {"bits": 1}, "two-spikes", "0")) is None
+    assert reference_vnmse(row("eden", {"bits": 1}, "digits-grad")) is None
+    assert reference_vnmse(row("dither", {"bits": 2})) is None
