@@ -245,3 +245,29 @@ def test_lplr_experiment_rejects_bad_config(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message):
         cfg = load_config(_write_config(tmp_path, _TINY_LPLR.replace(*edit)), SCHEMA, False)
         run_lplr(cfg, tmp_path / "out")
+
+
+def test_lplr_claim_passes_on_decaying_spectra_and_fails_for_a_zeros_codec(monkeypatch):
+    from fedquant.simulations import lplr as study
+
+    cfg = {"bits_naive": [1, 2], "bits_factors": [8], "trials": 1}
+    a = study.synthetic_matrix(96, 64, "exp", seed=0)
+
+    def verdicts():
+        rows = study.compare_on_matrix(a, cfg, seed=0)
+        return study.lplr_verdicts([{"source": "synthetic", "matrix": "exp", **r}
+                                    for r in rows])
+
+    checks, text = study.lplr_claim(verdicts())
+    assert [c["result"] for c in checks] == ["PASS"], text
+    # a factor codec that decodes to zeros still "beats" 1-bit naive (error > 1): the check
+    # also asks for an error below that of sending nothing
+    decode = study.fq.decode
+    monkeypatch.setattr(study.fq, "decode", lambda enc, *a, **k: 0 * decode(enc, *a, **k))
+    checks, text = study.lplr_claim(verdicts())
+    assert [c["result"] for c in checks] == ["FAIL"], text
+    # a flat spectrum is no part of the claim; with nothing to check the check fails
+    monkeypatch.undo()
+    flat = study.compare_on_matrix(study.synthetic_matrix(96, 64, "flat", 0), cfg, 0)
+    rows = study.lplr_verdicts([{"source": "synthetic", "matrix": "flat", **r} for r in flat])
+    assert study.lplr_claim(rows)[0][0]["result"] == "FAIL"
