@@ -6,8 +6,10 @@ writes one report a person wants to read:
 1. DME: vNMSE and NMSE(n = 10) against measured bits per coordinate for every codec and bit
    budget, on N(0,1), LogNormal(0,1), a real gradient of the digits model and adversarial
    inputs, with 1, 2, 3 and auto RHTs (``simulations.dme``).
-2. Federated training: digits, 10 clients, Dirichlet(0.5), accuracy against rounds and
-   against cumulative uplink megabytes (``simulations.fl``).
+2. Federated training: each scenario of ``[fl]`` (a task, clients, participation, split)
+   over several seeds, every codec on the same seeds; accuracy with 95% intervals, the
+   verdict against fp32, and bytes and simulated time to the target accuracy on each
+   network link (``simulations.fl``, ``simulations.evaluation``, ``simulations.network``).
 3. Speed: encode and decode of each codec at d = 2^20 with a read+write pass of the same
    array as the baseline of the same run (``simulations.bench``).
 
@@ -38,7 +40,7 @@ TOP_KEYS = {"name", "seed", "plugins", "dme", "fl", "speed", "studies", "quick",
 SPEED_KEYS = {"d", "repeats", "codecs"}
 SECTION_KEYS = {  # the keys of each table; [quick] and [full] hold the same tables
     "dme": {"d", "clients", "trials", "inputs", "rotations", "codecs"},
-    "fl": {"task", "dataset", "model", "clients", "alpha", "rounds", "codecs"},
+    "fl": {"repeats", "target_points", "links", "scenarios", "codecs"},
     "speed": SPEED_KEYS,
 }
 BUDGETS = (1, 2, 3, 4)
@@ -127,6 +129,7 @@ def validate_config(cfg: dict[str, Any]) -> None:
     for section in ("dme", "fl", "speed"):
         for i, spec in enumerate(cfg.get(section, {}).get("codecs", [])):
             codec_spec(spec, f"{section}.codecs[{i}]")
+    scenario_configs(cfg)  # each scenario is a valid `fedquant fl` config
     studies = cfg.get("studies", [])
     allowed_studies = {"linreg", "innerprod", "lplr", "ptq"}
     for s in studies:
@@ -199,28 +202,116 @@ def best_per_budget(dme_rows: list[dict], inputs: tuple[str, ...] = NATURAL_INPU
     return out
 
 
-def fl_finals(fl_rows: list[dict], tail: int = 3) -> list[dict]:
-    """Per codec: final accuracy, mean accuracy of the last `tail` rounds (damps the
-    round-to-round noise), total uplink MB; sorted by uplink."""
+SCENARIO_FIXED = ("codecs", "repeats", "links", "target_points", "seed", "quick")
+
+
+def scenario_configs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
+    """One validated `fedquant fl` config per ``[[fl.scenarios]]`` table: the scenario's
+    keys plus the section's codecs, repeats, links and target_points and the top-level
+    seed. ConfigError names the scenario and the key."""
+    from fedquant.simulations import fl
+
+    table = cfg.get("fl", {})
+    scenarios = table.get("scenarios", [])
+    if not isinstance(scenarios, list) or not scenarios or \
+            not all(isinstance(t, dict) for t in scenarios):
+        raise ConfigError("fl.scenarios must be a non-empty list of tables "
+                          "([[fl.scenarios]] name = ..., task = ..., ...)")
+    codecs = []
+    for i, spec in enumerate(table.get("codecs", [])):
+        name, params = codec_spec(spec, f"fl.codecs[{i}]")
+        codecs.append({"label": label(name, params), "name": name, "params": params})
     out = []
-    for lab in dict.fromkeys(r["label"] for r in fl_rows):
-        rs = sorted((r for r in fl_rows if r["label"] == lab), key=lambda r: r["round"])
-        last = rs[-tail:]
-        out.append({"label": lab, "accuracy": rs[-1]["accuracy"],
-                    "tail_accuracy": sum(r["accuracy"] for r in last) / len(last),
-                    "uplink_mb": rs[-1]["cum_uplink_bytes"] / 1e6, "rounds": rs[-1]["round"]})
-    return sorted(out, key=lambda f: f["uplink_mb"])
+    for i, scen in enumerate(scenarios):
+        where = f"fl.scenarios[{i}]"
+        fixed = sorted(set(scen) & set(SCENARIO_FIXED))
+        if fixed:
+            raise ConfigError(f"{where}: {fixed} are set for all scenarios in [fl] (or seed at "
+                              "the top level), not per scenario")
+        if not isinstance(scen.get("name"), str) or not scen["name"]:
+            raise ConfigError(f"{where}.name: every scenario needs a name")
+        fl_cfg = {**scen, "codecs": codecs, "seed": cfg["seed"],
+                  **{k: table[k] for k in ("repeats", "links", "target_points") if k in table}}
+        try:
+            out.append(fl.validate(fl_cfg))
+        except ValueError as e:
+            raise ConfigError(f"{where} ({scen['name']}): {e}") from None
+    names = [c["name"] for c in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"fl.scenarios: names must be distinct, got {names}")
+    return out
 
 
-def cheapest_within(fl_rows: list[dict], points: float = 1.0) -> dict | None:
-    """The codec with the fewest uplink bytes whose last-3-rounds accuracy is within
-    `points` accuracy points of fp32's."""
-    finals = fl_finals(fl_rows)
-    ref = next((f for f in finals if f["label"].startswith("fp32")), None)
-    if ref is None:
+def scenario_dir(name: str) -> str:
+    """The folder of a scenario's own `fedquant fl` report, relative to the output folder."""
+    return "fl/" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+
+
+def fl_summaries(cfg: dict[str, Any], fl_rows: list[dict]) -> dict[str, list[dict]]:
+    """{scenario name: fl_report.summarize of its rows}, in config order."""
+    from fedquant.simulations import fl_report
+
+    return {sc["name"]: fl_report.summarize(sc, [r for r in fl_rows
+                                                  if r["scenario"] == sc["name"]])
+            for sc in scenario_configs(cfg)}
+
+
+def cheapest_within(summaries: dict[str, list[dict]]) -> dict | None:
+    """The codec with the smallest uplink (as a fraction of fp32's, worst scenario) whose
+    verdict is "within" in every scenario (evaluation.verdict: the 95% interval of its
+    seed-paired difference to fp32 lies above -target_points); None if no codec is."""
+    from fedquant.simulations import evaluation
+
+    by_label: dict[str, list[dict]] = {}
+    for items in summaries.values():
+        for it in items:
+            if it["codec"] != "fp32":
+                by_label.setdefault(it["label"], []).append(it)
+    ok = {lab: its for lab, its in by_label.items() if len(its) == len(summaries)
+          and all(it["verdict"] == evaluation.WITHIN for it in its)}
+    if not ok:
         return None
-    best = next(f for f in finals if f["tail_accuracy"] >= ref["tail_accuracy"] - points / 100)
-    return {**best, "fp32_accuracy": ref["tail_accuracy"], "fp32_uplink_mb": ref["uplink_mb"]}
+    lab = min(ok, key=lambda k: max(it["uplink_vs_fp32"] for it in ok[k]))
+    return {"label": lab, "uplink_vs_fp32": max(it["uplink_vs_fp32"] for it in ok[lab]),
+            "scenarios": dict(zip(summaries, ok[lab], strict=True))}
+
+
+FL_BUDGETS = (1, 2, 4, 8, 32)
+
+
+def recommend(summaries: dict[str, list[dict]], links: list[str],
+              budgets: tuple[int, ...] = FL_BUDGETS) -> dict[str, list[dict]]:
+    """Per scenario, per link and bit budget: the codec with the shortest mean simulated
+    time to the target among those that reached it on every seed and send at most that
+    many bits per coordinate (measured, 5% slack for headers), with fp32's time beside."""
+    out: dict[str, list[dict]] = {}
+    for scen, items in summaries.items():
+        ref = next((it for it in items if it["codec"] == "fp32"), None)
+        rows = []
+        for link in links:
+            def seconds(it, link=link):
+                entry = it["to_target"].get(link)
+                if not entry or entry["value"] is None or entry["reached"] < entry["seeds"]:
+                    return None
+                return entry["value"].mean
+            fp32_s = seconds(ref) if ref else None
+            for b in budgets:
+                fits = [(seconds(it), it) for it in items if it["bits_per_coord"] <= b * 1.05
+                        and seconds(it) is not None]
+                best = min(fits, key=lambda t: t[0]) if fits else None
+                rows.append({"link": link, "budget": b,
+                             "codec": best[1]["label"] if best else None,
+                             "seconds": best[0] if best else None, "fp32_seconds": fp32_s,
+                             "bits_per_coord": best[1]["bits_per_coord"] if best else None})
+        out[scen] = rows
+    return out
+
+
+def fl_links(cfg: dict[str, Any]):
+    """The network links of the FL section (simulations.network.DEFAULT_LINKS if unset)."""
+    from fedquant.simulations import network
+
+    return network.parse_links(cfg.get("fl", {}).get("links") or network.DEFAULT_LINKS)
 
 
 def versions() -> dict[str, str]:
@@ -236,7 +327,7 @@ def versions() -> dict[str, str]:
 def run_compare(cfg: dict[str, Any], out_dir: Path, progress: bool = True,
                 log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the three sections and write report.md, CSV/JSON and PNG plots into out_dir."""
-    from fedquant.simulations import compare_report, compare_sections
+    from fedquant.simulations import compare_report, compare_sections, evaluation
 
     import_plugins(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -248,8 +339,14 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, progress: bool = True,
         results["timings_s"][section] = round(time.perf_counter() - t0, 1)
     results["studies"] = compare_sections.run_studies(cfg, out_dir, progress)
     results["best_per_budget"] = best_per_budget(results["dme"])
-    results["cheapest_within_1pt"] = cheapest_within(results["fl"])
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    summaries = fl_summaries(cfg, results["fl"])
+    results["fl_summary"] = summaries
+    results["cheapest_within"] = cheapest_within(summaries)
+    results["fl_recommendation"] = recommend(
+        summaries, [lk.name for lk in fl_links(cfg)])
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1,
+                                                     default=evaluation.json_default))
     compare_report.write_report(results, out_dir)
     return results
 
@@ -284,5 +381,6 @@ def register(app: typer.Typer) -> None:
                       f"{out_dir / 'report.md'}")
 
 
-__all__ = ["ConfigError", "best_per_budget", "cheapest_within", "fl_finals", "codec_spec", "label",
-           "load_config", "run_compare", "validate_config"]
+__all__ = ["ConfigError", "best_per_budget", "cheapest_within", "codec_spec", "fl_links",
+           "fl_summaries", "label", "load_config", "recommend", "run_compare", "scenario_configs",
+           "scenario_dir", "validate_config"]

@@ -32,29 +32,39 @@ def run_dme(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
 
 
 def run_fl(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
-    """Federated training (simulations.fl, in-process engine) for each configured codec."""
+    """Federated training (simulations.fl, in-process engine): every scenario of
+    ``[[fl.scenarios]]`` with every codec over ``repeats`` seeds; each scenario writes its own
+    report into out_dir/fl/<scenario>/. Rows carry a ``scenario`` key."""
     from fedquant.simulations import fl
+    from fedquant.simulations.compare import scenario_configs, scenario_dir
 
-    table = cfg["fl"]
-    codecs = []
-    for i, spec in enumerate(table["codecs"]):
-        name, params = codec_spec(spec, f"fl.codecs[{i}]")
-        codecs.append({"label": label(name, params), "name": name, "params": params})
-    fl_cfg = {"name": "compare-fl", "seed": cfg["seed"], "codecs": codecs,
-              "num_clients": table["clients"], "rounds": table["rounds"],
-              **{k: table[k] for k in ("task", "dataset", "model", "alpha") if k in table}}
-    return fl.run_fl(fl_cfg, out_dir / "fl", progress=progress)
+    rows = []
+    for scen in scenario_configs(cfg):
+        for r in fl.run_fl(scen, out_dir / scenario_dir(scen["name"]), progress=progress):
+            rows.append({"scenario": scen["name"], **r})
+    return rows
 
 
 def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
     """Encode/decode time at speed.d, one thread, with a read+write pass of the same array
     measured in the same run as the baseline (simulations.bench)."""
     from fedquant.simulations import bench
+    from rich.progress import Progress
 
     table = cfg["speed"]
     specs = [codec_spec(s, f"speed.codecs[{i}]") for i, s in enumerate(table["codecs"])]
-    with one_thread():  # REFERENCE.md's speeds are one-thread figures; so is the baseline
-        rows = bench.bench_codecs(specs, [table["d"]], table["repeats"], seed=cfg["seed"])
+    # REFERENCE.md's speeds are one-thread figures; so is the baseline
+    with one_thread(), Progress(disable=not progress) as bar:
+        job = bar.add_task("speed", total=len(specs))
+        started: list[str] = []
+
+        def step(what: str) -> None:  # called as each codec starts
+            bar.update(job, description=f"speed: {what}", completed=len(started))
+            started.append(what)
+
+        rows = bench.bench_codecs(specs, [table["d"]], table["repeats"], seed=cfg["seed"],
+                                  progress=step)
+        bar.update(job, completed=len(specs))
     for r in rows:
         r["label"] = label(r["codec"], r["params"])
     return rows

@@ -45,6 +45,14 @@ class Interval:
         return f"{mean} [{self.low * scale:{sign}.{digits}f}, {self.high * scale:{sign}.{digits}f}]"
 
 
+def json_default(value: object) -> object:
+    """``json.dumps(..., default=json_default)``: an Interval as a dict, anything else as
+    its text."""
+    if isinstance(value, Interval):
+        return {"mean": value.mean, "low": value.low, "high": value.high, "n": value.n}
+    return str(value)
+
+
 def mean_ci(values: Sequence[float], level: float = LEVEL) -> Interval:
     """The mean of `values` and its Student-t confidence interval at `level`."""
     from scipy import stats
@@ -104,5 +112,5 @@ def first_reach(accuracies: Sequence[float], target: float, tail: int = TAIL_ROU
 
 
 __all__ = ["INCONCLUSIVE", "LAGS", "LEVEL", "TAIL_ROUNDS", "TARGET_POINTS", "UNDETERMINED",
-           "WITHIN", "Interval", "first_reach", "mean_ci", "paired_difference", "run_accuracy",
-           "verdict"]
+           "WITHIN", "Interval", "first_reach", "json_default", "mean_ci", "paired_difference",
+           "run_accuracy", "verdict"]

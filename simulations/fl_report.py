@@ -132,7 +132,7 @@ def reach_text(entry: dict | None, unit: str = "s", digits: int = 3) -> str:
     return text
 
 
-def _short_reach(entry: dict | None) -> str:
+def short_reach(entry: dict | None) -> str:
     if not entry or entry["value"] is None:
         return "-"
     seeds = "" if entry["reached"] == entry["seeds"] else f" ({entry['reached']}/{entry['seeds']})"
@@ -175,8 +175,9 @@ def _draw(ax, by_seed: dict, label: str, xs: Any, scale: float = 1.0,
     ax.plot(xv, [100 * y[i].mean for i in keep], color=color, ls=codec_linestyle(label),
             label=label, lw=1.4)
     if all(y[i].n >= 2 for i in keep):
-        ax.fill_between(xv, [100 * y[i].low for i in keep], [100 * y[i].high for i in keep],
-                        color=color, alpha=0.15, lw=0)
+        ax.fill_between(xv, [max(0.0, 100 * y[i].low) for i in keep],
+                        [min(100.0, 100 * y[i].high) for i in keep], color=color, alpha=0.12,
+                        lw=0)
 
 
 def plot_results(cfg: dict, rows: list[dict], out_dir: Path, title: str) -> list[str]:
@@ -220,8 +221,12 @@ def plot_results(cfg: dict, rows: list[dict], out_dir: Path, title: str) -> list
 
 
 def _finish(ax, xlabel: str, title: str, target: float | None, logx: bool) -> None:
+    from matplotlib.ticker import NullFormatter
+
     if logx:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlaps
+    ax.set_ylim(0, 100)
     if target is not None:
         ax.axhline(100 * target, color="0.4", lw=0.8, ls=":", label="target")
     ax.set_xlabel(xlabel)
@@ -328,7 +333,7 @@ def write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool,
     config = {k: v for k, v in cfg.items() if k != "quick"}
     (out_dir / "rows.json").write_text(json.dumps(
         {"config": config, "quick": quick, "summary": summary, "rows": rows,
-         "final_ptq": list(ptqs)}, indent=1, default=_jsonable))
+         "final_ptq": list(ptqs)}, indent=1, default=evaluation.json_default))
     plots = plot_results(cfg, rows, out_dir, cfg["name"])
     lines = [f"# fedquant fl: {cfg['name']}{' (quick)' if quick else ''}", "", describe(cfg),
              "", definitions(cfg), ""]
@@ -340,12 +345,6 @@ def write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool,
     lines += [""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots] + [""]
     (out_dir / "report.md").write_text("\n".join(lines))
     return summary
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Interval):
-        return {"mean": value.mean, "low": value.low, "high": value.high, "n": value.n}
-    raise TypeError(f"cannot serialize {type(value).__name__}")
 
 
 def print_summary(cfg: dict, rows: list[dict], ptqs: list[dict] = ()) -> None:
@@ -361,7 +360,7 @@ def print_summary(cfg: dict, rows: list[dict], ptqs: list[dict] = ()) -> None:
     for s in summarize(cfg, rows):
         table.add_row(s["label"], s["accuracy"].text(100), verdict_text(s, points),
                       f"{s['uplink_mb']:.3g}",
-                      *(_short_reach(s["to_target"].get(n)) for n in links))
+                      *(short_reach(s["to_target"].get(n)) for n in links))
     console = Console()
     console.print(table)
     if ptqs:

@@ -78,5 +78,8 @@ def test_compare_takes_a_task_module_for_its_fl_section(tmp_path):
     from fedquant.simulations import compare
 
     path = tmp_path / "my.toml"
-    path.write_text('[fl]\ntask = "synthetic"\n')
-    assert compare.load_config(path, "quick")["fl"]["task"] == "synthetic"
+    path.write_text('[[fl.scenarios]]\nname = "mine"\ntask = "synthetic"\n')
+    for mode in ("default", "quick"):  # the user's scenarios replace the default ones
+        cfg = compare.load_config(path, mode)
+        assert [(s["name"], s["task"]) for s in compare.scenario_configs(cfg)] == [
+            ("mine", "synthetic")]

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from fedquant.simulations import compare
 from fedquant.simulations.inputs import make_input
 
@@ -20,7 +19,7 @@ def _tiny_config() -> dict:
     """The --quick config, made smaller still so the test stays within seconds."""
     cfg = compare.load_config(EXAMPLE, "quick")
     cfg["dme"].update(d=2048, inputs=["normal", "two-spikes"], rotations=[1, 2, "auto"])
-    cfg["fl"].update(rounds=3)
+    cfg["fl"]["scenarios"][0].update(rounds=4)
     cfg["speed"].update(d=4096, repeats=2)
     return cfg
 
@@ -34,16 +33,39 @@ def quick_run(tmp_path_factory):
 
 def test_quick_compare_writes_every_file(quick_run):
     _, out, results = quick_run
-    for name in ("report.md", "results.json", "dme.csv", "fl.csv", "speed.csv",
-                 "dme_vnmse_vs_bits.png", "fl_accuracy_vs_rounds.png",
-                 "fl_accuracy_vs_uplink.png", "speed.png"):
+    scenario = compare.scenario_dir(cfg_name(out))
+    for name in ("report.md", "results.json", "config.json", "dme.csv", "fl.csv", "speed.csv",
+                 "dme_vnmse_vs_bits.png", "speed.png", f"{scenario}/accuracy_vs_time.png",
+                 f"{scenario}/accuracy_vs_rounds.png", f"{scenario}/report.md"):
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
-    for needle in ("## Recommendation", "![vNMSE vs bits]", "## Configuration", "## Versions",
-                   "Seed 2026", "absmax8"):
+    for needle in ("## Recommendation", "![vNMSE vs bits]", "## Configuration and versions",
+                   "Seed 2026", "absmax8", "Which codec for my bandwidth and my bit budget",
+                   f"]({scenario}/accuracy_vs_time.png)", "`config.json`", "GB/s"):
         assert needle in report, needle
+    assert "```json" not in report  # the configuration is attached, not pasted
     stored = json.loads((out / "results.json").read_text())
     assert stored["config"]["seed"] == 2026 and stored["best_per_budget"]
+
+
+def cfg_name(out: Path) -> str:
+    return json.loads((out / "config.json").read_text())["fl"]["scenarios"][0]["name"]
+
+
+def test_report_claims_only_what_ran(quick_run):
+    """The DME recommendation names the inputs that ran; the rotation table has a column
+    only for rotation counts that ran."""
+    _, out, _ = quick_run
+    report = (out / "report.md").read_text()
+    assert "natural inputs that ran (N(0,1))" in report
+    assert "LogNormal" not in report.split("## 1.")[0]
+    from fedquant.simulations.compare_report import rotation_table
+
+    rows = [{"input": i, "label": "eden b=1", "rotations": k, "vnmse": 0.5}
+            for i in ("two-spikes", "normal") for k in ("1", "2", "auto")]
+    table = rotation_table(rows)
+    assert "| input | 1 RHT | 2 RHT | auto RHT |" in table and "3 RHT" not in table
+    assert "two-spikes" in table and "normal" not in table
 
 
 def test_user_codec_from_plugin_takes_part_in_every_section(quick_run):
@@ -88,8 +110,9 @@ def test_same_config_same_numbers(quick_run, tmp_path):
     cfg, _, results = quick_run
     small = json.loads(json.dumps(cfg))
     small["dme"]["codecs"] = [{"codec": "eden", "bits": 2}]
+    scenario = {**small["fl"]["scenarios"][0], "rounds": 2}
     again = compare.run_compare({**small, "fl": {**small["fl"], "codecs": [{"codec": "drive"}],
-                                                 "rounds": 2}},
+                                                 "scenarios": [scenario]}},
                                 tmp_path, progress=False, log=lambda _: None)
     first = {(r["label"], r["input"], r["rotations"]): r["vnmse"] for r in results["dme"]}
     for r in again["dme"]:
@@ -103,6 +126,11 @@ def test_same_config_same_numbers(quick_run, tmp_path):
     ("[dme]\ncodecs = [{ codec = 'eden', bits = 11 }]\n", "bits must be"),
     ("[dme]\ncodecs = [{ bits = 2 }]\n", "expected a codec spec"),
     ("studies = ['astrology']\n", "unknown study 'astrology'"),
+    ("[fl]\nrounds = 3\n", "unknown key 'fl.rounds'"),
+    ("[[fl.scenarios]]\nname = 'x'\nrounds = 0\n", "fl.scenarios[0] (x): config key 'rounds'"),
+    ("[[fl.scenarios]]\nname = 'x'\nrepeats = 2\n", "set for all scenarios"),
+    ("[[fl.scenarios]]\nrounds = 2\n", "fl.scenarios[0].name"),
+    ("[fl]\nlinks = [{ uplink_mbps = 0, downlink_mbps = 1 }]\n", "uplink_mbps must be"),
     ("seed = -1\n", "seed must be a non-negative integer"),
 ])
 def test_bad_config_names_the_key(tmp_path, text, needle):
@@ -134,12 +162,52 @@ def test_best_per_budget_and_cheapest_within_on_known_rows():
     best = {r["budget"]: (r["codec"], r["worst_input"])
             for r in compare.best_per_budget(dme_rows)}
     assert best[1] == ("a", "lognormal") and best[2][0] == "c"
-    fl_rows = [{"label": lab, "round": k, "accuracy": acc, "cum_uplink_bytes": k * mb}
-               for lab, acc, mb in (("fp32", 0.90, 100), ("eden b=2", 0.895, 7), ("sign", 0.7, 3))
-               for k in (1, 2, 3)]
-    cheap = compare.cheapest_within(fl_rows)
-    assert cheap["label"] == "eden b=2"
-    assert torch.isclose(torch.tensor(cheap["uplink_mb"]), torch.tensor(21e-6))
+
+
+def _fake_runs(label: str, codec: str, shift: float, up: int, client_s: float) -> list[dict]:
+    """Three seeds of a run that climbs to 0.7 + 0.1 * seed + shift in 6 rounds."""
+    rows = []
+    for seed in (0, 1, 2):
+        cum = 0
+        for k in range(7):
+            sent = [up, up] if k else []
+            cum += sum(sent)
+            rows.append({"label": label, "codec": codec, "seed": seed, "round": k,
+                         "accuracy": min(0.1 * k, 0.7) + 0.1 * seed / 3 + shift,
+                         "cum_uplink_bytes": cum, "uplink_bytes": sum(sent),
+                         "clients": len(sent), "wall_s": 0.0, "numel": 1000,
+                         "model_bytes": 4000, "client_s": [client_s] * len(sent),
+                         "client_bytes": sent, "server_s": 0.0})
+    return rows
+
+
+def test_cheapest_within_and_the_bandwidth_table_read_the_summaries():
+    from fedquant.simulations import fl_report
+
+    cfg = {"target_points": 1.0, "links": [
+        {"name": "slow", "uplink_mbps": 0.1, "downlink_mbps": 10},
+        {"name": "fast", "uplink_mbps": 1000, "downlink_mbps": 1000}]}
+    summaries = {
+        # "eden b=1" matches fp32 in both scenarios; "sign" is cheaper but lags in one
+        "a": fl_report.summarize(cfg, _fake_runs("fp32", "fp32", 0, 4000, 0.001)
+                                 + _fake_runs("eden b=1", "eden", 0, 150, 0.01)
+                                 + _fake_runs("sign", "sign", 0, 130, 0.001)),
+        "b": fl_report.summarize(cfg, _fake_runs("fp32", "fp32", 0, 4000, 0.001)
+                                 + _fake_runs("eden b=1", "eden", 0, 150, 0.01)
+                                 + _fake_runs("sign", "sign", -0.05, 130, 0.001)),
+    }
+    cheap = compare.cheapest_within(summaries)
+    assert cheap["label"] == "eden b=1"
+    assert cheap["uplink_vs_fp32"] == pytest.approx(150 / 4000)
+    rec = {(r["link"], r["budget"]): r for r in compare.recommend(summaries, ["slow", "fast"])["a"]}
+    # slow uplink: the compressed codec wins at every budget; fast: fp32 (no encode time)
+    # wins once 32 bits fit, and "sign" (fastest encode) at <= 1.2 bits
+    assert rec[("slow", 32)]["codec"] == "sign" and rec[("slow", 2)]["codec"] == "sign"
+    assert rec[("fast", 32)]["codec"] in ("fp32", "sign")
+    assert rec[("fast", 32)]["seconds"] <= rec[("fast", 32)]["fp32_seconds"]
+    assert rec[("slow", 2)]["seconds"] < 0.2 * rec[("slow", 2)]["fp32_seconds"]
+    b = compare.recommend(summaries, ["slow"])["b"]
+    assert all(r["codec"] != "sign" for r in b)  # it never reaches the target there
 
 
 def test_full_mode_seed_studies_run_and_write_reports(tmp_path):
