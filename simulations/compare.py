@@ -25,6 +25,7 @@ import copy
 import importlib
 import json
 import platform
+import re
 import time
 import tomllib
 from collections.abc import Callable
@@ -244,7 +245,7 @@ def scenario_configs(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 def scenario_dir(name: str) -> str:
     """The folder of a scenario's own `fedquant fl` report, relative to the output folder."""
-    return "fl/" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in name)
+    return "fl/" + "-".join(re.findall(r"[A-Za-z0-9_.]+", name))
 
 
 def fl_summaries(cfg: dict[str, Any], fl_rows: list[dict]) -> dict[str, list[dict]]:

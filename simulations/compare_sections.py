@@ -25,7 +25,8 @@ def run_dme(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
         "seed": cfg["seed"], "inputs": table["inputs"], "rotations": table["rotations"],
         "codecs": table["codecs"], "studies": False,
     }
-    rows = dme.run_dme(dme_cfg, out_dir / "dme", progress=progress)
+    with one_thread():  # small tensors: OpenMP on a busy machine costs 100x (common.py)
+        rows = dme.run_dme(dme_cfg, out_dir / "dme", progress=progress)
     for r in rows:  # one naming scheme across the report's sections
         r["label"] = label(r["codec"], json.loads(r["params"]))
     return rows
