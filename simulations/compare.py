@@ -339,6 +339,9 @@ def run_compare(cfg: dict[str, Any], out_dir: Path, progress: bool = True,
         results[section] = getattr(compare_sections, f"run_{section}")(cfg, out_dir, progress)
         results["timings_s"][section] = round(time.perf_counter() - t0, 1)
     results["studies"] = compare_sections.run_studies(cfg, out_dir, progress)
+    # the DME reference check (vNMSE within sampling error of REFERENCE.md's table)
+    dme_checks = out_dir / "dme" / "checks.json"
+    results["dme_checks"] = json.loads(dme_checks.read_text()) if dme_checks.exists() else []
     results["best_per_budget"] = best_per_budget(results["dme"])
     summaries = fl_summaries(cfg, results["fl"])
     results["fl_summary"] = summaries

@@ -224,14 +224,30 @@ def write_report(results: dict[str, Any], out_dir: Path) -> None:
     parts += _dme_lines(results, n)
     parts += _fl_lines(results, cfg)
     parts += _speed_lines(speed)
-    for study_name, study in (results.get("studies") or {}).items():
-        parts += [f"## Seed study: {study_name}", "", f"See `{study['report']}`.", ""]
+    parts += _checks_lines(results)
     parts += ["## Configuration and versions", "",
               "The full configuration of this run: `config.json` (every key, defaults "
               "included); all results: `results.json`.", "",
               _table(["package", "version"], [[k, v] for k, v in results["versions"].items()]),
               "", "Section wall times (s): " + json.dumps(results["timings_s"]), ""]
     (out_dir / "report.md").write_text("\n".join(parts))
+
+
+def _checks_lines(results: dict[str, Any]) -> list[str]:
+    """One table of every PASS/FAIL check that ran: the DME reference figures and the seed
+    studies' claims (each study's report.md has the detail)."""
+    rows = [["dme", c["claim"], c["measured"], c["result"], "`dme/report.md`"]
+            for c in results.get("dme_checks") or []]
+    for name, study in (results.get("studies") or {}).items():
+        rows += [[name, c["claim"], c["measured"], c["result"], f"`{study['report']}`"]
+                 for c in study.get("checks") or []]
+    if not rows:
+        return []
+    failed = sum(r[3] != "PASS" for r in rows)
+    return ["## Checks against the papers' claims", "",
+            f"{len(rows) - failed} of {len(rows)} checks PASS"
+            + (f"; **{failed} FAIL**." if failed else "."), "",
+            _table(["study", "claim", "measured", "result", "detail"], rows), ""]
 
 
 def _cheapest_line(results: dict[str, Any], cfg: dict[str, Any]) -> str:

@@ -71,24 +71,27 @@ def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
     return rows
 
 
-def _linreg(out_dir: Path, quick: bool, progress: bool) -> None:
+def _linreg(out_dir: Path, quick: bool, progress: bool) -> list[dict]:
     from fedquant.simulations import linreg
-    linreg.run_linreg(linreg.load_config(), out_dir, quick=quick, progress=progress)
+    return linreg.run_linreg(linreg.load_config(), out_dir, quick=quick, progress=progress)
 
 
-def _innerprod(out_dir: Path, quick: bool, progress: bool) -> None:
+def _innerprod(out_dir: Path, quick: bool, progress: bool) -> list[dict]:
     from fedquant.simulations import innerprod
-    innerprod.run_innerprod(innerprod.load_config(), out_dir, quick=quick, progress=progress)
+    return innerprod.run_innerprod(innerprod.load_config(), out_dir, quick=quick,
+                                   progress=progress)
 
 
-def _lplr(out_dir: Path, quick: bool, progress: bool) -> None:
+def _lplr(out_dir: Path, quick: bool, progress: bool) -> list[dict]:
     from fedquant.simulations import digits_mlp, lplr
-    lplr.run_lplr(digits_mlp.load_config(lplr.DEFAULT_CONFIG, lplr.SCHEMA, quick), out_dir)
+    return lplr.run_lplr(digits_mlp.load_config(lplr.DEFAULT_CONFIG, lplr.SCHEMA, quick),
+                         out_dir)["checks"]
 
 
-def _ptq(out_dir: Path, quick: bool, progress: bool) -> None:
+def _ptq(out_dir: Path, quick: bool, progress: bool) -> list[dict]:
     from fedquant.simulations import digits_mlp, ptq
-    ptq.run_ptq(digits_mlp.load_config(ptq.DEFAULT_CONFIG, ptq.SCHEMA, quick), out_dir)
+    return ptq.run_ptq(digits_mlp.load_config(ptq.DEFAULT_CONFIG, ptq.SCHEMA, quick),
+                       out_dir)["checks"]
 
 
 STUDIES = {"linreg": _linreg, "innerprod": _innerprod, "lplr": _lplr, "ptq": _ptq}
@@ -97,9 +100,10 @@ STUDIES = {"linreg": _linreg, "innerprod": _innerprod, "lplr": _lplr, "ptq": _pt
 def run_studies(cfg: dict[str, Any], out_dir: Path, progress: bool,
                 quick: bool = False) -> dict[str, dict]:
     """The seed studies named in `studies` (``--full``), each with its own default config
-    (``quick``: their quick versions), written to out_dir/<study>/."""
+    (``quick``: their quick versions), written to out_dir/<study>/; per study its report
+    and its claim checks (experiment, claim, measured, result PASS/FAIL)."""
     out = {}
     for name in cfg.get("studies", []):
-        STUDIES[name](out_dir / name, quick, progress)
-        out[name] = {"report": str(Path(name) / "report.md")}
+        checks = STUDIES[name](out_dir / name, quick, progress)
+        out[name] = {"report": str(Path(name) / "report.md"), "checks": checks}
     return out

@@ -44,6 +44,7 @@ def test_quick_compare_writes_every_file(quick_run):
                    f"]({scenario}/accuracy_vs_time.png)", "`config.json`", "GB/s"):
         assert needle in report, needle
     assert "```json" not in report  # the configuration is attached, not pasted
+    assert "## Checks against the papers' claims" in report  # the DME reference check
     stored = json.loads((out / "results.json").read_text())
     assert stored["config"]["seed"] == 2026 and stored["best_per_budget"]
 
@@ -219,3 +220,5 @@ def test_full_mode_seed_studies_run_and_write_reports(tmp_path):
     out = compare_sections.run_studies(cfg, tmp_path, progress=False, quick=True)
     for name, study in out.items():
         assert (tmp_path / study["report"]).stat().st_size > 0, name
+        assert study["checks"] and all(c["result"] in ("PASS", "FAIL")
+                                       for c in study["checks"]), name
