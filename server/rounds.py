@@ -2,7 +2,8 @@
 
 A round is opened with a codec, a round seed, the tensor shape, the expected cohort, a
 quorum and a deadline. Each accepted push is decoded by the codec's fast path
-(``codec.decode_sum([enc], [w])``) and added to the round's float64 running sum, so an open
+(``codec.decode_sum([enc], [w])``) and added to the round's float64 running sum by
+``fedquant.mean.accumulate``, the add ``fq.decode_mean`` makes, so an open
 round holds O(d) memory whatever the number of clients. When the clients share one rotation
 (QUIC-FL with a round_seed), pushes are summed in the rotated domain instead and the round
 pays a single inverse rotation at close (the RHT paper section 5). The round closes on quorum,
@@ -56,6 +57,7 @@ from fedquant.server.store import Store, StoreError
 
 import fedquant as fq
 from fedquant.codecs.base import codec_class
+from fedquant.mean import accumulate
 from fedquant.robust import NormPolicy, Verdict, update_norm
 from fedquant.rotation import padded_size, unrotate
 
@@ -63,7 +65,7 @@ log = logging.getLogger("fedquant.server")
 
 ROUND_ID = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
 MAX_CLIENT_ID = 2**64 - 1
-ADD_BLOCK = 1 << 17  # elements per block when adding a push into the running sum
+ADD_BLOCK = 1 << 17  # elements per block when dividing the running sum into the mean
 MAX_DEADLINE_S = 7 * 24 * 3600.0  # a round's deadline: at most a week after opening
 MAX_COHORT = 10_000  # client ids in a cohort, and clients in any one round
 MAX_WEIGHT = 2.0**53  # a push's weight; MAX_COHORT of them sum to a finite total
@@ -602,11 +604,9 @@ class RoundBook:
                 rnd.running_sum = total
             else:
                 rnd.rotated_sums[key] = total
-        # In float64 whatever values' dtype; by blocks, so that the float32 -> float64 cast
-        # torch makes of `values` is a cache-sized temporary, not a d-sized one.
-        weight, step = contribution.weight, ADD_BLOCK
-        for start in range(0, values.numel(), step):
-            total[start: start + step].add_(values[start: start + step], alpha=weight)
+        # The library's one add (the path fq.decode_mean takes): total += weight * values
+        # in float64, one pass with no float64 copy of float32 values on the CPU.
+        accumulate(total, values, contribution.weight)
 
     # ---- closing -----------------------------------------------------------------------
     def close(self, rnd: Round, reason: str) -> None:
@@ -661,7 +661,10 @@ class RoundBook:
         total = rnd.running_sum
         for (seed, rotations), rotated in rnd.rotated_sums.items():  # one unrotate per key
             part = unrotate(rotated.to(torch.float32), seed, rotations, rnd.config.numel)
-            total = part.to(torch.float64) if total is None else total + part
+            # a new float64 sum: the round's own sums stay as they are until it is closed
+            total = (torch.zeros(part.shape, dtype=torch.float64, device=part.device)
+                     if total is None else total.clone())
+            accumulate(total, part)
         if total is not None and rnd.total_weight > 0:
             mean = torch.empty(total.shape, dtype=torch.float32, device=total.device)
             for start in range(0, total.numel(), ADD_BLOCK):  # no d-sized float64 temporary

@@ -115,6 +115,24 @@ def test_store_replay_rebuilds_the_running_sum_and_refuses_duplicates(tmp_path):
     final.store.close()
 
 
+def test_running_sum_is_decode_means_own_sum(tmp_path):
+    """The server adds pushes as fq.decode_mean does (fedquant.mean.accumulate): its float64
+    running sum is bitwise the library's weighted sum of the same payloads."""
+    book = RoundBook(Store(tmp_path))
+    rnd = book.open(RoundConfig.build("s", "eden", {"bits": 2}, 5, [5000], expected_count=9))
+    codec = fq.get_codec("eden", bits=2)
+    weights = [1.0, 2.5, 0.3]
+    encs = [codec.encode(torch.randn(5000), seed=fq.random.derive_seed(5, c))
+            for c in range(3)]
+    for c, (enc, weight) in enumerate(zip(encs, weights, strict=True)):
+        blob = enc.to_bytes()
+        book.accept(rnd, c, weight, blob, payload_digest(blob), book.decode(rnd, enc, weight),
+                    0.0)
+    expected = fq.mean.decoded_sum(codec, encs, weights, workers=1)
+    torch.testing.assert_close(rnd.running_sum, expected, rtol=0, atol=0)
+    book.store.close()
+
+
 def test_bench_config_and_quick_run(tmp_path):
     path = tmp_path / "bench.toml"
     path.write_text("[bench]\nclients = 4\nclientz = 3\n")
