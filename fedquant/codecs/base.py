@@ -136,8 +136,13 @@ def _constructor_defaults(init: Any) -> dict[str, Any]:
             if k != "self" and p.default is not inspect.Parameter.empty}
 
 
-def check_input(x: torch.Tensor) -> torch.Tensor:
-    """Validate a tensor to encode and return it flat, as float32."""
+NONFINITE_INPUT = "cannot encode a tensor containing NaN or Inf"
+
+
+def check_input(x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+    """Validate a tensor to encode and return it flat, as float32. `check_finite=False`
+    leaves the NaN / Inf check (ValueError NONFINITE_INPUT) to a caller that gets it from a
+    pass of its own (the RHT's moments: fedquant.rotation.rotate_checked)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in DTYPES:
@@ -145,9 +150,9 @@ def check_input(x: torch.Tensor) -> torch.Tensor:
     flat = x.detach().reshape(-1).to(torch.float32)
     # a finite sum implies finite entries (NaN/Inf propagate): one pass, no bool tensor;
     # only a non-finite sum (overflow or a bad entry) pays the exact check
-    if flat.numel() and not (bool(torch.isfinite(flat.sum()))
-                             or bool(torch.isfinite(flat).all())):
-        raise ValueError("cannot encode a tensor containing NaN or Inf")
+    if check_finite and flat.numel() and not (bool(torch.isfinite(flat.sum()))
+                                              or bool(torch.isfinite(flat).all())):
+        raise ValueError(NONFINITE_INPUT)
     return flat
 
 
