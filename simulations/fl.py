@@ -265,10 +265,13 @@ def _run_codec_inprocess(cfg: dict, spec: dict, task: BoundTask, loaders: list,
     rows = [{**base, "round": 0, "accuracy": acc, "loss": loss, "uplink_bytes": 0,
              "cum_uplink_bytes": 0, "downlink_bytes": 0, "clients": 0, "dropped": 0,
              "wall_s": 0.0, "server_s": 0.0, "client_s": [], "client_bytes": []}]
-    # untimed warm-up: the first training step (torch's lazy set-up) and the first encode
-    # (compiled kernels) would otherwise be charged to round 1 of whichever codec runs first
+    # untimed warm-up: the first training step (torch's lazy set-up), the first encode and
+    # the first aggregation (compiled kernels) would otherwise be charged to round 1 of
+    # whichever codec runs first
     task.train(copy.deepcopy(net), loaders[0], 1, device, 0)
-    fq.decode(codec.encode(global_flat, seed=0))
+    warm = protocol.codec_for_round(codec, protocol.round_seed(cfg["seed"], 0))
+    protocol.aggregate_payloads(global_flat, [protocol.Payload(
+        0, warm.encode(global_flat.clone(), seed=0).to_bytes(), 1.0, 0)], warm, 1.0)
     cum = 0
     for rnd in range(1, cfg["rounds"] + 1):
         start = time.perf_counter()
