@@ -56,12 +56,27 @@ if AVAILABLE:
         return s2, s3, s4
 
     @nb.njit(cache=True, fastmath={"reassoc"})
+    def _moments23(x):
+        """(sum x^2, sum |x|^3): :func:`_moments` without x^4 (the scalar auto check)."""
+        s2 = 0.0
+        s3 = 0.0
+        for i in range(x.size):
+            v = np.float64(x[i])
+            a2 = v * v
+            s2 += a2
+            s3 += a2 * abs(v)
+        return s2, s3
+
+    @nb.njit(cache=True, fastmath={"reassoc"})
     def _sum_squares(z):
         s = 0.0
         for i in range(z.size):
             v = np.float64(z[i])
             s += v * v
         return s
+
+    # the same sums inside the RHT's passes (fedquant.hadamard_numba.rht_stats)
+    moments_kernel, moments23_kernel, sum_squares_kernel = _moments, _moments23, _sum_squares
 
     @nb.njit(cache=True, fastmath={"reassoc"})
     def _quantize_count(z, factor, mids, centroids, out):
@@ -162,15 +177,17 @@ def axpy(total: torch.Tensor, values: torch.Tensor, weight: float) -> None:
     _axpy(total.numpy(), values.detach().contiguous().numpy(), weight)
 
 
-def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor,
-                  out: torch.Tensor) -> tuple[float, float]:
+def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor,
+                  norm: float | None = None) -> tuple[float, float]:
     """EDEN's quantization of one rotated slice zs (float32 CPU, 1-D).
 
     Writes the nearest-centroid index of t = zs * sqrt(n) / ||zs|| into `out` (uint8,
-    same length) and returns (||zs||, <zs, centroids[out]>), both float64.
+    same length) and returns (||zs||, <zs, centroids[out]>), both float64. `norm`: ||zs||
+    when the caller has it (summed in the RHT's last pass), else one pass sums it here.
     """
     z = zs.detach().contiguous().numpy()
-    norm = math.sqrt(_sum_squares(z))
+    if norm is None:
+        norm = math.sqrt(_sum_squares(z))
     # an all-zero slice quantizes to any index (its scale is 0); avoid an inf factor
     factor = np.float32(math.sqrt(z.size) / norm if norm > 0 else 0.0)
     c64 = centroids.to(torch.float64).cpu().contiguous().numpy()

@@ -33,6 +33,14 @@ counter advances by the golden gamma, so each sign costs two 64-bit multiplies
 (vectorized). ``out`` may be a preallocated tensor, or x itself (in place).
 ``parallel=True`` runs rows and column groups over numba threads (prange); it is not the
 default (docs/kernels.md). Compiled functions are cached on disk.
+
+Statistics for the encoders (:func:`rht_stats`), taken while the data is in cache instead of
+in passes of their own: the float64 moments (sum x^2, sum |x|^3, sum x^4) of the *input*,
+chunk by chunk in pass 1 (they decide ``rotations="auto"`` and, being finite exactly when
+every entry is, replace the encoders' NaN / Inf check), and the float64 sum of squares of
+the *output* (the slice norm ||z|| of the scale), group by group at the end of pass 2 (or
+of the one block). Each row / group writes its own partial sum, so the parallel kernel
+stays race-free and both give the same sums.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ if AVAILABLE:
     from numba import types
     from numba.core import cgutils
     from numba.extending import intrinsic
+
+    from fedquant.cpu_kernels import moments23_kernel, moments_kernel, sum_squares_kernel
 
     _VEC = ir.VectorType(ir.FloatType(), LANES)
     _LANE_IDX = ir.VectorType(ir.IntType(32), LANES)
@@ -213,11 +223,28 @@ def _apply_signs(a, z, scale):  # pragma: no cover - jit
 
 
 @njit(cache=True, inline="always")
-def _row_block(x, y, lo, size, key, index, scale, forward, inplace):  # pragma: no cover
+def _row_block(x, y, lo, size, key, index, scale, forward, inplace, mom, b,
+               want):  # pragma: no cover - jit
     """Pass 1 on y[lo:lo+size]: H (D x * scale) (forward) or H (x * scale) (inverse),
-    chunk by chunk in L1, then the block's remaining stages. `inplace`: x is y."""
+    chunk by chunk in L1, then the block's remaining stages. `inplace`: x is y. `mom`
+    ((rows, 3) float64, or no rows): row b gets the first `want` (1..3) moments of
+    x[lo:lo+size], read chunk by chunk while in L1 (x is not y)."""
     chunk = min(size, CHUNK)
+    if mom.shape[0]:
+        mom[b, 0] = mom[b, 1] = mom[b, 2] = 0.0
     for c in range(lo, lo + size, chunk):
+        if mom.shape[0]:
+            if want == 1:
+                mom[b, 0] += sum_squares_kernel(x[c:c + chunk])
+            elif want == 2:
+                s2, s3 = moments23_kernel(x[c:c + chunk])
+                mom[b, 0] += s2
+                mom[b, 1] += s3
+            else:
+                s2, s3, s4 = moments_kernel(x[c:c + chunk])
+                mom[b, 0] += s2
+                mom[b, 1] += s3
+                mom[b, 2] += s4
         dst = y[c:c + chunk]
         if inplace:  # one array: no aliasing check, so the loops vectorize
             if forward:
@@ -238,15 +265,21 @@ def _row_block(x, y, lo, size, key, index, scale, forward, inplace):  # pragma: 
 
 
 @njit(cache=True, inline="always")
-def _column_group(y, block, c0, width, key, start, forward):  # pragma: no cover - jit
+def _column_group(y, block, c0, width, key, start, forward, sq, g):  # pragma: no cover
     """Pass 2 on the columns [c0, c0 + width) of y seen as rows of `block` floats: the
     R-point FWHTs of those columns (rows x width floats, about 2 MiB, mostly in cache),
-    then the inverse's signs while the group is still in cache."""
+    then the inverse's signs while the group is still in cache. `sq` (one float64 per
+    group, or none): sq[g] gets the group's sum of squares, also while in cache."""
     _stages_from(y, 0, y.size, block, c0, width, block)
     if not forward:
         for lo in range(c0, y.size, block):
             _apply_signs(y[lo:lo + width], fqr.counter_numba(key, start + np.uint64(lo)),
                          np.float32(1.0))
+    if sq.size:
+        total = 0.0
+        for lo in range(c0, y.size, block):
+            total += sum_squares_kernel(y[lo:lo + width])
+        sq[g] = total
 
 
 def _layout(n: int) -> tuple[int, int, int]:
@@ -258,31 +291,37 @@ def _layout(n: int) -> tuple[int, int, int]:
 
 
 @njit(cache=True, nogil=True)  # releases the GIL: concurrent decodes run in parallel
-def _rht_serial(x, y, key, start, scale, forward, inplace, block, rows,
-                width):  # pragma: no cover - jit
+def _rht_serial(x, y, key, start, scale, forward, inplace, block, rows, width, mom, want,
+                sq):  # pragma: no cover - jit
+    """`mom`: (rows, 3) float64, each row block's first `want` input moments, or (0, 3);
+    `sq`: each column group's (or the one block's) output sum of squares, or empty."""
     for b in range(rows):
         _row_block(x, y, b * block, block, key, start + np.uint64(b * block), scale, forward,
-                   inplace)
+                   inplace, mom, b, want)
     if rows == 1:  # the slice is one block (in L2): done but for the inverse's signs
         if not forward:
             _apply_signs(y, fqr.counter_numba(key, start), np.float32(1.0))
+        if sq.size:
+            sq[0] = sum_squares_kernel(y)
         return
     for g in range(block // width):
-        _column_group(y, block, g * width, width, key, start, forward)
+        _column_group(y, block, g * width, width, key, start, forward, sq, g)
 
 
 @njit(cache=True, parallel=True, nogil=True)
-def _rht_parallel(x, y, key, start, scale, forward, inplace, block, rows,
-                  width):  # pragma: no cover - jit
+def _rht_parallel(x, y, key, start, scale, forward, inplace, block, rows, width, mom,
+                  want, sq):  # pragma: no cover - jit
     for b in prange(rows):
         _row_block(x, y, b * block, block, key, start + np.uint64(b * block), scale, forward,
-                   inplace)
+                   inplace, mom, b, want)
     if rows == 1:
         if not forward:
             _apply_signs(y, fqr.counter_numba(key, start), np.float32(1.0))
+        if sq.size:
+            sq[0] = sum_squares_kernel(y)
         return
     for g in prange(block // width):
-        _column_group(y, block, g * width, width, key, start, forward)
+        _column_group(y, block, g * width, width, key, start, forward, sq, g)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -308,8 +347,13 @@ def _shape(n: int) -> tuple[np.float32, int, int, int]:
     return (np.float32(1.0 / math.sqrt(n)), *_layout(n))
 
 
+_NO_MOMENTS = np.zeros((0, 3))
+_NO_SQUARES = np.zeros(0)
+
+
 def _run(x: torch.Tensor, seed: int, layer: int, offset: int, forward: bool,
-         parallel: bool, out: torch.Tensor | None) -> torch.Tensor:
+         parallel: bool, out: torch.Tensor | None, mom: np.ndarray = _NO_MOMENTS,
+         want: int = 0, sq: np.ndarray = _NO_SQUARES) -> torch.Tensor:
     if not AVAILABLE:
         raise RuntimeError("numba is not installed; use fedquant.hadamard's torch kernel")
     n = _check(x)
@@ -330,8 +374,10 @@ def _run(x: torch.Tensor, seed: int, layer: int, offset: int, forward: bool,
             raise ValueError("out overlaps the input without being the same memory")
     kernel = _rht_parallel if parallel else _rht_serial
     scale, block, rows, width = _shape(n)
+    if mom.shape[0] and a == b != 0:
+        raise ValueError("the input's moments need an out-of-place transform")
     kernel(src, dst, _rotation_key(seed), np.uint64(sign_index_start(layer, offset)), scale,
-           forward, a == b != 0, block, rows, width)
+           forward, a == b != 0, block, rows, width, mom, want, sq)
     return out
 
 
@@ -340,6 +386,24 @@ def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0, parallel: bool 
     """H D x / sqrt(n) for a 1-D float32 CPU tensor of power-of-two length n, written
     into `out` if given (which may be x itself: in place)."""
     return _run(x, seed, layer, offset, True, parallel, out)
+
+
+def rht_stats(x: torch.Tensor, seed: int, layer: int, offset: int = 0,
+              out: torch.Tensor | None = None, moments: int = 0,
+              sum_squares: bool = False, parallel: bool = False
+              ) -> tuple[torch.Tensor, tuple[float, ...], float | None]:
+    """:func:`rht`, and in the same passes the first `moments` (0..3) of the float64
+    (sum x^2, sum |x|^3, sum x^4) of the input (`out` must then not be x), and the float64
+    sum of squares of the output (`sum_squares`, else None). Same output as :func:`rht`."""
+    n = _check(x)
+    if moments not in (0, 1, 2, 3):
+        raise ValueError(f"moments must be 0, 1, 2 or 3, got {moments!r}")
+    _, block, rows, width = _shape(n)
+    mom = np.empty((rows, 3)) if moments else _NO_MOMENTS
+    sq = np.empty(1 if rows == 1 else block // width) if sum_squares else _NO_SQUARES
+    out = _run(x, seed, layer, offset, True, parallel, out, mom, moments, sq)
+    m = tuple(float(v) for v in mom.sum(axis=0)[:moments]) if moments else ()
+    return out, m, (float(sq.sum()) if sum_squares else None)
 
 
 def inverse_rht(y: torch.Tensor, seed: int, layer: int, offset: int = 0,

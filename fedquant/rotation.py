@@ -16,6 +16,12 @@ time checks of the RHT paper section 7 on the normalized input u = x / ||x||:
   conditional covariance is proportional to that mass, so an input within 4/3 of the
   one-RHT level needs no smoothing RHT. (Gaussian inputs sit at 3 / n.)
 
+On float32 CPU input with numba, :func:`rotate_checked` rotates and runs these checks in
+the same passes (the input's moments in the first RHT's first pass: the first layer is the
+same whether the check then asks for 1 or 2), and also returns each slice's float64
+||z||^2 from the last RHT's last pass, so that an encoder makes no pass of its own but
+the quantizing one.
+
 Any d is split into power-of-two slices (greedy binary decomposition) plus one tail,
 padded with zeros to a power of two, once the remainder is at most max(d / 64, 128):
 padding then costs under 1.6% of d for every d >= 4096. Each slice is rotated on its own
@@ -35,6 +41,7 @@ from fedquant import cpu_kernels
 from fedquant.hadamard import inverse_rht, rht
 
 SCALAR_L3_CONSTANT = 3.0**0.75
+NONFINITE_INPUT = "cannot encode a tensor containing NaN or Inf"
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 VECTOR_L4_CONSTANT = 4.0
 
@@ -149,18 +156,90 @@ def flatness(x: torch.Tensor) -> tuple[float, float]:
     return float((a2 * a).sum()), float((a2 * a2).sum())
 
 
-def auto_rotations(x: torch.Tensor, kind: str = "scalar") -> int:
-    """The number of RHTs the seed-003 section-7 check asks for (max over slices)."""
+def _check_kind(kind: str) -> None:
     if kind not in ("scalar", "vector"):
         raise ValueError(f"kind must be 'scalar' or 'vector', got {kind!r}")
+
+
+def flat_enough(kind: str, l3: float, l4: float, size: int) -> bool:
+    """The RHT paper section 7's check on one slice of `size` (power of two) with
+    (||u||_3^3, ||u||_4^4) = (l3, l4): True if the fewer RHTs suffice."""
+    if kind == "scalar":
+        return l3 <= SCALAR_L3_CONSTANT / math.sqrt(size)
+    return l4 <= VECTOR_L4_CONSTANT / size
+
+
+def auto_rotations(x: torch.Tensor, kind: str = "scalar") -> int:
+    """The number of RHTs the RHT paper's section-7 check asks for (max over slices)."""
+    _check_kind(kind)
     need = 1 if kind == "scalar" else 2
     for s in slice_layout(x.numel()):
         l3, l4 = flatness(x[s.start: s.start + s.length])
-        if kind == "scalar" and l3 > SCALAR_L3_CONSTANT / math.sqrt(s.size):
-            return 2
-        if kind == "vector" and l4 > VECTOR_L4_CONSTANT / s.size:
-            return 3
+        if not flat_enough(kind, l3, l4, s.size):
+            return need + 1
     return need
+
+
+def fused_available(x: object) -> bool:
+    """Whether :func:`rotate_checked` applies: numba present and x a CPU tensor (any
+    floating dtype: the encoders cast it to float32 first)."""
+    if not (isinstance(x, torch.Tensor) and x.device.type == "cpu"):
+        return False
+    from fedquant import hadamard_numba
+
+    return hadamard_numba.AVAILABLE
+
+
+def rotate_checked(x: torch.Tensor, seed: int, rotations: int | str,
+                   kind: str = "scalar") -> tuple[torch.Tensor, int, list[float]]:
+    """:func:`rotate` for a flat float32 CPU x (numba), with the checks an encoder needs
+    taken in the RHTs' own passes: returns (z, the number of RHTs, each slice's float64
+    ||z||^2).
+
+    `rotations`: 1..3, or "auto" (:func:`auto_rotations`' check, on the input moments the
+    first RHT's pass 1 sums). ValueError (NONFINITE_INPUT) if x holds NaN or Inf: the
+    float64 sum of squares of float32 values is finite exactly when they all are."""
+    from fedquant import hadamard_numba
+
+    _check_kind(kind)
+    auto = rotations == "auto"
+    k = 0 if auto else resolve_rotations(rotations, x, kind)
+    if not auto and k == 0:
+        raise ValueError("rotate_checked needs at least one rotation (or 'auto')")
+    # the input moments the check needs (s2 alone is the NaN / Inf check)
+    want = (2 if kind == "scalar" else 3) if auto else 1
+    first_is_last = k == 1 or (auto and kind == "scalar")
+    layout = slice_layout(x.numel())
+    out = new_vector(x, padded_size(x.numel()))
+    stats, squares = [], []
+    for s in layout:
+        buf = x[s.start: s.start + s.length]
+        if s.size != s.length:
+            buf = torch.nn.functional.pad(buf, (0, s.size - s.length))
+        _, m, q = hadamard_numba.rht_stats(buf, seed, 0, s.offset,
+                                           out=out[s.offset: s.offset + s.size],
+                                           moments=want, sum_squares=first_is_last)
+        stats.append(m)
+        squares.append(q)
+    if not all(math.isfinite(m[0]) for m in stats):
+        raise ValueError(NONFINITE_INPUT)
+    if auto:
+        k = 1 if kind == "scalar" else 2
+        for s, m in zip(layout, stats, strict=True):
+            s2 = m[0]
+            l3 = m[1] / s2**1.5 if s2 > 0 and kind == "scalar" else 0.0
+            l4 = m[2] / s2**2 if s2 > 0 and kind == "vector" else 0.0
+            if not flat_enough(kind, l3, l4, s.size):
+                k += 1
+                break
+    if k > 1:
+        for i, s in enumerate(layout):
+            dst = out[s.offset: s.offset + s.size]
+            for layer in range(1, k):
+                _, _, q = hadamard_numba.rht_stats(dst, seed, layer, s.offset, out=dst,
+                                                   sum_squares=layer == k - 1)
+            squares[i] = q
+    return out, k, squares
 
 
 def resolve_rotations(spec: int | str, x: torch.Tensor, kind: str = "scalar") -> int:

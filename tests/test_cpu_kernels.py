@@ -58,18 +58,27 @@ def test_eden_quantize_ties_go_to_the_lower_centroid_like_bucketize():
 
 
 @pytest.mark.parametrize("bits", [1, 2, 5])
-def test_eden_encode_fast_path_equals_torch_path_bytes(bits):
-    # the codec's fused path against the torch lines it replaced, on a multi-slice d
+@pytest.mark.parametrize("rotations", [1, "auto"])
+def test_eden_encode_fast_path_equals_torch_path_bytes(bits, rotations):
+    # the codec's fused path (checks and norms inside the RHTs) against the torch lines it
+    # replaced, on a multi-slice d; "auto" on a spiky input that needs 2 RHTs
     x = _x(5000, seed=7)
-    fast = fq.get_codec("eden", bits=bits, rotations=1).encode(x, seed=3)
-    z = rotate(x, 3, 1)
+    if rotations == "auto":
+        x[:4096] = x[:4096].pow(5)
+    fast = fq.get_codec("eden", bits=bits, rotations=rotations).encode(x, seed=3)
+    assert fast.rotations == (2 if rotations == "auto" else 1)
+    z = rotate(x, 3, fast.rotations)
     centroids = lloyd_max_centroids(bits)
-    want = []
+    want, scales = [], []
     for s in slice_layout(x.numel()):
         zs = z[s.offset: s.offset + s.size]
         norm = float(torch.linalg.vector_norm(zs.double()))
-        want.append(nearest_centroid(zs * (math.sqrt(s.size) / norm), centroids))
+        idx = nearest_centroid(zs * (math.sqrt(s.size) / norm), centroids)
+        want.append(idx)
+        scales.append(norm * norm / float(torch.dot(zs.double(), centroids[idx])))
     assert torch.equal(fast.section("q").ints(), torch.cat(want))
+    for got, expected in zip(fast.scales, scales, strict=True):
+        assert math.isclose(got, expected, rel_tol=1e-10)
 
 
 def test_check_input_rejects_nonfinite_but_accepts_huge_finite_values():

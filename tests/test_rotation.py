@@ -13,6 +13,7 @@ from fedquant.rotation import (
     padded_size,
     resolve_rotations,
     rotate,
+    rotate_checked,
     slice_layout,
     unrotate,
 )
@@ -186,3 +187,46 @@ def test_vector_auto_threshold_just_below_at_and_above():
     assert auto_rotations(_k_hot(n, n // 4 - 1), "vector") == 3  # just above the bound
     assert auto_rotations(_k_hot(n, n // 4), "vector") == 2  # on it: <= passes
     assert auto_rotations(_k_hot(n, n // 4 + 1), "vector") == 2
+
+
+def _check_rotate_checked(x: torch.Tensor, rotations, kind: str) -> int:
+    """rotate_checked against rotate + auto_rotations + per-slice float64 norms."""
+    z, k, squares = rotate_checked(x, 9, rotations, kind)
+    want_k = auto_rotations(x, kind) if rotations == "auto" else rotations
+    assert k == want_k
+    assert torch.equal(z, rotate(x, 9, k))  # the same RHTs, bit for bit
+    for s, q in zip(slice_layout(x.numel()), squares, strict=True):
+        want = float(z[s.offset: s.offset + s.size].double().square().sum())
+        assert math.isclose(q, want, rel_tol=1e-12)
+    return k
+
+
+def test_rotate_checked_takes_the_auto_check_in_the_first_rht():
+    n = 2**14
+    # the same thresholds as auto_rotations, from the moments summed in the RHT's pass 1
+    assert _check_rotate_checked(_k_hot(n, 3153), "auto", "scalar") == 2
+    assert _check_rotate_checked(_k_hot(n, 3154), "auto", "scalar") == 1
+    tail = torch.cat([_k_hot(n, 3154), _k_hot(4096, 1), torch.zeros(3)])
+    assert _check_rotate_checked(tail, "auto", "scalar") == 2
+    assert _check_rotate_checked(_k_hot(n, n // 4 - 1), "auto", "vector") == 3
+    assert _check_rotate_checked(_k_hot(n, n // 4), "auto", "vector") == 2
+    x = torch.randn(2**18 + 5000, generator=torch.Generator().manual_seed(4))  # two passes
+    assert _check_rotate_checked(x, "auto", "scalar") == 1
+    for k in (1, 2, 3):
+        _check_rotate_checked(x[:5000], k, "scalar")
+
+
+def test_rotate_checked_refuses_nan_and_inf_but_not_huge_values():
+    big = torch.full((300,), 1e30)  # its float32 squares would overflow, float64 ones do not
+    _check_rotate_checked(big, "auto", "scalar")
+    fq.get_codec("eden", bits=2).encode(big)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = torch.randn(5000)
+        x[4999] = bad  # in the padded tail slice
+        for rotations in ("auto", 1, 2):
+            with pytest.raises(ValueError, match="NaN or Inf"):
+                rotate_checked(x, 1, rotations, "scalar")
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            fq.get_codec("eden", bits=2).encode(x)
+    with pytest.raises(ValueError, match="rotation"):
+        rotate_checked(torch.randn(64), 1, 0)

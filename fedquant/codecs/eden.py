@@ -25,6 +25,7 @@ import functools
 import json
 import math
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -90,16 +91,22 @@ class Eden(RotatedCodec):
 
     def quantize(self, z: torch.Tensor, d: int, seed: int,
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
+        return self.quantize_normed(z, d, seed, rotations, None)
+
+    def quantize_normed(self, z: torch.Tensor, d: int, seed: int, rotations: int,
+                        norms: Sequence[float] | None) -> tuple[list[float], dict[str, Section]]:
+        """:meth:`quantize` with each slice's ||z|| given (None: summed here)."""
         centroids = lloyd_max_centroids(self.bits).to(z.device)
         fast = cpu_kernels.usable(z)  # fused numba passes; same numbers as the torch lines
         indices = torch.empty(z.numel(), dtype=torch.uint8 if fast else torch.int64,
                               device=z.device)
         scales = []
-        for s in slice_layout(d):
+        for i, s in enumerate(slice_layout(d)):
             zs = z[s.offset: s.offset + s.size]
             idx = indices[s.offset: s.offset + s.size]
             if fast:
-                norm, dot = cpu_kernels.eden_quantize(zs, centroids, idx)
+                norm, dot = cpu_kernels.eden_quantize(zs, centroids, idx,
+                                                      None if norms is None else norms[i])
             else:
                 norm = float(torch.linalg.vector_norm(zs.to(torch.float64)))
                 t = zs * (math.sqrt(s.size) / max(norm, 1e-300))

@@ -28,7 +28,14 @@ import torch
 
 from fedquant import cpu_kernels
 from fedquant.codecs.base import Codec, check_input, check_seed, expect_scales
-from fedquant.rotation import resolve_rotations, rotate, slice_layout, unrotate
+from fedquant.rotation import (
+    fused_available,
+    resolve_rotations,
+    rotate,
+    rotate_checked,
+    slice_layout,
+    unrotate,
+)
 from fedquant.wire import Encoded, Section, WireError
 
 SCALES = ("unbiased", "biased")
@@ -89,14 +96,23 @@ class RotatedCodec(Codec):
 
     # ---- sender ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
-        flat = check_input(x)
+        # On the CPU with numba the NaN / Inf check, the "auto" check and each slice's
+        # ||z|| come from the RHTs' own passes (fedquant.rotation.rotate_checked).
+        fused = self.rotations != "0" and fused_available(x)
+        flat = check_input(x, check_finite=not fused)
         seed = check_seed(seed)
-        k = resolve_rotations(self.rotations, flat, self.kind)
-        if k == 0 and self.raw_without_rotation:
-            z = flat
+        if fused:
+            z, k, squares = rotate_checked(flat, self.rotation_seed(seed), self.rotations,
+                                           self.kind)
+            scales, sections = self.quantize_normed(z, flat.numel(), seed, k,
+                                                    [math.sqrt(q) for q in squares])
         else:
-            z = rotate(flat, self.rotation_seed(seed), k)
-        scales, sections = self.quantize(z, flat.numel(), seed, k)
+            k = resolve_rotations(self.rotations, flat, self.kind)
+            if k == 0 and self.raw_without_rotation:
+                z = flat
+            else:
+                z = rotate(flat, self.rotation_seed(seed), k)
+            scales, sections = self.quantize(z, flat.numel(), seed, k)
         return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
                                  sections=sections)
 
@@ -104,6 +120,12 @@ class RotatedCodec(Codec):
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
         """(float64 scales, wire sections) of the rotated vector z of a d-coordinate input."""
         raise NotImplementedError
+
+    def quantize_normed(self, z: torch.Tensor, d: int, seed: int, rotations: int,
+                        norms: Sequence[float]) -> tuple[list[float], dict[str, Section]]:
+        """:meth:`quantize`, told each slice's float64 ||z|| (summed in the last RHT's
+        passes): a codec that scales by it overrides this to skip its own norm pass."""
+        return self.quantize(z, d, seed, rotations)
 
     def slice_scale(self, norm: float, dot: float,
                     codeword_norm2: Callable[[], float]) -> float:
