@@ -81,11 +81,13 @@ if AVAILABLE:
     @nb.njit(cache=True, fastmath={"reassoc"})
     def _quantize_count(z, factor, mids, centroids, out):
         """b <= 4: the index is a branch-free count of the midpoints below t, and the
-        float64 <z, c> is summed in the same pass, c picked by the same comparisons (the
-        last midpoint below t names c exactly). `mids` and `centroids` are tuples, so
-        their lengths are compile-time constants: the inner loop unrolls and the loop
-        over i vectorizes (one compiled variant per b). Returns <z, c>."""
+        float64 <z, c> and ||z||^2 are summed in the same pass, c picked by the same
+        comparisons (the last midpoint below t names c exactly). `mids` and `centroids`
+        are tuples, so their lengths are compile-time constants: the inner loop unrolls
+        and the loop over i vectorizes (one compiled variant per b). Returns
+        (<z, c>, ||z||^2)."""
         dot = 0.0
+        sq = 0.0
         for i in range(z.size):
             v = z[i]
             t = v * factor
@@ -96,8 +98,10 @@ if AVAILABLE:
                 k += np.uint8(up)
                 c = centroids[m + 1] if up else c
             out[i] = k
-            dot += np.float64(v) * c
-        return dot
+            w = np.float64(v)
+            dot += w * c
+            sq += w * w
+        return dot, sq
 
     @nb.njit(cache=True)
     def _quantize_count_only(z, factor, mids, out):
@@ -156,10 +160,14 @@ if AVAILABLE:
     # order, as torch's own blocked sums have); no other float semantics change.
     @nb.njit(cache=True, fastmath={"reassoc"})
     def _dot_centroids(z, idx, centroids):
+        """(<z, centroids[idx]>, ||z||^2) in float64, one pass."""
         dot = 0.0
+        sq = 0.0
         for i in range(z.size):
-            dot += np.float64(z[i]) * centroids[idx[i]]
-        return dot
+            w = np.float64(z[i])
+            dot += w * centroids[idx[i]]
+            sq += w * w
+        return dot, sq
 
 
 def moments(x: torch.Tensor) -> tuple[float, float, float]:
@@ -177,33 +185,49 @@ def axpy(total: torch.Tensor, values: torch.Tensor, weight: float) -> None:
     _axpy(total.numpy(), values.detach().contiguous().numpy(), weight)
 
 
+def _factor(size: int, norm: float) -> np.float32:
+    """sqrt(n) / ||z||, the float32 factor of t; 0 for an all-zero slice (it quantizes to
+    any index, its scale is 0: no inf factor)."""
+    return np.float32(math.sqrt(size) / norm if norm > 0 else 0.0)
+
+
 def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor,
-                  norm: float | None = None) -> tuple[float, float]:
+                  norm_hint: float | None = None) -> tuple[float, float]:
     """EDEN's quantization of one rotated slice zs (float32 CPU, 1-D).
 
     Writes the nearest-centroid index of t = zs * sqrt(n) / ||zs|| into `out` (uint8,
-    same length) and returns (||zs||, <zs, centroids[out]>), both float64. `norm`: ||zs||
-    when the caller has it (summed in the RHT's last pass), else one pass sums it here.
+    same length) and returns (||zs||, <zs, centroids[out]>), both float64.
+
+    `norm_hint`: a value equal to ||zs|| up to float rounding (the norm of the rotation's
+    input, summed in the RHT's first pass): the indices are taken with its factor while
+    ||zs|| is summed in the same pass, and taken again in the rare case that the exact
+    norm gives another float32 factor, so the result is the same as without a hint but
+    for the order of the float64 sums. None: one pass sums ||zs|| first.
     """
     z = zs.detach().contiguous().numpy()
-    if norm is None:
-        norm = math.sqrt(_sum_squares(z))
-    # an all-zero slice quantizes to any index (its scale is 0); avoid an inf factor
-    factor = np.float32(math.sqrt(z.size) / norm if norm > 0 else 0.0)
+    exact = norm_hint is None
+    norm = math.sqrt(_sum_squares(z)) if exact else norm_hint
     c64 = centroids.to(torch.float64).cpu().contiguous().numpy()
     mids = ((c64[1:] + c64[:-1]) / 2).astype(np.float32)
     idx = out.numpy()
-    if mids.size <= COUNT_MAX_MIDS:
+    mids_t = tuple(np.float32(m) for m in mids)
+    factor = _factor(z.size, norm)
+    while True:
         if mids.size <= FUSED_DOT_MAX_MIDS:
-            dot = _quantize_count(z, factor, tuple(np.float32(m) for m in mids),
-                                  tuple(float(c) for c in c64), idx)
-        else:  # longer select chains stop vectorizing: count, then the gathered dot
-            _quantize_count_only(z, factor, tuple(np.float32(m) for m in mids), idx)
-            dot = _dot_centroids(z, idx, c64)
-    else:
-        _quantize_lift(z, factor, mids, idx)
-        dot = _dot_centroids(z, idx, c64)
-    return norm, dot
+            dot, sq = _quantize_count(z, factor, mids_t, tuple(float(c) for c in c64), idx)
+        else:
+            if mids.size <= COUNT_MAX_MIDS:
+                _quantize_count_only(z, factor, mids_t, idx)
+            else:
+                _quantize_lift(z, factor, mids, idx)
+            # longer select chains stop vectorizing: count, then the gathered dot
+            dot, sq = _dot_centroids(z, idx, c64)
+        if exact:
+            return norm, dot
+        norm, hinted, exact = math.sqrt(sq), factor, True
+        factor = _factor(z.size, norm)
+        if factor == hinted:
+            return norm, dot
 
 
 def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,

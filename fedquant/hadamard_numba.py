@@ -34,13 +34,12 @@ counter advances by the golden gamma, so each sign costs two 64-bit multiplies
 ``parallel=True`` runs rows and column groups over numba threads (prange); it is not the
 default (docs/kernels.md). Compiled functions are cached on disk.
 
-Statistics for the encoders (:func:`rht_stats`), taken while the data is in cache instead of
-in passes of their own: the float64 moments (sum x^2, sum |x|^3, sum x^4) of the *input*,
-chunk by chunk in pass 1 (they decide ``rotations="auto"`` and, being finite exactly when
-every entry is, replace the encoders' NaN / Inf check), and the float64 sum of squares of
-the *output* (the slice norm ||z|| of the scale), group by group at the end of pass 2 (or
-of the one block). Each row / group writes its own partial sum, so the parallel kernel
-stays race-free and both give the same sums.
+For the encoders, :func:`rht_stats` also sums the float64 moments (sum x^2, sum |x|^3,
+sum x^4) of the *input*, chunk by chunk in pass 1 while the chunk is in L1, instead of in
+passes of their own: they decide ``rotations="auto"``, give the slice norm (||x|| = ||z||
+up to rounding) and, being finite exactly when every entry is, replace the encoders' NaN /
+Inf check. Each row block writes its own partial sums, so the parallel kernel stays
+race-free and both give the same sums.
 """
 
 from __future__ import annotations
@@ -265,21 +264,15 @@ def _row_block(x, y, lo, size, key, index, scale, forward, inplace, mom, b,
 
 
 @njit(cache=True, inline="always")
-def _column_group(y, block, c0, width, key, start, forward, sq, g):  # pragma: no cover
+def _column_group(y, block, c0, width, key, start, forward):  # pragma: no cover - jit
     """Pass 2 on the columns [c0, c0 + width) of y seen as rows of `block` floats: the
     R-point FWHTs of those columns (rows x width floats, about 2 MiB, mostly in cache),
-    then the inverse's signs while the group is still in cache. `sq` (one float64 per
-    group, or none): sq[g] gets the group's sum of squares, also while in cache."""
+    then the inverse's signs while the group is still in cache."""
     _stages_from(y, 0, y.size, block, c0, width, block)
     if not forward:
         for lo in range(c0, y.size, block):
             _apply_signs(y[lo:lo + width], fqr.counter_numba(key, start + np.uint64(lo)),
                          np.float32(1.0))
-    if sq.size:
-        total = 0.0
-        for lo in range(c0, y.size, block):
-            total += sum_squares_kernel(y[lo:lo + width])
-        sq[g] = total
 
 
 def _layout(n: int) -> tuple[int, int, int]:
@@ -291,37 +284,32 @@ def _layout(n: int) -> tuple[int, int, int]:
 
 
 @njit(cache=True, nogil=True)  # releases the GIL: concurrent decodes run in parallel
-def _rht_serial(x, y, key, start, scale, forward, inplace, block, rows, width, mom, want,
-                sq):  # pragma: no cover - jit
-    """`mom`: (rows, 3) float64, each row block's first `want` input moments, or (0, 3);
-    `sq`: each column group's (or the one block's) output sum of squares, or empty."""
+def _rht_serial(x, y, key, start, scale, forward, inplace, block, rows, width, mom,
+                want):  # pragma: no cover - jit
+    """`mom`: (rows, 3) float64, each row block's first `want` input moments, or (0, 3)."""
     for b in range(rows):
         _row_block(x, y, b * block, block, key, start + np.uint64(b * block), scale, forward,
                    inplace, mom, b, want)
     if rows == 1:  # the slice is one block (in L2): done but for the inverse's signs
         if not forward:
             _apply_signs(y, fqr.counter_numba(key, start), np.float32(1.0))
-        if sq.size:
-            sq[0] = sum_squares_kernel(y)
         return
     for g in range(block // width):
-        _column_group(y, block, g * width, width, key, start, forward, sq, g)
+        _column_group(y, block, g * width, width, key, start, forward)
 
 
 @njit(cache=True, parallel=True, nogil=True)
 def _rht_parallel(x, y, key, start, scale, forward, inplace, block, rows, width, mom,
-                  want, sq):  # pragma: no cover - jit
+                  want):  # pragma: no cover - jit
     for b in prange(rows):
         _row_block(x, y, b * block, block, key, start + np.uint64(b * block), scale, forward,
                    inplace, mom, b, want)
     if rows == 1:
         if not forward:
             _apply_signs(y, fqr.counter_numba(key, start), np.float32(1.0))
-        if sq.size:
-            sq[0] = sum_squares_kernel(y)
         return
     for g in prange(block // width):
-        _column_group(y, block, g * width, width, key, start, forward, sq, g)
+        _column_group(y, block, g * width, width, key, start, forward)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -348,12 +336,11 @@ def _shape(n: int) -> tuple[np.float32, int, int, int]:
 
 
 _NO_MOMENTS = np.zeros((0, 3))
-_NO_SQUARES = np.zeros(0)
 
 
 def _run(x: torch.Tensor, seed: int, layer: int, offset: int, forward: bool,
          parallel: bool, out: torch.Tensor | None, mom: np.ndarray = _NO_MOMENTS,
-         want: int = 0, sq: np.ndarray = _NO_SQUARES) -> torch.Tensor:
+         want: int = 0) -> torch.Tensor:
     if not AVAILABLE:
         raise RuntimeError("numba is not installed; use fedquant.hadamard's torch kernel")
     n = _check(x)
@@ -377,7 +364,7 @@ def _run(x: torch.Tensor, seed: int, layer: int, offset: int, forward: bool,
     if mom.shape[0] and a == b != 0:
         raise ValueError("the input's moments need an out-of-place transform")
     kernel(src, dst, _rotation_key(seed), np.uint64(sign_index_start(layer, offset)), scale,
-           forward, a == b != 0, block, rows, width, mom, want, sq)
+           forward, a == b != 0, block, rows, width, mom, want)
     return out
 
 
@@ -389,21 +376,17 @@ def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0, parallel: bool 
 
 
 def rht_stats(x: torch.Tensor, seed: int, layer: int, offset: int = 0,
-              out: torch.Tensor | None = None, moments: int = 0,
-              sum_squares: bool = False, parallel: bool = False
-              ) -> tuple[torch.Tensor, tuple[float, ...], float | None]:
-    """:func:`rht`, and in the same passes the first `moments` (0..3) of the float64
-    (sum x^2, sum |x|^3, sum x^4) of the input (`out` must then not be x), and the float64
-    sum of squares of the output (`sum_squares`, else None). Same output as :func:`rht`."""
+              out: torch.Tensor | None = None, moments: int = 1, parallel: bool = False
+              ) -> tuple[torch.Tensor, tuple[float, ...]]:
+    """:func:`rht` (into `out`, which must not be x), and the first `moments` (1..3) of
+    the float64 (sum x^2, sum |x|^3, sum x^4) of the input, summed in the same pass."""
     n = _check(x)
-    if moments not in (0, 1, 2, 3):
-        raise ValueError(f"moments must be 0, 1, 2 or 3, got {moments!r}")
-    _, block, rows, width = _shape(n)
-    mom = np.empty((rows, 3)) if moments else _NO_MOMENTS
-    sq = np.empty(1 if rows == 1 else block // width) if sum_squares else _NO_SQUARES
-    out = _run(x, seed, layer, offset, True, parallel, out, mom, moments, sq)
-    m = tuple(float(v) for v in mom.sum(axis=0)[:moments]) if moments else ()
-    return out, m, (float(sq.sum()) if sum_squares else None)
+    if moments not in (1, 2, 3):
+        raise ValueError(f"moments must be 1, 2 or 3, got {moments!r}")
+    rows = _shape(n)[2]
+    mom = np.empty((rows, 3))
+    out = _run(x, seed, layer, offset, True, parallel, out, mom, moments)
+    return out, tuple(float(v) for v in mom.sum(axis=0)[:moments])
 
 
 def inverse_rht(y: torch.Tensor, seed: int, layer: int, offset: int = 0,

@@ -17,10 +17,10 @@ time checks of the RHT paper section 7 on the normalized input u = x / ||x||:
   one-RHT level needs no smoothing RHT. (Gaussian inputs sit at 3 / n.)
 
 On float32 CPU input with numba, :func:`rotate_checked` rotates and runs these checks in
-the same passes (the input's moments in the first RHT's first pass: the first layer is the
+the same pass (the input's moments in the first RHT's first pass: the first layer is the
 same whether the check then asks for 1 or 2), and also returns each slice's float64
-||z||^2 from the last RHT's last pass, so that an encoder makes no pass of its own but
-the quantizing one.
+||x||^2 (= ||z||^2 up to rounding), so that an encoder makes no pass of its own but the
+quantizing one.
 
 Any d is split into power-of-two slices (greedy binary decomposition) plus one tail,
 padded with zeros to a power of two, once the remainder is at most max(d / 64, 128):
@@ -193,12 +193,12 @@ def fused_available(x: object) -> bool:
 def rotate_checked(x: torch.Tensor, seed: int, rotations: int | str,
                    kind: str = "scalar") -> tuple[torch.Tensor, int, list[float]]:
     """:func:`rotate` for a flat float32 CPU x (numba), with the checks an encoder needs
-    taken in the RHTs' own passes: returns (z, the number of RHTs, each slice's float64
-    ||z||^2).
+    taken from the input moments the first RHT sums in its first pass: returns (z, the
+    number of RHTs, each slice's float64 ||x||^2, which is ||z||^2 up to float rounding).
 
-    `rotations`: 1..3, or "auto" (:func:`auto_rotations`' check, on the input moments the
-    first RHT's pass 1 sums). ValueError (NONFINITE_INPUT) if x holds NaN or Inf: the
-    float64 sum of squares of float32 values is finite exactly when they all are."""
+    `rotations`: 1..3, or "auto" (:func:`auto_rotations`' check). ValueError
+    (NONFINITE_INPUT) if x holds NaN or Inf: the float64 sum of squares of float32
+    values is finite exactly when they all are."""
     from fedquant import hadamard_numba
 
     _check_kind(kind)
@@ -208,19 +208,15 @@ def rotate_checked(x: torch.Tensor, seed: int, rotations: int | str,
         raise ValueError("rotate_checked needs at least one rotation (or 'auto')")
     # the input moments the check needs (s2 alone is the NaN / Inf check)
     want = (2 if kind == "scalar" else 3) if auto else 1
-    first_is_last = k == 1 or (auto and kind == "scalar")
     layout = slice_layout(x.numel())
     out = new_vector(x, padded_size(x.numel()))
-    stats, squares = [], []
+    stats = []
     for s in layout:
         buf = x[s.start: s.start + s.length]
         if s.size != s.length:
             buf = torch.nn.functional.pad(buf, (0, s.size - s.length))
-        _, m, q = hadamard_numba.rht_stats(buf, seed, 0, s.offset,
-                                           out=out[s.offset: s.offset + s.size],
-                                           moments=want, sum_squares=first_is_last)
-        stats.append(m)
-        squares.append(q)
+        stats.append(hadamard_numba.rht_stats(buf, seed, 0, s.offset, moments=want,
+                                              out=out[s.offset: s.offset + s.size])[1])
     if not all(math.isfinite(m[0]) for m in stats):
         raise ValueError(NONFINITE_INPUT)
     if auto:
@@ -232,14 +228,11 @@ def rotate_checked(x: torch.Tensor, seed: int, rotations: int | str,
             if not flat_enough(kind, l3, l4, s.size):
                 k += 1
                 break
-    if k > 1:
-        for i, s in enumerate(layout):
-            dst = out[s.offset: s.offset + s.size]
-            for layer in range(1, k):
-                _, _, q = hadamard_numba.rht_stats(dst, seed, layer, s.offset, out=dst,
-                                                   sum_squares=layer == k - 1)
-            squares[i] = q
-    return out, k, squares
+    for s in layout:
+        dst = out[s.offset: s.offset + s.size]
+        for layer in range(1, k):
+            hadamard_numba.rht(dst, seed, layer, s.offset, out=dst)
+    return out, k, [m[0] for m in stats]
 
 
 def resolve_rotations(spec: int | str, x: torch.Tensor, kind: str = "scalar") -> int:

@@ -44,6 +44,22 @@ def test_eden_quantize_matches_torch(bits):
     assert math.isclose(dot, want_dot, rel_tol=1e-10)
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 6])
+def test_eden_quantize_with_a_norm_hint_gives_the_exact_result(bits):
+    # the hint only picks the first try's factor: a hint off by far more than rounding
+    # (another float32 factor) is caught by the exact norm summed in the same pass
+    z = _x(2**12, seed=bits)
+    centroids = lloyd_max_centroids(bits)
+    want = torch.empty(z.numel(), dtype=torch.uint8)
+    want_norm, want_dot = cpu_kernels.eden_quantize(z, centroids, want)
+    for hint in (want_norm, want_norm * (1 + 1e-9), want_norm * 1.3, 0.0):
+        idx = torch.full((z.numel(),), 255, dtype=torch.uint8)
+        norm, dot = cpu_kernels.eden_quantize(z, centroids, idx, hint)
+        assert torch.equal(idx, want)
+        assert math.isclose(norm, want_norm, rel_tol=1e-12)
+        assert math.isclose(dot, want_dot, rel_tol=1e-10)
+
+
 def test_eden_quantize_ties_go_to_the_lower_centroid_like_bucketize():
     # t exactly on a midpoint: bucketize (right=False) picks the lower index
     centroids = lloyd_max_centroids(2)

@@ -95,7 +95,8 @@ class Eden(RotatedCodec):
 
     def quantize_normed(self, z: torch.Tensor, d: int, seed: int, rotations: int,
                         norms: Sequence[float] | None) -> tuple[list[float], dict[str, Section]]:
-        """:meth:`quantize` with each slice's ||z|| given (None: summed here)."""
+        """:meth:`quantize` with each slice's norm up to rounding given (None: none; see
+        fedquant.cpu_kernels.eden_quantize)."""
         centroids = lloyd_max_centroids(self.bits).to(z.device)
         fast = cpu_kernels.usable(z)  # fused numba passes; same numbers as the torch lines
         indices = torch.empty(z.numel(), dtype=torch.uint8 if fast else torch.int64,

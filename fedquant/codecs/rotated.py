@@ -97,7 +97,7 @@ class RotatedCodec(Codec):
     # ---- sender ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
         # On the CPU with numba the NaN / Inf check, the "auto" check and each slice's
-        # ||z|| come from the RHTs' own passes (fedquant.rotation.rotate_checked).
+        # norm come from the first RHT's pass 1 (fedquant.rotation.rotate_checked).
         fused = self.rotations != "0" and fused_available(x)
         flat = check_input(x, check_finite=not fused)
         seed = check_seed(seed)
@@ -123,8 +123,9 @@ class RotatedCodec(Codec):
 
     def quantize_normed(self, z: torch.Tensor, d: int, seed: int, rotations: int,
                         norms: Sequence[float]) -> tuple[list[float], dict[str, Section]]:
-        """:meth:`quantize`, told each slice's float64 ||z|| (summed in the last RHT's
-        passes): a codec that scales by it overrides this to skip its own norm pass."""
+        """:meth:`quantize`, told each slice's float64 ||x|| (= ||z|| up to float rounding,
+        summed in the first RHT's pass): a codec that scales by ||z|| overrides this to
+        take its indices with it while it sums ||z||, instead of in a pass of its own."""
         return self.quantize(z, d, seed, rotations)
 
     def slice_scale(self, norm: float, dot: float,
