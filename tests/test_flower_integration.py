@@ -247,11 +247,12 @@ def test_the_example_app_on_the_simulation_engine_plain_and_compressed(tmp_path)
         assert comp[3]["accuracy"] > comp[0]["accuracy"] + 0.3  # it learned, compressed
         uplink = [m["fedquant-uplink-bytes"] for m in comp[4]["train_metrics"].values()]
         assert len(uplink) == 3 and all(12 * b <= 2 * 4 * numel for b in uplink)
-        # Compression may cost accuracy, never much. The compressed run's randomness follows
-        # the simulation's random node ids: FedAvg's round-3 accuracy (about 97%) has varied
-        # by +-2.5 points between runs, FedAdam's (still climbing, about 80%) by more.
-        loss = plain[3]["accuracy"] - comp[3]["accuracy"]
-        assert loss <= (0.05 if strategy == "fedavg" else 0.15), (strategy, plain, comp)
+        # Within 2 points of the uncompressed app at round 3. The compressed run's codec
+        # seeds follow the simulation's random node ids; over 20-28 in-process draws of node
+        # ids the difference stayed within [-0.56, +0.56] points (FedAvg, 98.6%) and
+        # [-0.56, +1.11] (FedAdam eta 0.2, tau 0.02, 97.5%), 4 local epochs.
+        assert plain[3]["accuracy"] > 0.95, (strategy, plain)  # both converge in 3 rounds
+        assert abs(plain[3]["accuracy"] - comp[3]["accuracy"]) <= 0.02, (strategy, plain, comp)
 
 
 def test_correlated_quantization_gives_each_sampled_client_its_stratum():

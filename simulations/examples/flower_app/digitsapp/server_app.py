@@ -22,7 +22,7 @@ def main(grid: Grid, context: Context) -> None:
     _, testloader = load_data(0, 1)
     if rc["strategy"] == "fedadam":
         strategy = FedAdam(fraction_evaluate=0.0, min_available_nodes=rc["min-nodes"],
-                           eta=0.1, tau=0.01)
+                           eta=0.2, tau=0.02)
     else:
         strategy = FedAvg(fraction_evaluate=0.0, min_available_nodes=rc["min-nodes"])
 
