@@ -60,6 +60,7 @@ DEFAULT_LINKS = (
     Link("100 Mbit/s", uplink_mbps=100, downlink_mbps=100, latency_ms=5),
 )
 LINK_KEYS = ("name", "uplink_mbps", "downlink_mbps", "latency_ms")
+LINK_SCHEMA = {"name": str, "uplink_mbps": float, "downlink_mbps": float, "latency_ms": float}
 
 
 def parse_links(tables: Any, where: str = "links") -> tuple[Link, ...]:
@@ -67,6 +68,8 @@ def parse_links(tables: Any, where: str = "links") -> tuple[Link, ...]:
     ValueError names the bad entry and key."""
     if not isinstance(tables, list | tuple) or not tables:
         raise ValueError(f"{where} must be a non-empty list of tables, got {tables!r}")
+    from fedquant.simulations.common import check_keys
+
     links = []
     for i, t in enumerate(tables):
         if isinstance(t, Link):
@@ -74,16 +77,13 @@ def parse_links(tables: Any, where: str = "links") -> tuple[Link, ...]:
             continue
         if not isinstance(t, dict):
             raise ValueError(f"{where}[{i}] must be a table, got {t!r}")
-        unknown = set(t) - set(LINK_KEYS)
-        if unknown:
-            raise ValueError(f"unknown key(s) {sorted(unknown)} in {where}[{i}]; "
-                             f"allowed: {list(LINK_KEYS)}")
+        check_keys(t, LINK_SCHEMA, f"{where}[{i}].")
         missing = {"uplink_mbps", "downlink_mbps"} - set(t)
         if missing:
             raise ValueError(f"{where}[{i}] needs {sorted(missing)}")
         name = t.get("name", f"{t['uplink_mbps']:g} Mbit/s")
         try:
-            links.append(Link(str(name), t["uplink_mbps"], t["downlink_mbps"],
+            links.append(Link(name, t["uplink_mbps"], t["downlink_mbps"],
                               t.get("latency_ms", 0.0)))
         except ValueError as err:
             raise ValueError(f"{where}[{i}]: {err}") from None

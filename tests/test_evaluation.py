@@ -75,7 +75,8 @@ def test_round_time_is_the_slowest_client_plus_the_server():
     ([], "non-empty list"),
     ([{"uplink_mbps": 0, "downlink_mbps": 1}], "uplink_mbps must be a positive number"),
     ([{"uplink_mbps": 1}], "needs ['downlink_mbps']"),
-    ([{"uplink_mbps": 1, "downlink_mbps": 1, "jitter": 3}], "unknown key(s) ['jitter']"),
+    ([{"uplink_mbps": 1, "downlink_mbps": 1, "jitter": 3}], "unknown config key 'links[0].jitter'"),
+    ([{"uplink_mbps": "fast", "downlink_mbps": 1}], "'links[0].uplink_mbps' must be a number"),
     ([{"uplink_mbps": 1, "downlink_mbps": 1, "latency_ms": -1}], "latency_ms"),
     ([{"uplink_mbps": 1, "downlink_mbps": 1}] * 2, "distinct"),
 ])
