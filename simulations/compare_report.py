@@ -166,7 +166,8 @@ def _fl_lines(results: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
         folder = scenario_dir(name)
         parts += [f"### {name}", "", fl_report.describe(sc), ""]
         parts += fl_report.summary_table(sc, summary)
-        parts += ["", f"![{name}: accuracy vs simulated time]({folder}/accuracy_vs_time.png)",
+        parts += ["", fl_report.convergence_text(summary), "",
+                  f"![{name}: accuracy vs simulated time]({folder}/accuracy_vs_time.png)",
                   f"![{name}: accuracy vs rounds]({folder}/accuracy_vs_rounds.png)",
                   f"![{name}: accuracy vs uplink]({folder}/accuracy_vs_uplink.png)", "",
                   f"Rows, seeds and per-client times: `{folder}/rows.json`.", ""]

@@ -84,6 +84,7 @@ def summarize(cfg: dict, rows: list[dict]) -> list[dict]:
             "bits_per_coord": sum(_bits_per_coord(run) for run in by_seed.values()) / len(by_seed),
             "wall_s": sum(r["wall_s"] for run in by_seed.values() for r in run),
             "rounds": first[-1]["round"], "target": target, "targets": targets,
+            "late_gain": evaluation.mean_ci([_late_gain(run) for run in by_seed.values()]),
             "difference": None,
             "verdict": None, "to_target": {}}
         if ref:
@@ -92,6 +93,25 @@ def summarize(cfg: dict, rows: list[dict]) -> list[dict]:
             item["to_target"] = _to_target(by_seed, targets, links_of(cfg))
         out.append(item)
     return out
+
+
+def _late_gain(run: list[dict], fraction: float = 0.2) -> float:
+    """How much a run's accuracy rose over its last `fraction` of rounds (a run that has
+    converged gains about nothing)."""
+    accs = [r["accuracy"] for r in run]
+    cut = max(1, round(len(accs) * (1 - fraction)))
+    return evaluation.run_accuracy(accs) - evaluation.run_accuracy(accs[:cut])
+
+
+def convergence_text(summary: list[dict]) -> str:
+    """One sentence on whether fp32 converged: its gain over the last 20% of rounds."""
+    ref = next((s for s in summary if s["codec"] == "fp32"), None)
+    if ref is None:
+        return ""
+    gain = ref["late_gain"]
+    return (f"Convergence: fp32's accuracy rose {gain.text(100, signed=True)} points over the "
+            f"last 20% of the {ref['rounds']} rounds"
+            + (" (still climbing: more rounds would raise it)." if gain.mean > 0.01 else "."))
 
 
 def _to_target(by_seed: dict[int, list[dict]], targets: dict[int, float],
@@ -341,6 +361,7 @@ def write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool,
         lines += ["Target accuracy by seed: " + ", ".join(
             f"{s}: {100 * t:.2f}%" for s, t in summary[0]["targets"].items()) + ".", ""]
     lines += summary_table(cfg, summary)
+    lines += ["", convergence_text(summary)]
     lines += _ptq_lines(list(ptqs))
     lines += [""] + [f"![{p[:-4].replace('_', ' ')}]({p})" for p in plots] + [""]
     (out_dir / "report.md").write_text("\n".join(lines))

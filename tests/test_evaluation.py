@@ -126,3 +126,14 @@ def test_summary_calls_lags_and_within_and_times_the_target_on_each_link():
     fast = {lab: by[lab]["to_target"]["fast"]["value"].mean for lab in ("fp32", "eden b=1")}
     assert slow["eden b=1"] < 0.2 * slow["fp32"] and fast["eden b=1"] > fast["fp32"]
     assert by["eden b=1"]["bits_per_coord"] == pytest.approx(8 * 150 / 1000)
+
+
+def test_convergence_sentence_tells_a_plateau_from_a_climb():
+    cfg = {"target_points": 1.0, "links": [{"uplink_mbps": 1, "downlink_mbps": 1}]}
+    flat = fl_report.summarize(cfg, _runs("fp32", "fp32", [0.1] + [0.8] * 9, 4000, 0.0))
+    climb = fl_report.summarize(cfg, _runs("fp32", "fp32", [0.1 * k for k in range(10)],
+                                           4000, 0.0))
+    assert flat[0]["late_gain"].mean == pytest.approx(0.0)
+    assert "still climbing" not in fl_report.convergence_text(flat)
+    assert climb[0]["late_gain"].mean == pytest.approx(0.2)  # rounds 7-9 vs 5-7
+    assert "still climbing" in fl_report.convergence_text(climb)
