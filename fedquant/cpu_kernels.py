@@ -21,6 +21,7 @@ Proven", 2026) section 7's l3 / l4 checks) in one pass, no float64 copy of x;
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -191,6 +192,14 @@ def _factor(size: int, norm: float) -> np.float32:
     return np.float32(math.sqrt(size) / norm if norm > 0 else 0.0)
 
 
+@functools.lru_cache(maxsize=64)
+def _tables(centroids: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray, tuple, tuple]:
+    """(centroids, float32 midpoints, and both as tuples of scalars) of a codebook."""
+    c64 = np.array(centroids, dtype=np.float64)
+    mids = ((c64[1:] + c64[:-1]) / 2).astype(np.float32)
+    return c64, mids, tuple(np.float32(m) for m in mids), tuple(float(c) for c in c64)
+
+
 def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor,
                   norm_hint: float | None = None) -> tuple[float, float]:
     """EDEN's quantization of one rotated slice zs (float32 CPU, 1-D).
@@ -207,14 +216,12 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor,
     z = zs.detach().contiguous().numpy()
     exact = norm_hint is None
     norm = math.sqrt(_sum_squares(z)) if exact else norm_hint
-    c64 = centroids.to(torch.float64).cpu().contiguous().numpy()
-    mids = ((c64[1:] + c64[:-1]) / 2).astype(np.float32)
+    c64, mids, mids_t, c_t = _tables(tuple(centroids.tolist()))
     idx = out.numpy()
-    mids_t = tuple(np.float32(m) for m in mids)
     factor = _factor(z.size, norm)
     while True:
         if mids.size <= FUSED_DOT_MAX_MIDS:
-            dot, sq = _quantize_count(z, factor, mids_t, tuple(float(c) for c in c64), idx)
+            dot, sq = _quantize_count(z, factor, mids_t, c_t, idx)
         else:
             if mids.size <= COUNT_MAX_MIDS:
                 _quantize_count_only(z, factor, mids_t, idx)
