@@ -10,8 +10,11 @@ Proven", 2026) section 7's l3 / l4 checks) in one pass, no float64 copy of x;
 * :func:`eden_quantize` - EDEN's per-slice work (the RHT paper section 4): the float64 norm,
   t = z * sqrt(n) / ||z||, the nearest Lloyd-Max centroid (``torch.bucketize`` on the
   midpoints: the index is the number of midpoints strictly below t) and the float64
-  <z, c> of the unbiased / least-squares scale, in two passes for b <= 2 (the dot is
-  summed in the quantizing pass), three above, indices as uint8;
+  <z, c> of the unbiased / least-squares scale, indices as uint8. For b <= 2 the dot
+  and ||z||^2 are summed in the quantizing pass; given a norm hint (||x||, from the
+  RHT's first pass) that is the only pass (rarely two), else a norm pass comes first;
+  above b = 2 one more pass for the dot. ``moments_kernel`` and friends are the same
+  sums for the RHT kernel's pass 1 (fedquant.hadamard_numba.rht_stats);
 * :func:`eden_dequantize` - EDEN's receiver: unpack the b-bit indices and look up
   float32(centroid * scale) per slice in one pass, no int64 / float64 temporaries (for
   b = 1, 2, 4, 8 one word-sized table entry per byte);
