@@ -166,6 +166,7 @@ def test_reference_check_fails_when_the_rotation_is_the_identity(monkeypatch):
     from fedquant.codecs import rotated
 
     rotate, unrotate = rotated.rotate, rotated.unrotate
+    monkeypatch.setattr(rotated, "fused_available", lambda x: False)  # encode via rotate
     monkeypatch.setattr(rotated, "rotate", lambda x, seed, k, *a, **kw: rotate(x, seed, 0))
     monkeypatch.setattr(rotated, "unrotate",
                         lambda z, seed, k, d, *a, **kw: unrotate(z, seed, 0, d, *a, **kw))
