@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from fedquant.rotation import NONFINITE_INPUT
 from fedquant.wire import DTYPES, Encoded, WireError
 
 _REGISTRY: dict[str, type[Codec]] = {}
@@ -136,7 +137,6 @@ def _constructor_defaults(init: Any) -> dict[str, Any]:
             if k != "self" and p.default is not inspect.Parameter.empty}
 
 
-NONFINITE_INPUT = "cannot encode a tensor containing NaN or Inf"
 
 
 def check_input(x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
