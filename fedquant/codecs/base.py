@@ -137,8 +137,6 @@ def _constructor_defaults(init: Any) -> dict[str, Any]:
             if k != "self" and p.default is not inspect.Parameter.empty}
 
 
-
-
 def check_input(x: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
     """Validate a tensor to encode and return it flat, as float32. `check_finite=False`
     leaves the NaN / Inf check (ValueError NONFINITE_INPUT) to a caller that gets it from a
