@@ -46,7 +46,7 @@ from fedquant._numba import AVAILABLE, njit
 from fedquant.codecs.base import expect_scales, expect_section, register_codec
 from fedquant.codecs.positions import PositionCode
 from fedquant.codecs.rotated import RotatedCodec, slice_norm, slice_values
-from fedquant.packing import unpack
+from fedquant.packing import _pack_bytes, _pack_numba, packed_len, unpack
 from fedquant.rotation import padded_size, slice_layout, unrotate
 from fedquant.wire import Encoded, Section, WireError
 
@@ -136,58 +136,110 @@ def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
 _hash = fqr.hash64_numba  # hash64(seed, purpose, i) given the stream key of (seed, purpose)
 
 
-def _cells_py(z, scale, threshold, a0, delta, m, shared_bits, key_h, key_private, start,
-              cells, coins, outlier):  # pragma: no cover - numba-compiled
-    """The gather-free part of QuicFL.sample_messages on one slice, for every coordinate
-    (outliers too), so that the loop vectorizes: the table cell (grid point, h) each
-    coordinate rounds to and its message coin. The same float64 operations in the same
-    order as the torch path; h is the top l bits of the SHARED_INDEX hash, the two private
-    uniforms the high and low 32 bits of the PRIVATE hash (coordinate i of the slice is
-    hash index start + i). The coin is kept as its 32 bits (uniform = coin * 2^-32)."""
+SAMPLE_CHUNK = 256  # the sender's coordinates per chunk: its buffers stay in L1
+
+
+def _sample_py(z, offsets, sizes, scales, threshold, a0, delta, m, shared_bits, key_h,
+               key_private, table, messages, positions):  # pragma: no cover - numba-compiled
+    """QuicFL.sample_messages for all slices in one pass over z, chunk by chunk (the
+    chunk's buffers stay in L1; no array of z's length but the outputs):
+
+    1. gather-free, so that it vectorizes: every coordinate's outlier flag, table cell
+       (grid point, h) and message coin, outliers too. The same float64 operations in the
+       same order as the torch path; h is the top l bits of the SHARED_INDEX hash, the
+       two private uniforms the high and low 32 bits of the PRIVATE hash (hash index =
+       position in z). The coin is kept as its 32 bits (uniform = coin * 2^-32);
+    2. the table lookups, written at the chunk's place in `messages`:
+       table[cell] = lo + 16 * ceil(up * 2^32), so X = lo + (coin < ceil(up * 2^32)),
+       which is exactly lo + (coin * 2^-32 < up) (both scalings by 2^32 are exact);
+    3. only for a chunk with outliers (most chunks have none): compact its messages in
+       place and record the outliers' positions.
+
+    `messages` needs room for z.size values, `positions` for every outlier. Returns
+    (number of messages, number of outliers)."""
     n_h = 1 << shared_bits
     drop = np.uint64(63 - shared_bits)  # h = (hash >> 1) >> drop: no shift by 64 at l = 0
     low32 = np.uint64(0xFFFFFFFF)
     top = np.float64(m - 2)
-    for i in range(z.size):
-        t = np.float64(z[i]) / scale
-        outlier[i] = abs(t) > threshold
-        index = np.uint64(i) + start
-        h = np.int64((_hash(key_h, index) >> np.uint64(1)) >> drop)
-        bits = _hash(key_private, index)
-        # through int64: a uint64 -> float64 conversion is a slow branchy sequence
-        u_grid = np.float64(np.int64(bits >> np.uint64(32))) * 2.0**-32
-        coins[i] = np.uint32(bits & low32)
-        pos = (t - a0) / delta
-        # clamps as selects (numba's min/max branch on NaN, which blocks SIMD; t is finite)
-        cell = np.floor(pos)
-        cell = 0.0 if cell < 0.0 else cell
-        cell = top if cell > top else cell
-        frac = pos - cell
-        frac = 0.0 if frac < 0.0 else frac
-        frac = 1.0 if frac > 1.0 else frac
-        cells[i] = np.int32((np.int64(cell) + (1 if u_grid < frac else 0)) * n_h + h)
-
-
-def _compact_py(cells, coins, outlier, lo, up, messages, positions):  # pragma: no cover
-    """The table lookups (gathers, which keep :func:`_cells_py` from vectorizing) and the
-    compaction: the inliers' messages lo[cell] + (coin < up[cell]) in order, and the
-    outliers' positions. Returns (number of messages, number of outliers)."""
+    cells = np.empty(SAMPLE_CHUNK, dtype=np.int32)
+    coins = np.empty(SAMPLE_CHUNK, dtype=np.int64)
+    flags = np.empty(SAMPLE_CHUNK, dtype=np.uint8)
     j = 0
     o = 0
-    for i in range(cells.size):
-        if outlier[i]:
-            positions[o] = i
-            o += 1
-        else:
-            c = cells[i]
-            u_msg = np.float64(np.int64(coins[i])) * 2.0**-32
-            messages[j] = lo[c] + (1 if u_msg < up[c] else 0)
-            j += 1
+    for s in range(offsets.size):
+        scale = scales[s]
+        end = offsets[s] + sizes[s]
+        for c0 in range(offsets[s], end, SAMPLE_CHUNK):
+            width = min(SAMPLE_CHUNK, end - c0)
+            zc = z[c0:c0 + width]
+            count = 0
+            for i in range(width):
+                t = np.float64(zc[i]) / scale
+                out = abs(t) > threshold
+                flags[i] = out
+                count += out
+                index = np.uint64(c0 + i)
+                h = np.int64((_hash(key_h, index) >> np.uint64(1)) >> drop)
+                bits = _hash(key_private, index)
+                # through int64: a uint64 -> float64 conversion is a slow branchy sequence
+                u_grid = np.float64(np.int64(bits >> np.uint64(32))) * 2.0**-32
+                coins[i] = np.int64(bits & low32)
+                pos = (t - a0) / delta
+                # clamps as selects (numba's min/max branch on NaN, which blocks SIMD)
+                cell = np.floor(pos)
+                cell = 0.0 if cell < 0.0 else cell
+                cell = top if cell > top else cell
+                frac = pos - cell
+                frac = 0.0 if frac < 0.0 else frac
+                frac = 1.0 if frac > 1.0 else frac
+                cells[i] = np.int32((np.int64(cell) + (1 if u_grid < frac else 0)) * n_h + h)
+            dst = messages[j:j + width]
+            for i in range(width):
+                e = table[cells[i]]
+                dst[i] = np.uint8((e & 15) + (coins[i] < (e >> 4)))
+            if count == 0:
+                j += width
+                continue
+            k = j  # k <= j + i: the forward in-place compaction reads before it writes
+            for i in range(width):
+                if flags[i]:
+                    positions[o] = c0 + i
+                    o += 1
+                else:
+                    messages[k] = dst[i]
+                    k += 1
+            j = k
     return j, o
 
 
-_cells_numba = njit(cache=True, nogil=True)(_cells_py) if AVAILABLE else None
-_compact_numba = njit(cache=True, nogil=True)(_compact_py) if AVAILABLE else None
+_sample_numba = njit(cache=True, nogil=True)(_sample_py) if AVAILABLE else None
+
+
+@functools.cache
+def _sender_table(bits: int, shared_bits: int) -> np.ndarray:
+    """The sender table of :func:`_sample_py`: int64 lo + 16 * ceil(up * 2^32) per cell
+    (up * 2^32 < 2^53 is exact, so is its ceil)."""
+    tables = quic_tables(bits, shared_bits)
+    lo = tables.lo.numpy().reshape(-1)
+    up = tables.up.numpy().reshape(-1)
+    if lo.min() < 0 or lo.max() > 15 or up.min() < 0 or up.max() > 1:
+        raise ValueError("QUIC-FL sender table: lo must be in 0..15 and up in [0, 1]")
+    return lo.astype(np.int64) | (np.ceil(up * 2.0**32).astype(np.int64) << 4)
+
+
+def _pack_messages(buf: np.ndarray, count: int, bits: int) -> bytes:
+    """fedquant.packing.pack of buf[:count] (uint8, b-bit messages); `buf` has 7 spare
+    bytes after them, zeroed here, so that b = 1, 2, 4 take the whole-byte kernel."""
+    whole = -(-count // 8) * 8
+    buf[count:whole] = 0  # zero padding: the last byte's unused high bits stay zero
+    out = np.empty(packed_len(whole, bits), dtype=np.uint8)
+    if bits in (1, 2, 4):
+        ok = _pack_bytes(buf[:whole], bits, out)
+    else:
+        ok = _pack_numba(buf[:whole], bits, out)
+    if not ok:
+        raise ValueError(f"QUIC-FL message out of range for {bits} bits")
+    return out[:packed_len(count, bits)].tobytes()
 
 
 def _accumulate_py(out, messages, outlier_pos, outlier_vals, offsets, sizes, scales,
@@ -293,12 +345,14 @@ class QuicFL(RotatedCodec):
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
         scales = [slice_norm(z[s.offset: s.offset + s.size]) / math.sqrt(s.size)
                   for s in slice_layout(d)]
-        if z.device.type == "cpu" and _cells_numba is not None:
-            messages, positions = self._sample_messages_cpu(z, scales, seed, d)
+        if z.device.type == "cpu" and _sample_numba is not None:
+            buf, n_msg, positions = self._sample_cpu(z, scales, seed, d)
+            q = Section("q", self.bits, n_msg, _pack_messages(buf, n_msg, self.bits))
         else:
             messages, positions = self.sample_messages(z, scales, seed, d)
+            q = Section.from_ints("q", messages, self.bits)
         sections = {
-            "q": Section.from_ints("q", messages, self.bits),
+            "q": q,
             "outlier_values": Section.from_raw("outlier_values", z[positions].float()),
         }
         sections.update(OUTLIER_POSITIONS.encode(positions, z.numel()))
@@ -321,26 +375,29 @@ class QuicFL(RotatedCodec):
 
     def _sample_messages_cpu(self, z: torch.Tensor, scales: Sequence[float], seed: int,
                              d: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`sample_messages` in two numba passes (same numbers, bit for bit)."""
+        """:meth:`sample_messages` in one numba pass (same numbers, bit for bit)."""
+        buf, n_msg, positions = self._sample_cpu(z, scales, seed, d)
+        return torch.from_numpy(buf[:n_msg]), positions
+
+    def _sample_cpu(self, z: torch.Tensor, scales: Sequence[float], seed: int,
+                    d: int) -> tuple[np.ndarray, int, torch.Tensor]:
+        """(uint8 buffer whose first n_msg entries are the messages, with at least 7 spare
+        entries after them; n_msg; outlier positions) from :func:`_sample_py`."""
         tables = self.tables
         grid = tables.grid.numpy()
-        lo, up = tables.lo.numpy().reshape(-1), tables.up.numpy().reshape(-1)
-        key_h = np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX))
-        key_private = np.uint64(fqr.stream_key(seed, fqr.Purpose.PRIVATE))
-        zn = z.numpy()
-        cells = np.empty(z.numel(), dtype=np.int32)
-        coins = np.empty(z.numel(), dtype=np.uint32)
-        outlier = np.empty(z.numel(), dtype=np.bool_)
-        for s, scale in zip(slice_layout(d), scales, strict=True):
-            part = slice(s.offset, s.offset + s.size)
-            _cells_numba(zn[part], max(scale, 1e-300), tables.threshold, float(grid[0]),
-                         float(grid[1] - grid[0]), grid.size, self.shared_bits, key_h,
-                         key_private, np.uint64(s.offset), cells[part], coins[part],
-                         outlier[part])
-        messages = np.empty(z.numel(), dtype=np.uint8)  # bits <= 4: a message fits a byte
-        positions = np.empty(z.numel(), dtype=np.int64)
-        n_msg, n_out = _compact_numba(cells, coins, outlier, lo, up, messages, positions)
-        return torch.from_numpy(messages[:n_msg]), torch.from_numpy(positions[:n_out])
+        layout = slice_layout(d)
+        n = z.numel()
+        messages = np.empty(n + 8, dtype=np.uint8)  # bits <= 4: a message fits a byte
+        positions = np.empty(n, dtype=np.int64)
+        n_msg, n_out = _sample_numba(
+            z.numpy(), np.array([s.offset for s in layout], dtype=np.int64),
+            np.array([s.size for s in layout], dtype=np.int64),
+            np.array([max(scale, 1e-300) for scale in scales], dtype=np.float64),
+            tables.threshold, float(grid[0]), float(grid[1] - grid[0]), grid.size,
+            self.shared_bits, np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX)),
+            np.uint64(fqr.stream_key(seed, fqr.Purpose.PRIVATE)),
+            _sender_table(self.bits, self.shared_bits), messages, positions)
+        return messages, n_msg, torch.from_numpy(positions[:n_out])
 
     # ---- wire checks ---------------------------------------------------------------------
     def validate(self, enc: Encoded) -> None:
