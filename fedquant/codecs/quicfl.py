@@ -192,7 +192,7 @@ if AVAILABLE:
         return types.void(table, idx, out, types.intp), codegen
 
 
-SAMPLE_CHUNK = 256  # the sender's coordinates per chunk: its buffers stay in L1
+SAMPLE_CHUNK = 128  # the sender's coordinates per chunk: its buffers stay in L1
 
 
 def _sample_py(z, offsets, sizes, scales, threshold, a0, delta, m, shared_bits, key_h,
