@@ -231,6 +231,30 @@ def test_cpu_quantizer_matches_torch_path(bits: int, shared_bits: int, d: int) -
     assert torch.equal(m1, m2) and torch.equal(p1, p2) and p1.numel() >= 1
 
 
+@pytest.mark.parametrize(("bits", "d"), [(2, 3), (3, 7), (1, 16 * quicfl.SAMPLE_CHUNK + 40)])
+def test_cpu_quantizer_outlier_runs_match_torch_path(bits: int, d: int) -> None:
+    """The numba sender's chunk logic: slices shorter than one gather (d = 3, 7), outliers
+    side by side, on both sides of a chunk boundary, at the very start and end, and a chunk
+    of outliers only (134 equal spikes in a slice of 2048: |t| = 3.9 > T); the packed
+    section equals the plain packer's. (A slice of 4 or 8 has |t| <= sqrt(8) < T: no
+    outliers.)"""
+    c = codec(bits=bits)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    chunk = quicfl.SAMPLE_CHUNK
+    spikes = [0, 1, d - 1] + ([chunk - 1, chunk, chunk + 1, 2 * chunk - 1]
+                              + list(range(2 * chunk, 3 * chunk)) if d > 3 * chunk else [])
+    x[spikes] = 1e4
+    z = rotate(x, 5, 0)  # unrotated: the spikes stay outliers
+    scales = [float(torch.linalg.vector_norm(z[s.offset: s.offset + s.size].double()))
+              / math.sqrt(s.size) for s in slice_layout(d)]
+    m1, p1 = c._sample_messages_cpu(z, scales, 4, d)
+    m2, p2 = c.sample_messages(z, scales, 4, d)
+    assert torch.equal(m1, m2) and torch.equal(p1, p2)
+    assert set(spikes) <= set(p1.tolist()) or d < T**2
+    buf, count, _ = c._sample_cpu(z, scales, 4, d)
+    assert quicfl._pack_messages(buf, count, bits) == Section.from_ints("q", m2, bits).data
+
+
 def test_round_seed_argument_overrides_parameter() -> None:
     x = torch.randn(1000)
     a = codec(bits=2).encode(x, seed=1, round_seed=55)
