@@ -290,6 +290,16 @@ def _sender_table(bits: int, shared_bits: int) -> np.ndarray:
     return lo.astype(np.int64) | (np.ceil(up * 2.0**32).astype(np.int64) << 4)
 
 
+@functools.lru_cache(maxsize=64)
+def _slice_arrays(d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets, sizes) of slice_layout(d) as int64 arrays (cached, read-only)."""
+    layout = slice_layout(d)
+    offsets = np.array([s.offset for s in layout], dtype=np.int64)
+    sizes = np.array([s.size for s in layout], dtype=np.int64)
+    offsets.flags.writeable = sizes.flags.writeable = False
+    return offsets, sizes
+
+
 def _pack_messages(buf: np.ndarray, count: int, bits: int) -> bytes:
     """fedquant.packing.pack of buf[:count] (uint8, b-bit messages); `buf` has 7 spare
     bytes after them, zeroed here, so that b = 1, 2, 4 take the whole-byte kernel."""
@@ -448,13 +458,11 @@ class QuicFL(RotatedCodec):
         entries after them; n_msg; outlier positions) from :func:`_sample_py`."""
         tables = self.tables
         grid = tables.grid.numpy()
-        layout = slice_layout(d)
         n = z.numel()
         messages = np.empty(n + 8, dtype=np.uint8)  # bits <= 4: a message fits a byte
         positions = np.empty(n, dtype=np.int64)
         n_msg, n_out = _sample_numba(
-            z.numpy(), np.array([s.offset for s in layout], dtype=np.int64),
-            np.array([s.size for s in layout], dtype=np.int64),
+            z.numpy(), *_slice_arrays(d),
             np.array([max(scale, 1e-300) for scale in scales], dtype=np.float64),
             tables.threshold, float(grid[0]), float(grid[1] - grid[0]), grid.size,
             self.shared_bits, np.uint64(fqr.stream_key(seed, fqr.Purpose.SHARED_INDEX)),
