@@ -212,7 +212,8 @@ def _sample_py(z, offsets, sizes, scales, threshold, a0, delta, m, shared_bits, 
     3. only for a chunk with outliers (most chunks have none): compact its messages in
        place and record the outliers' positions.
 
-    `messages` needs room for z.size values, `positions` for every outlier. Returns
+    `messages` needs room for z.size values, `positions` for every outlier (ValueError if
+    it has not: then the scales were not the slice norms). Returns
     (number of messages, number of outliers)."""
     n_h = 1 << shared_bits
     drop = np.uint64(63 - shared_bits)  # h = (hash >> 1) >> drop: no shift by 64 at l = 0
@@ -266,6 +267,8 @@ def _sample_py(z, offsets, sizes, scales, threshold, a0, delta, m, shared_bits, 
             k = j  # k <= j + i: the forward in-place compaction reads before it writes
             for i in range(width):
                 if flags[i]:
+                    if o == positions.size:
+                        raise ValueError("QUIC-FL: more outliers than sum(t^2) = n allows")
                     positions[o] = c0 + i
                     o += 1
                 else:
@@ -460,7 +463,8 @@ class QuicFL(RotatedCodec):
         grid = tables.grid.numpy()
         n = z.numel()
         messages = np.empty(n + 8, dtype=np.uint8)  # bits <= 4: a message fits a byte
-        positions = np.empty(n, dtype=np.int64)
+        # sum t^2 = n over a slice: at most n / T^2 (< n / 9.5) outliers, plus rounding
+        positions = np.empty(n // 8 + 16, dtype=np.int64)
         n_msg, n_out = _sample_numba(
             z.numpy(), *_slice_arrays(d),
             np.array([max(scale, 1e-300) for scale in scales], dtype=np.float64),
