@@ -255,6 +255,19 @@ def test_cpu_quantizer_outlier_runs_match_torch_path(bits: int, d: int) -> None:
     assert quicfl._pack_messages(buf, count, bits) == Section.from_ints("q", m2, bits).data
 
 
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+def test_encode_bytes_without_the_numba_sender(monkeypatch: pytest.MonkeyPatch,
+                                               bits: int) -> None:
+    """The whole encoding (messages packed from the kernel's buffer, outliers) is the same
+    byte for byte when the sender falls back to the torch path (no numba)."""
+    c = codec(bits=bits)
+    x = torch.randn(70001, generator=torch.Generator().manual_seed(bits))
+    x[5] = 500.0
+    fused = c.encode(x, seed=3).to_bytes()
+    monkeypatch.setattr(quicfl, "_sample_numba", None)
+    assert c.encode(x, seed=3).to_bytes() == fused
+
+
 def test_round_seed_argument_overrides_parameter() -> None:
     x = torch.randn(1000)
     a = codec(bits=2).encode(x, seed=1, round_seed=55)
