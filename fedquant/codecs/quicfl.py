@@ -284,13 +284,15 @@ _sample_numba = njit(cache=True, nogil=True)(_sample_py) if AVAILABLE else None
 @functools.cache
 def _sender_table(bits: int, shared_bits: int) -> np.ndarray:
     """The sender table of :func:`_sample_py`: int64 lo + 16 * ceil(up * 2^32) per cell
-    (up * 2^32 < 2^53 is exact, so is its ceil)."""
+    (up * 2^32 < 2^53 is exact, so is its ceil); read-only."""
     tables = quic_tables(bits, shared_bits)
     lo = tables.lo.numpy().reshape(-1)
     up = tables.up.numpy().reshape(-1)
     if lo.min() < 0 or lo.max() > 15 or up.min() < 0 or up.max() > 1:
         raise ValueError("QUIC-FL sender table: lo must be in 0..15 and up in [0, 1]")
-    return lo.astype(np.int64) | (np.ceil(up * 2.0**32).astype(np.int64) << 4)
+    table = lo.astype(np.int64) | (np.ceil(up * 2.0**32).astype(np.int64) << 4)
+    table.flags.writeable = False  # cached: shared by every encode
+    return table
 
 
 @functools.lru_cache(maxsize=64)
