@@ -136,60 +136,18 @@ def outlier_positions(enc: Encoded, n: int, count: int) -> torch.Tensor:
 _hash = fqr.hash64_numba  # hash64(seed, purpose, i) given the stream key of (seed, purpose)
 
 
-GATHER_LANES = 8  # int64 table entries per vector gather
+GATHER_LANES = 8  # table entries looked up per call of _gather8
 
 
-def _gather_py(table, idx, out, i):  # pragma: no cover - replaced by the numba intrinsic
-    """out[i:i+8] = table[idx[i:i+8]]."""
-    out[i:i + GATHER_LANES] = table[idx[i:i + GATHER_LANES]]
+def _gather_py(table, idx, out, i):  # pragma: no cover - compiled inline by numba
+    """out[i:i+8] = table[idx[i:i+8]], as scalar loads (an explicit vector-gather
+    intrinsic was 4-7% faster here but ties the code to one LLVM version's intrinsic
+    names)."""
+    for k in range(GATHER_LANES):
+        out[i + k] = table[idx[i + k]]
 
 
-_gather8 = _gather_py
-if AVAILABLE:
-    from llvmlite import ir
-    from numba import types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-
-    _I64 = ir.IntType(64)
-    _I64V = ir.VectorType(_I64, GATHER_LANES)
-    _I32V = ir.VectorType(ir.IntType(32), GATHER_LANES)
-
-    @intrinsic
-    def _gather8(typingctx, table, idx, out, i):  # pragma: no cover - numba intrinsic
-        """out[i:i+8] = table[idx[i:i+8]] (int64 table and out, int32 idx) as one LLVM
-        masked gather: LLVM's cost model does not vectorize the gathers of a loop on
-        AMD CPUs, where an AVX-512 gather of 8 entries is still ~2x faster than 8 loads
-        (measured here); elsewhere LLVM lowers it to scalar loads."""
-
-        def codegen(context, builder, sig, args):
-            def data(k):
-                return context.make_array(sig.args[k])(context, builder, args[k]).data
-
-            tab, index = data(0), args[3]
-            cells = builder.load(builder.bitcast(builder.gep(data(1), [index]),
-                                                 _I32V.as_pointer()), align=4)
-            base = builder.insert_element(ir.Constant(_I64V, ir.Undefined),
-                                          builder.ptrtoint(tab, _I64),
-                                          ir.Constant(ir.IntType(32), 0))
-            base = builder.shuffle_vector(base, base, ir.Constant(_I32V, [0] * GATHER_LANES))
-            offsets = builder.shl(builder.sext(cells, _I64V),
-                                  ir.Constant(_I64V, [3] * GATHER_LANES))
-            ptrs = builder.inttoptr(builder.add(base, offsets),
-                                    ir.VectorType(tab.type, GATHER_LANES))
-            mask = ir.VectorType(ir.IntType(1), GATHER_LANES)
-            fn = cgutils.get_or_insert_function(
-                builder.module,
-                ir.FunctionType(_I64V, [ptrs.type, ir.IntType(32), mask, _I64V]),
-                f"llvm.masked.gather.v{GATHER_LANES}i64.v{GATHER_LANES}p0")
-            values = builder.call(fn, [ptrs, ir.Constant(ir.IntType(32), 8),
-                                       ir.Constant(mask, [1] * GATHER_LANES),
-                                       ir.Constant(_I64V, [0] * GATHER_LANES)])
-            builder.store(values, builder.bitcast(builder.gep(data(2), [index]),
-                                                  _I64V.as_pointer()), align=8)
-            return context.get_dummy_value()
-
-        return types.void(table, idx, out, types.intp), codegen
+_gather8 = njit(inline="always")(_gather_py) if AVAILABLE else _gather_py
 
 
 SAMPLE_CHUNK = 128  # the sender's coordinates per chunk: its buffers stay in L1
@@ -205,7 +163,7 @@ def _sample_py(z, offsets, sizes, scales, threshold, a0, delta, m, shared_bits, 
        same order as the torch path; h is the top l bits of the SHARED_INDEX hash, the
        two private uniforms the high and low 32 bits of the PRIVATE hash (hash index =
        position in z). The coin is kept as its 32 bits (uniform = coin * 2^-32);
-    2. the table lookups (vector gathers, :func:`_gather8`), then the messages written at
+    2. the table lookups (:func:`_gather8`), then the messages written at
        the chunk's place in `messages`:
        table[cell] = lo + 16 * ceil(up * 2^32), so X = lo + (coin < ceil(up * 2^32)),
        which is exactly lo + (coin * 2^-32 < up) (both scalings by 2^32 are exact);
