@@ -283,8 +283,11 @@ FL_BUDGETS = (1, 2, 4, 8, 32)
 def recommend(summaries: dict[str, list[dict]], links: list[str],
               budgets: tuple[int, ...] = FL_BUDGETS) -> dict[str, list[dict]]:
     """Per scenario, per link and bit budget: the codec with the shortest mean simulated
-    time to the target among those that reached it on every seed and send at most that
-    many bits per coordinate (measured, 5% slack for headers), with fp32's time beside."""
+    time to the target among those shown within target_points of fp32 (evaluation.verdict)
+    that reached the target on every seed and send at most that many bits per coordinate
+    (measured, 5% slack for headers), with fp32's time beside; fp32 itself qualifies."""
+    from fedquant.simulations import evaluation
+
     out: dict[str, list[dict]] = {}
     for scen, items in summaries.items():
         ref = next((it for it in items if it["codec"] == "fp32"), None)
@@ -298,11 +301,13 @@ def recommend(summaries: dict[str, list[dict]], links: list[str],
             fp32_s = seconds(ref) if ref else None
             for b in budgets:
                 fits = [(seconds(it), it) for it in items if it["bits_per_coord"] <= b * 1.05
-                        and seconds(it) is not None]
+                        and seconds(it) is not None
+                        and (it is ref or it["verdict"] == evaluation.WITHIN)]
                 best = min(fits, key=lambda t: t[0]) if fits else None
                 rows.append({"link": link, "budget": b,
                              "codec": best[1]["label"] if best else None,
                              "seconds": best[0] if best else None, "fp32_seconds": fp32_s,
+                             "interval": best[1]["to_target"][link]["value"] if best else None,
                              "bits_per_coord": best[1]["bits_per_coord"] if best else None})
         out[scen] = rows
     return out

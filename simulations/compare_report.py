@@ -130,9 +130,11 @@ def _fl_recommendation_lines(results: dict[str, Any], links: list[str]) -> list[
         return []
     parts = ["### Which codec for my bandwidth and my bit budget", "",
              "Per scenario: the codec with the shortest mean simulated time to the target "
-             "accuracy among those that reached it on every seed and send at most that many "
-             "bits per coordinate (measured, headers included); fp32's time in brackets. "
-             "The figures come from the scenario tables in section 2.", ""]
+             "accuracy (95% interval over seeds in brackets) among those shown within the "
+             "target points of fp32 that reached it on every seed and send at most that many "
+             "bits per coordinate (measured, headers included); fp32's time after it. "
+             "Overlapping intervals mean the runs do not separate the codecs. The figures "
+             "come from the scenario tables in section 2.", ""]
     for scen, rows in rec.items():
         budgets = list(dict.fromkeys(r["budget"] for r in rows))
         cell = {(r["link"], r["budget"]): r for r in rows}
@@ -142,10 +144,12 @@ def _fl_recommendation_lines(results: dict[str, Any], links: list[str]) -> list[
             for b in budgets:
                 r = cell[(link, b)]
                 if r["codec"] is None:
-                    line.append("none reached")
+                    line.append("none qualifies")
                 else:
-                    ref = f" (fp32 {r['fp32_seconds']:.3g} s)" if r["fp32_seconds"] else ""
-                    line.append(f"{r['codec']}: {r['seconds']:.3g} s{ref}")
+                    ref = f"; fp32 {r['fp32_seconds']:.3g} s" if r["fp32_seconds"] else ""
+                    ci = r["interval"]
+                    span = f" [{ci.low:.3g}, {ci.high:.3g}]" if ci and ci.n >= 2 else ""
+                    line.append(f"{r['codec']}: {r['seconds']:.3g} s{span}{ref}")
             body.append(line)
         parts += [f"**{scen}**", "", _table(["uplink"] + [f"<= {b} bits/coord" for b in budgets],
                                             body), ""]

@@ -165,8 +165,9 @@ def test_best_per_budget_and_cheapest_within_on_known_rows():
     assert best[1] == ("a", "lognormal") and best[2][0] == "c"
 
 
-def _fake_runs(label: str, codec: str, shift: float, up: int, client_s: float) -> list[dict]:
-    """Three seeds of a run that climbs to 0.7 + 0.1 * seed + shift in 6 rounds."""
+def _fake_runs(label: str, codec: str, shift, up: int, client_s: float) -> list[dict]:
+    """Three seeds of a run that climbs to 0.7 + 0.1 * seed + shift in 6 rounds (`shift`:
+    a number, or one per seed)."""
     rows = []
     for seed in (0, 1, 2):
         cum = 0
@@ -174,7 +175,8 @@ def _fake_runs(label: str, codec: str, shift: float, up: int, client_s: float) -
             sent = [up, up] if k else []
             cum += sum(sent)
             rows.append({"label": label, "codec": codec, "seed": seed, "round": k,
-                         "accuracy": min(0.1 * k, 0.7) + 0.1 * seed / 3 + shift,
+                         "accuracy": min(0.1 * k, 0.7) + 0.1 * seed / 3
+                         + (shift[seed] if isinstance(shift, dict) else shift),
                          "cum_uplink_bytes": cum, "uplink_bytes": sum(sent),
                          "clients": len(sent), "wall_s": 0.0, "numel": 1000,
                          "model_bytes": 4000, "client_s": [client_s] * len(sent),
@@ -209,6 +211,15 @@ def test_cheapest_within_and_the_bandwidth_table_read_the_summaries():
     assert rec[("slow", 2)]["seconds"] < 0.2 * rec[("slow", 2)]["fp32_seconds"]
     b = compare.recommend(summaries, ["slow"])["b"]
     assert all(r["codec"] != "sign" for r in b)  # it never reaches the target there
+    # a codec that reaches the target on every seed, soonest, but whose accuracy interval
+    # does not show it within 1 point of fp32, is not recommended
+    lucky = fl_report.summarize(cfg, _fake_runs("fp32", "fp32", 0, 4000, 0.001)
+                                + _fake_runs("eden b=1", "eden", 0, 150, 0.01)
+                                + _fake_runs("lucky", "qsgd", {0: 0.05, 1: 0.0, 2: 0.1}, 100,
+                                             0.001))
+    assert next(it for it in lucky if it["label"] == "lucky")["verdict"] == "inconclusive"
+    picks = {r["codec"] for r in compare.recommend({"c": lucky}, ["slow", "fast"])["c"]}
+    assert "lucky" not in picks and "eden b=1" in picks
 
 
 def test_full_mode_seed_studies_run_and_write_reports(tmp_path):
