@@ -78,7 +78,8 @@ def plot_speed(rows: list[dict], path: Path) -> None:
 # ---- tables -------------------------------------------------------------------------------
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+              for row in rows]  # a "|" inside a cell (|x|) would end it
     return "\n".join(lines)
 
 

@@ -233,3 +233,10 @@ def test_full_mode_seed_studies_run_and_write_reports(tmp_path):
         assert (tmp_path / study["report"]).stat().st_size > 0, name
         assert study["checks"] and all(c["result"] in ("PASS", "FAIL")
                                        for c in study["checks"]), name
+
+
+def test_a_pipe_in_a_cell_does_not_break_the_table():
+    from fedquant.simulations.compare_report import _table
+
+    row = _table(["claim", "measured"], [["x", "worst |deviation| 0.7"]]).splitlines()[-1]
+    assert row == "| x | worst \\|deviation\\| 0.7 |"
