@@ -149,7 +149,7 @@ def _fl_recommendation_lines(results: dict[str, Any], links: list[str]) -> list[
                 else:
                     ref = f"; fp32 {r['fp32_seconds']:.3g} s" if r["fp32_seconds"] else ""
                     ci = r["interval"]
-                    span = f" [{ci.low:.3g}, {ci.high:.3g}]" if ci and ci.n >= 2 else ""
+                    span = f" [{max(0.0, ci.low):.3g}, {ci.high:.3g}]" if ci and ci.n >= 2 else ""
                     line.append(f"{r['codec']}: {r['seconds']:.3g} s{span}{ref}")
             body.append(line)
         parts += [f"**{scen}**", "", _table(["uplink"] + [f"<= {b} bits/coord" for b in budgets],

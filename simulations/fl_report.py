@@ -145,8 +145,8 @@ def reach_text(entry: dict | None, unit: str = "s", digits: int = 3) -> str:
     v: Interval = entry["value"]
     unit = f" {unit}" if unit else ""
     text = f"{v.mean:.{digits}g}{unit}"
-    if v.n >= 2:
-        text += f" [{v.low:.{digits}g}, {v.high:.{digits}g}]"
+    if v.n >= 2:  # rounds, bytes and seconds are >= 0: the t-interval's low end clipped
+        text += f" [{max(0.0, v.low):.{digits}g}, {v.high:.{digits}g}]"
     if entry["reached"] < entry["seeds"]:
         text = f"{entry['reached']}/{entry['seeds']} seeds: {text}"
     return text
@@ -272,12 +272,11 @@ def summary_table(cfg: dict, summary: list[dict]) -> list[str]:
     body = []
     for s in summary:
         tt = s["to_target"]
-        mb = tt.get("rounds", {}).get("uplink_mb")
+        rounds = tt.get("rounds")
+        megabytes = {**rounds, "value": rounds["uplink_mb"]} if rounds else None
         row = [s["label"], s["accuracy"].text(100), verdict_text(s, points),
                f"{s['bits_per_coord']:.3g}", f"{s['uplink_mb']:.3g}",
-               reach_text(tt.get("rounds"), ""),
-               "-" if mb is None else (f"{mb.mean:.3g}" if mb.n < 2
-                                       else f"{mb.mean:.3g} [{mb.low:.3g}, {mb.high:.3g}]")]
+               reach_text(rounds, ""), reach_text(megabytes, "")]
         row += [reach_text(tt.get(n)) for n in names] if timed else []
         body.append(row)
     return _table(headers, body)
