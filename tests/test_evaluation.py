@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from fedquant.simulations import evaluation, fl_report, network
 from fedquant.simulations.evaluation import Interval
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def test_t_interval_covers_the_true_mean_95_percent_of_the_time_at_3_seeds():
@@ -137,3 +139,20 @@ def test_convergence_sentence_tells_a_plateau_from_a_climb():
     assert "still climbing" not in fl_report.convergence_text(flat)
     assert climb[0]["late_gain"].mean == pytest.approx(0.2)  # rounds 7-9 vs 5-7
     assert "still climbing" in fl_report.convergence_text(climb)
+
+
+_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**6), st.text(max_size=5),
+                    st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers()))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(
+    ["name", "uplink_mbps", "downlink_mbps", "latency_ms", "jitter"]), _values), max_size=3))
+def test_link_parser_takes_any_table_and_answers_with_links_or_a_value_error(tables):
+    try:
+        links = network.parse_links(tables)
+    except ValueError:
+        return
+    for link in links:  # what it accepts is usable: a finite, positive round time
+        t = network.round_seconds(link, 10**6, [0.1], [1000], 0.0)
+        assert math.isfinite(t) and t > 0
