@@ -121,13 +121,7 @@ class ServerConfig:
     tls_client_ca: str | None = None
     tokens_file: str | None = None
     admin_token_file: str | None = None
-    max_push_bytes: int = 256 * 1024 * 1024
-    push_timeout_s: float = 600.0
-    idle_timeout_s: float = 10.0
-    max_streams_per_client: int = 4
-    max_streams: int = 4096
-    max_buffered_bytes: int = 1024 * 1024 * 1024
-    max_clients_per_round: int = MAX_COHORT
+    limits: Limits = field(default_factory=Limits)
     workers: int = 8
     decode_slots: int = max(1, min(8, os.cpu_count() or 1))
     metrics_port: int | None = None
@@ -136,11 +130,6 @@ class ServerConfig:
     norm_median_multiple: float = math.inf
     norm_action: str = "reject"
     rounds: list[RoundConfig] = field(default_factory=list)
-
-    def limits(self) -> Limits:
-        return Limits(self.max_push_bytes, self.push_timeout_s, self.idle_timeout_s,
-                      self.max_streams_per_client, self.max_streams, self.max_buffered_bytes,
-                      self.max_clients_per_round)
 
     def policy(self) -> NormPolicy:
         return NormPolicy(max_norm=self.max_norm, median_multiple=self.norm_median_multiple,
@@ -590,7 +579,7 @@ def check_config(cfg: ServerConfig) -> None:
     if cfg.insecure and not is_loopback(cfg.host):
         raise ValueError(f"--insecure (plaintext) binds only a loopback address, got --host "
                          f"{cfg.host}: use --tls-cert/--tls-key for remote clients")
-    cfg.limits().check()
+    cfg.limits.check()
     if cfg.workers < 1 or cfg.decode_slots < 1:
         raise ValueError("--workers and --decode-slots must be >= 1")
     cfg.policy()  # ValueError names a bad norm option
@@ -639,7 +628,7 @@ def start_server(cfg: ServerConfig) -> RunningServer:
     auth = Authenticator(tokens, admin)
     store = Store(cfg.data_dir)
     try:
-        book = RoundBook(store, cfg.device, cfg.policy(), cfg.max_clients_per_round)
+        book = RoundBook(store, cfg.device, cfg.policy(), cfg.limits.max_clients_per_round)
         for config in cfg.rounds:
             try:
                 book.get(config.round_id)  # already in the log from a previous run
@@ -652,7 +641,7 @@ def start_server(cfg: ServerConfig) -> RunningServer:
         raise StoreError(f"{store.path}: cannot replay the log: {e}") from None
     metrics = Metrics()
     metrics.add("fedquant_log_rows_quarantined_total", len(book.problems))
-    servicer = AggregatorServicer(book, auth, metrics, cfg.limits(), cfg.decode_slots,
+    servicer = AggregatorServicer(book, auth, metrics, cfg.limits, cfg.decode_slots,
                                   cfg.workers)
     book.on_close = servicer.round_closed
 

@@ -43,7 +43,7 @@ from typing import Annotated
 
 import torch
 import typer
-from fedquant.server.aggregator import ServerConfig, start_server
+from fedquant.server.aggregator import Limits, ServerConfig, start_server
 from fedquant.server.metrics import configure_logging
 from fedquant.server.rounds import MAX_COHORT, RoundConfig
 
@@ -149,10 +149,12 @@ def serve(
             data_dir=str(data_dir), host=host, port=port, insecure=insecure,
             tls_cert=_opt(tls_cert), tls_key=_opt(tls_key), tls_client_ca=_opt(tls_client_ca),
             tokens_file=_opt(tokens), admin_token_file=_opt(admin_token_file),
-            max_push_bytes=max_push_bytes, push_timeout_s=push_timeout_s,
-            idle_timeout_s=idle_timeout_s, max_streams_per_client=max_streams_per_client,
-            max_streams=max_streams, max_buffered_bytes=max_buffered_bytes,
-            max_clients_per_round=max_clients_per_round, workers=workers,
+            limits=Limits(max_push_bytes=max_push_bytes, push_timeout_s=push_timeout_s,
+                          idle_timeout_s=idle_timeout_s,
+                          max_streams_per_client=max_streams_per_client,
+                          max_streams=max_streams, max_buffered_bytes=max_buffered_bytes,
+                          max_clients_per_round=max_clients_per_round),
+            workers=workers,
             decode_slots=decode_slots, metrics_port=metrics_port, device=device,
             max_norm=max_norm, norm_median_multiple=norm_median_multiple,
             norm_action=norm_action, rounds=load_rounds(rounds) if rounds else [])
