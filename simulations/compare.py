@@ -315,9 +315,9 @@ def recommend(summaries: dict[str, list[dict]], links: list[str],
 
 def fl_links(cfg: dict[str, Any]):
     """The network links of the FL section (simulations.network.DEFAULT_LINKS if unset)."""
-    from fedquant.simulations import network
+    from fedquant.simulations import fl_report
 
-    return network.parse_links(cfg.get("fl", {}).get("links") or network.DEFAULT_LINKS)
+    return fl_report.links_of(cfg.get("fl", {}))
 
 
 def versions() -> dict[str, str]:

@@ -41,6 +41,7 @@ def reference_label(rows: list[dict]) -> str | None:
 
 
 def links_of(cfg: dict) -> tuple[network.Link, ...]:
+    """The links of a `fedquant fl` config (or compare's [fl] table); the defaults if unset."""
     return network.parse_links(cfg.get("links") or network.DEFAULT_LINKS)
 
 
@@ -200,14 +201,14 @@ def _draw(ax, by_seed: dict, label: str, xs: Any, scale: float = 1.0,
                         lw=0)
 
 
-def plot_results(cfg: dict, rows: list[dict], out_dir: Path, title: str) -> list[str]:
+def plot_results(cfg: dict, rows: list[dict], out_dir: Path, title: str,
+                 target: float | None = None) -> list[str]:
     """accuracy_vs_rounds.png, accuracy_vs_uplink.png and, when the runs were timed,
-    accuracy_vs_time.png (one panel per link); returns the file names written."""
+    accuracy_vs_time.png (one panel per link), with the mean `target` as a dotted line;
+    returns the file names written."""
     from fedquant.simulations.plotting import legend_outside, plt, save
 
     runs = runs_by_label(rows)
-    summary = {s["label"]: s for s in summarize(cfg, rows)}
-    target = next(iter(summary.values()))["target"] if summary else None
     seeds = max(len(v) for v in runs.values())
     band = f"mean of {seeds} seeds, 95% interval shaded" if seeds > 1 else "one seed"
     written = []
@@ -353,7 +354,8 @@ def write_results(cfg: dict, rows: list[dict], out_dir: Path, quick: bool,
     (out_dir / "rows.json").write_text(json.dumps(
         {"config": config, "quick": quick, "summary": summary, "rows": rows,
          "final_ptq": list(ptqs)}, indent=1, default=evaluation.json_default))
-    plots = plot_results(cfg, rows, out_dir, cfg["name"])
+    plots = plot_results(cfg, rows, out_dir, cfg["name"],
+                         summary[0]["target"] if summary else None)
     lines = [f"# fedquant fl: {cfg['name']}{' (quick)' if quick else ''}", "", describe(cfg),
              "", definitions(cfg), ""]
     if summary and summary[0]["targets"]:
