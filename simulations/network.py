@@ -19,7 +19,6 @@ are measured in the run; ``payload_bytes_k`` is ``len(payload)`` of what client 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,16 +34,16 @@ class Link:
     latency_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("uplink_mbps", "downlink_mbps"):
+        # bounds that keep every simulated time finite: up to 1 Pbit/s and a day of latency
+        for key, what, high in (("uplink_mbps", "a positive number", 1e9),
+                                ("downlink_mbps", "a positive number", 1e9),
+                                ("latency_ms", "a number >= 0", 86.4e6)):
             value = getattr(self, key)
+            low = 0.0 if key == "latency_ms" else 1e-6
             if isinstance(value, bool) or not isinstance(value, int | float) or \
-                    not (math.isfinite(value) and value > 0):
-                raise ValueError(f"link {self.name!r}: {key} must be a positive number, "
-                                 f"got {value!r}")
-        if isinstance(self.latency_ms, bool) or not isinstance(self.latency_ms, int | float) \
-                or not (math.isfinite(self.latency_ms) and self.latency_ms >= 0):
-            raise ValueError(f"link {self.name!r}: latency_ms must be a number >= 0, "
-                             f"got {self.latency_ms!r}")
+                    not low <= value <= high:
+                raise ValueError(f"link {self.name!r}: {key} must be {what} "
+                                 f"(at most {high:g}), got {value!r}")
 
     def client_seconds(self, model_bytes: int, compute_s: float, payload_bytes: int) -> float:
         """Download, compute and upload of one client on this link."""
