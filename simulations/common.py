@@ -64,6 +64,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def markdown_table(headers: list[str], body: list[list[Any]]) -> list[str]:
+    """A markdown table's lines; a "|" inside a cell (|x|) is escaped so it does not end it."""
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+            *("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+              for row in body)]
+
+
 def write_json(path: Path, payload: Any) -> None:
     Path(path).write_text(json.dumps(payload, indent=2, default=float) + "\n")
 

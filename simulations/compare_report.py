@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedquant.simulations import fl_report
-from fedquant.simulations.common import write_csv
+from fedquant.simulations.common import markdown_table, write_csv
 from fedquant.simulations.compare import NATURAL_INPUTS, fl_links, scenario_configs, scenario_dir
 from fedquant.simulations.plotting import codec_color, codec_linestyle, legend_outside, plt, save
 
@@ -77,10 +77,7 @@ def plot_speed(rows: list[dict], path: Path) -> None:
 
 # ---- tables -------------------------------------------------------------------------------
 def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
-              for row in rows]  # a "|" inside a cell (|x|) would end it
-    return "\n".join(lines)
+    return "\n".join(markdown_table(headers, rows))
 
 
 def _fmt(x: float, digits: int = 4) -> str:

@@ -37,6 +37,7 @@ from typing import Annotated, Any
 
 import torch
 import typer
+from fedquant.simulations.common import markdown_table
 from fedquant.simulations.inputs import INPUTS, make_input
 from fedquant.simulations.linreg import check_row, print_checks, write_claims_report
 
@@ -389,9 +390,7 @@ def _md_table(headers: list[str], body: list[list[Any]]) -> list[str]:
             return f"{v:.4g}"
         return str(v)
 
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in body]
-    return lines
+    return markdown_table(headers, [[fmt(v) for v in row] for row in body])
 
 
 def report_lines(rows: list[dict], cfg: dict) -> list[str]:

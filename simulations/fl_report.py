@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedquant.simulations import evaluation, network
+from fedquant.simulations.common import markdown_table
 from fedquant.simulations.evaluation import Interval
 
 CSV_COLUMNS = ("label", "codec", "params", "seed", "round", "accuracy", "loss", "uplink_bytes",
@@ -257,11 +258,6 @@ def _finish(ax, xlabel: str, title: str, target: float | None, logx: bool) -> No
 
 
 # ---- tables -------------------------------------------------------------------------------
-def _table(headers: list[str], body: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
-            *("| " + " | ".join(str(c) for c in row) + " |" for row in body)]
-
-
 def summary_table(cfg: dict, summary: list[dict]) -> list[str]:
     """The markdown table of accuracy, difference to fp32, bytes and time to target."""
     points = float(cfg.get("target_points", evaluation.TARGET_POINTS))
@@ -280,7 +276,7 @@ def summary_table(cfg: dict, summary: list[dict]) -> list[str]:
                reach_text(rounds, ""), reach_text(megabytes, "")]
         row += [reach_text(tt.get(n)) for n in names] if timed else []
         body.append(row)
-    return _table(headers, body)
+    return markdown_table(headers, body)
 
 
 def _ptq_lines(ptqs: list[dict]) -> list[str]:
@@ -291,7 +287,7 @@ def _ptq_lines(ptqs: list[dict]) -> list[str]:
     lines = ["", f"Final global model of the first seed quantized after training with "
              f"{p0['final_ptq']} at {p0['bits']} bits per weight (fedquant.ptq), calibration "
              f"batch of {p0['calib_size']} training rows; accuracy on the held-out split.", ""]
-    return lines + _table(
+    return lines + markdown_table(
         ["compressor", "accuracy fp32", "accuracy PTQ", "drop (points, + = lost)",
          "fp32 bytes", "PTQ bytes", "fp32 / PTQ"],
         [[p["label"], f"{100 * p['accuracy_before']:.2f}%", f"{100 * p['accuracy_after']:.2f}%",
