@@ -18,8 +18,9 @@ Proven", 2026) section 7's l3 / l4 checks) in one pass, no float64 copy of x;
 * :func:`eden_dequantize` - EDEN's receiver: unpack the b-bit indices and look up
   float32(centroid * scale) per slice in one pass, no int64 / float64 temporaries (for
   b = 1, 2, 4, 8 one word-sized table entry per byte);
-* :func:`sum_squares`, :func:`axpy` - a float64 sum of squares, and total += w * values
-  into a float64 total, each one pass with no float64 copy (the server's mean).
+* :func:`sum_squares`, :func:`axpy`, :func:`divide_to_float32` - a float64 sum of squares,
+  total += w * values into a float64 total, and float32(total / divisor), each one pass
+  with no float64 copy (the server's mean).
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ if AVAILABLE:
         for i in range(values.size):
             total[i] += weight * np.float64(values[i])
 
+    @nb.njit(cache=True, nogil=True)
+    def _divide_to_float32(total, divisor, out):
+        for i in range(total.size):
+            out[i] = np.float32(total[i] / divisor)
+
     # fastmath "reassoc" only lets the float64 sums vectorize (a different summation
     # order, as torch's own blocked sums have); no other float semantics change.
     @nb.njit(cache=True, fastmath={"reassoc"})
@@ -187,6 +193,12 @@ def sum_squares(z: torch.Tensor) -> float:
 def axpy(total: torch.Tensor, values: torch.Tensor, weight: float) -> None:
     """total += weight * values in one pass: float64 CPU `total`, float32 CPU `values`."""
     _axpy(total.numpy(), values.detach().contiguous().numpy(), weight)
+
+
+def divide_to_float32(total: torch.Tensor, divisor: float, out: torch.Tensor) -> None:
+    """out = float32(total / divisor) in one pass: float64 CPU `total`, float32 CPU `out`
+    (the same values as ``(total / divisor).to(torch.float32)``, without its temporary)."""
+    _divide_to_float32(total.numpy(), float(divisor), out.numpy())
 
 
 def _factor(size: int, norm: float) -> np.float32:

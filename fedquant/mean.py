@@ -159,8 +159,12 @@ def decode_mean(encs: Sequence[Encoded], weights: Sequence[float] | None = None,
                 f"encs[{i}] is {enc.codec}{enc.params} of shape {list(enc.shape)}, but encs[0] "
                 f"is {first.codec}{first.params} of shape {list(first.shape)}: all must match")
     weights = _check_weights(weights, len(encs))
-    total = weighted_sum(codec_for(first), encs, weights, device, workers)
-    mean = (total / sum(weights)).to(torch.float32)
+    codec = codec_for(first)
+    if hasattr(codec, "decode_mean"):  # the identity codecs divide block by block as they sum
+        mean = codec.decode_mean(encs, weights, device)
+    else:
+        mean = weighted_sum(codec, encs, weights, device, workers).div_(sum(weights))
+        mean = mean.to(torch.float32)
     _check_finite(mean, first.codec)
     return restore(mean, first)
 

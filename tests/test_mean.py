@@ -7,6 +7,7 @@ import torch
 from fedquant.simulations.inputs import make_input
 
 import fedquant as fq
+from fedquant.codecs import identity
 from fedquant.random import derive_seed
 
 N = 10
@@ -171,17 +172,21 @@ def test_accumulate_adds_in_float64_without_changing_its_input():
         fq.mean.accumulate(torch.zeros(5), values)
 
 
+@pytest.mark.parametrize("threads", [False, True])
 @pytest.mark.parametrize("name", ["fp32", "fp16", "bf16"])
-def test_identity_sum_reads_payloads_in_place_block_by_block(name):
+def test_identity_sum_reads_payloads_in_place_block_by_block(name, threads, monkeypatch):
+    monkeypatch.setattr(identity, "SUM_BLOCK", 2**16)
+    if threads:
+        monkeypatch.setattr(identity, "PARALLEL_MIN", 0)
     d = 2 * 2**16 + 5  # three blocks of the blocked sum, the last one short
     xs = [torch.randn(d, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     codec = fq.get_codec(name)
     encs = [fq.Encoded.from_bytes(codec.encode(x).to_bytes()) for x in xs]
     w = [0.5, 0.0, 2.0]
-    expected = sum(wi * fq.decode(e).double() for wi, e in zip(w, encs, strict=True)) / 2.5
-    got = fq.decode_mean(encs, w)
-    torch.testing.assert_close(got.double(), expected, atol=1e-6, rtol=1e-6)
-    assert codec.decode_sum(encs, w).dtype == torch.float64
+    total = sum(wi * fq.decode(e).double() for wi, e in zip(w, encs, strict=True))
+    # the same float64 additions in the same order, divided, then rounded once
+    assert torch.equal(codec.decode_sum(encs, w), total)
+    assert torch.equal(fq.decode_mean(encs, w), (total / 2.5).float())
 
 
 @pytest.mark.parametrize("spec", [("quic-fl", {"round_seed": 7}), ("quic-fl", {}),
