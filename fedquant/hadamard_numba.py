@@ -53,8 +53,8 @@ import torch
 from fedquant import random as fqr
 from fedquant._numba import AVAILABLE, njit, prange
 from fedquant.hadamard import sign_index_start
+from fedquant.vector_ir import LANES
 
-LANES = 16  # floats per vector (512 bits; LLVM splits it on narrower machines)
 CHUNK = 1 << 13  # 32 KiB: a chunk gets its first stages while in L1
 IN_PLACE_MAX = 1 << 17  # slices up to 512 KiB (in L2) are one block: no pass 2
 BLOCK = 1 << 15  # longer slices: pass 1 on rows of 128 KiB ...
@@ -66,23 +66,13 @@ _GAMMA = fqr.GAMMA_U64
 if AVAILABLE:
     from llvmlite import ir
     from numba import types
-    from numba.core import cgutils
     from numba.extending import intrinsic
 
     from fedquant.cpu_kernels import moments23_kernel, moments_kernel, sum_squares_kernel
-
-    _VEC = ir.VectorType(ir.FloatType(), LANES)
-    _LANE_IDX = ir.VectorType(ir.IntType(32), LANES)
-
-    def _vector_ptr(context, builder, arrty, arr, index):
-        """Pointer to the 16 floats at a[index] (the caller guarantees they exist)."""
-        data = context.make_array(arrty)(context, builder, arr).data
-        return builder.bitcast(builder.gep(data, [index]), _VEC.as_pointer())
-
-    def _fma(builder, a, b, c):
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_VEC, [_VEC] * 3), "llvm.fma.v16f32")
-        return builder.call(fn, [a, b, c])
+    from fedquant.vector_ir import LANE_IDX as _LANE_IDX
+    from fedquant.vector_ir import VEC as _VEC
+    from fedquant.vector_ir import fma as _fma
+    from fedquant.vector_ir import vector_ptr as _vector_ptr
 
     @intrinsic
     def _lanes16(typingctx, a, index):  # pragma: no cover - numba intrinsic
