@@ -201,7 +201,7 @@ def divide_to_float32(total: torch.Tensor, divisor: float, out: torch.Tensor) ->
     _divide_to_float32(total.numpy(), float(divisor), out.numpy())
 
 
-def _factor(size: int, norm: float) -> np.float32:
+def factor_of(size: int, norm: float) -> np.float32:
     """sqrt(n) / ||z||, the float32 factor of t; 0 for an all-zero slice (it quantizes to
     any index, its scale is 0: no inf factor)."""
     return np.float32(math.sqrt(size) / norm if norm > 0 else 0.0)
@@ -233,7 +233,7 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor,
     norm = math.sqrt(_sum_squares(z)) if exact else norm_hint
     c64, mids, mids_t, c_t = _tables(tuple(centroids.tolist()))
     idx = out.numpy()
-    factor = _factor(z.size, norm)
+    factor = factor_of(z.size, norm)
     while True:
         if mids.size <= FUSED_DOT_MAX_MIDS:
             dot, sq = _quantize_count(z, factor, mids_t, c_t, idx)
@@ -247,7 +247,7 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor,
         if exact:
             return norm, dot
         norm, hinted, exact = math.sqrt(sq), factor, True
-        factor = _factor(z.size, norm)
+        factor = factor_of(z.size, norm)
         if factor == hinted:
             return norm, dot
 

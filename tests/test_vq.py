@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fedquant as fq
+from fedquant import vq_kernel
 from fedquant._proto import update_pb2
 from fedquant.codecs.eden import lloyd_max_centroids
 from fedquant.codecs.vq import _TABLE, SUPPORTED, codebook, nearest_block
@@ -203,3 +204,63 @@ def test_empty_tensor_round_trips(name):
     enc = fq.Encoded.from_bytes(fq.get_codec(name).encode(x, seed=1).to_bytes())
     out = fq.decode(enc)
     assert out.shape == (0, 3) and out.dtype == torch.float32
+
+
+# ---- the numba kernel against the torch lines ------------------------------------------
+KERNEL_SIZES = [1, 7, 100, 129, 4133, 2**16 + 37]  # tails: partial blocks and < 16 blocks
+
+
+@pytest.mark.skipif(not vq_kernel.AVAILABLE, reason="numba missing")
+@pytest.mark.parametrize("d", KERNEL_SIZES)
+@pytest.mark.parametrize("dim,bits", SUPPORTED)
+def test_kernel_encode_and_decode_equal_the_torch_path(dim, bits, d, monkeypatch):
+    """Same indices (bitwise) and scales (float64 sums in another order) as the torch
+    search, and a bit-identical reconstruction."""
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d + dim + bits))
+    codec = fq.get_codec("vq", bits=bits, dim=dim)
+    assert vq_kernel.usable(x, codebook(dim, bits))
+    fast = codec.encode(x, seed=3)
+    fast_values = fq.decode(fast)
+    with monkeypatch.context() as m:
+        m.setattr(vq_kernel, "usable", lambda *_: False)
+        slow = codec.encode(x, seed=3)
+        m.setattr(vq_kernel, "AVAILABLE", False)
+        slow_values = fq.decode(fast)
+    assert torch.equal(fast.section("q").ints(), slow.section("q").ints())
+    assert fast.scales == pytest.approx(slow.scales, rel=1e-9)
+    assert torch.equal(fast_values, slow_values)
+
+
+@pytest.mark.skipif(not vq_kernel.AVAILABLE, reason="numba missing")
+@pytest.mark.parametrize("count", [3, 16, 20, 256])
+def test_kernel_search_finds_the_nearest_codeword_and_the_first_of_a_tie(count):
+    """Any codebook size (one lane group or many, not a multiple of 16): each block's
+    codeword is the exact float64 nearest up to float32 rounding, and a duplicated
+    codeword never wins over its first copy."""
+    gen = torch.Generator().manual_seed(count)
+    centroids = torch.randn(count, 4, generator=gen)
+    centroids[-1] = centroids[0]  # a tie: index 0 must win
+    z = torch.randn(1024 + 12, generator=gen)  # 259 blocks + a partial one
+    out = torch.empty(-(-z.numel() // 4), dtype=torch.uint8)
+    norm, dot, sq = vq_kernel.vq_quantize(z, centroids, out)
+    t = torch.nn.functional.pad(z * (math.sqrt(z.numel()) / norm), (0, 4 * out.numel()
+                                                                    - z.numel()))
+    dist = torch.cdist(t.view(-1, 4).double(), centroids.double()) ** 2
+    chosen = dist.gather(1, out.long()[:, None])[:, 0]
+    assert (chosen <= dist.min(1).values + 1e-4).all()
+    assert not (out == count - 1).any()
+    c = centroids.double()[out.long()].reshape(-1)[: z.numel()]
+    assert norm == pytest.approx(float(z.double().norm()), rel=1e-12)
+    assert dot == pytest.approx(float(z.double() @ c), rel=1e-9)
+    assert sq == pytest.approx(float(c @ c), rel=1e-9)
+
+
+@pytest.mark.skipif(not vq_kernel.AVAILABLE, reason="numba missing")
+def test_kernel_refuses_inconsistent_sizes():
+    c = codebook(2, 1)
+    with pytest.raises(ValueError, match="uint8"):
+        vq_kernel.vq_quantize(torch.randn(10), c, torch.empty(4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="packed indices"):
+        vq_kernel.vq_dequantize(b"\x00", 2, c, [(0, 16, 1.0)], 16)  # 8 blocks need 2 bytes
+    with pytest.raises(ValueError, match="packed indices"):
+        vq_kernel.vq_dequantize(b"\x00\x00", 2, c, [(0, 32, 1.0)], 16)  # slice past the end

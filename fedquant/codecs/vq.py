@@ -32,6 +32,7 @@ import pathlib
 import numpy as np
 import torch
 
+from fedquant import vq_kernel
 from fedquant.codecs.base import expect_section, register_codec
 from fedquant.codecs.rotated import SCALES, RotatedCodec, check_scale, slice_values
 from fedquant.rotation import padded_size, slice_layout
@@ -99,6 +100,17 @@ class VectorQuantizer(RotatedCodec):
 
     def quantize(self, z: torch.Tensor, d: int, seed: int,
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
+        centroids = codebook(self.dim, self.bits, z.device)
+        if vq_kernel.usable(z, centroids):  # fused numba search; the torch lines elsewhere
+            indices = torch.empty(_block_count(d, self.dim), dtype=torch.uint8)
+            scales = []
+            for s in slice_layout(d):  # slices start at multiples of 128: whole blocks
+                zs = z[s.offset: s.offset + s.size]
+                first = s.offset // self.dim
+                norm, dot, sq = vq_kernel.vq_quantize(
+                    zs, centroids, indices[first: first - (-s.size // self.dim)])
+                scales.append(self.slice_scale(norm, dot, lambda sq=sq: sq))
+            return scales, {"q": Section.from_ints("q", indices, self.dim * self.bits)}
         n_blocks = _block_count(d, self.dim)
         t = z.new_zeros(n_blocks * self.dim)
         norms = []
@@ -107,7 +119,6 @@ class VectorQuantizer(RotatedCodec):
             norm = float(torch.linalg.vector_norm(zs.to(torch.float64)))
             norms.append(norm)
             t[s.offset: s.offset + s.size] = zs * (math.sqrt(s.size) / max(norm, 1e-300))
-        centroids = codebook(self.dim, self.bits, z.device)
         indices = nearest_block(t.view(n_blocks, self.dim), centroids)
         c = centroids[indices].reshape(-1).to(torch.float64)
         scales = []
@@ -126,6 +137,11 @@ class VectorQuantizer(RotatedCodec):
     def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
         """The scaled centroids in the rotated domain (before the inverse RHTs)."""
         centroids = codebook(self.dim, self.bits, device)
+        if vq_kernel.AVAILABLE and (device is None or torch.device(device).type == "cpu"):
+            layout = [(s.offset, s.size, sc)
+                      for s, sc in zip(slice_layout(enc.numel), enc.scales, strict=True)]
+            return vq_kernel.vq_dequantize(enc.section("q").data, self.dim * self.bits,
+                                           centroids, layout, padded_size(enc.numel))
         values = centroids[enc.section("q").ints(device)].reshape(-1)[: padded_size(enc.numel)]
         return (values * slice_values(enc.scales, enc.numel, values.device)).to(torch.float32)
 
