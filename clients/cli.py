@@ -29,9 +29,9 @@ import grpc
 import numpy as np
 import torch
 import typer
-from fedquant.clients.grpc_client import AggregatorClient, PushConflict
 
 import fedquant as fq
+from fedquant.clients.grpc_client import AggregatorClient, PushConflict
 
 
 def load_tensor(path: pathlib.Path) -> torch.Tensor:

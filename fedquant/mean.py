@@ -6,7 +6,9 @@ Codecs with their own ``decode_sum`` (QUIC-FL clients sharing a rotation sum in 
 rotated domain and invert it once) use it; every other codec decodes each client and adds
 ``w_i * x_hat_i`` into a float64 sum (:func:`accumulate`: one fused pass, no float64 copy
 of any client), with the clients split between worker threads on the CPU (the numba
-kernels release the GIL), each adding into its own partial sum.
+kernels release the GIL), each adding into its own partial sum. A codec with its own
+``decode_mean(encs, weights, device)`` (the fp32 / fp16 / bf16 codecs: they divide each
+block of the sum as they go) returns the float32 mean itself.
 
 A payload that parsed but decodes to NaN or Inf (scales that overflow float32, say) is
 refused with :class:`fedquant.WireError`, never returned.

@@ -41,6 +41,14 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+import fedquant as fq
+from fedquant._proto import aggregator_pb2 as pb
+from fedquant._proto import aggregator_pb2_grpc as pb_grpc
+from fedquant.robust import NormPolicy
 from fedquant.server.metrics import Metrics, serve_metrics
 from fedquant.server.rounds import (
     MAX_COHORT,
@@ -54,14 +62,6 @@ from fedquant.server.rounds import (
 )
 from fedquant.server.security import Authenticator, admin_token, load_tokens, server_credentials
 from fedquant.server.store import Store, StoreError
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
-
-import fedquant as fq
-from fedquant._proto import aggregator_pb2 as pb
-from fedquant._proto import aggregator_pb2_grpc as pb_grpc
-from fedquant.robust import NormPolicy
 
 log = logging.getLogger("fedquant.server")
 

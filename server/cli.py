@@ -43,6 +43,7 @@ from typing import Annotated
 
 import torch
 import typer
+
 from fedquant.server.aggregator import Limits, ServerConfig, start_server
 from fedquant.server.metrics import configure_logging
 from fedquant.server.rounds import MAX_COHORT, RoundConfig

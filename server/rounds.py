@@ -53,13 +53,13 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
-from fedquant.server.store import Store, StoreError
 
 import fedquant as fq
 from fedquant.codecs.base import codec_class
 from fedquant.mean import accumulate
 from fedquant.robust import NormPolicy, Verdict, update_norm
 from fedquant.rotation import padded_size, unrotate
+from fedquant.server.store import Store, StoreError
 
 log = logging.getLogger("fedquant.server")
 

@@ -31,6 +31,7 @@ import pathlib
 import secrets
 
 import grpc
+
 from fedquant.server.rounds import MAX_CLIENT_ID, AggregationError
 
 OPERATOR = "operator"

@@ -46,8 +46,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import typer
-from fedquant.simulations.common import write_csv, write_json
-from fedquant.simulations.digits_mlp import load_digits_data, make_mlp
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -56,6 +54,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 import fedquant as fq
 from fedquant.ddp import CodecState, codec_hook
+from fedquant.simulations.common import write_csv, write_json
+from fedquant.simulations.digits_mlp import load_digits_data, make_mlp
 
 DEFAULTS: dict[str, Any] = {
     "steps": 300, "world_size": 2, "codecs": ["eden:bits=1", "eden:bits=2", "quic-fl:bits=2"],

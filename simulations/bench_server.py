@@ -30,14 +30,14 @@ from typing import Annotated
 
 import numpy as np
 import typer
-from fedquant.clients.grpc_client import AggregatorClient
-from fedquant.server.cli import reuse_freed_memory
-from fedquant.simulations.common import rss_kib, start_local_server
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 import fedquant as fq
+from fedquant.clients.grpc_client import AggregatorClient
+from fedquant.server.cli import reuse_freed_memory
+from fedquant.simulations.common import rss_kib, start_local_server
 
 
 @dataclass(frozen=True)

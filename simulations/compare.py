@@ -371,8 +371,9 @@ def register(app: typer.Typer) -> None:
             help="Output folder; default results/<name>.")] = None,
     ) -> None:
         """Compare compression schemes end to end: DME error, FL accuracy, bytes, speed."""
-        from fedquant.simulations import compare_report
         from rich.console import Console
+
+        from fedquant.simulations import compare_report
 
         console = Console()
         if quick and full:

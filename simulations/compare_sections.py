@@ -49,8 +49,9 @@ def run_fl(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
 def run_speed(cfg: dict[str, Any], out_dir: Path, progress: bool) -> list[dict]:
     """Encode/decode time at speed.d, one thread, with a read+write pass of the same array
     measured in the same run as the baseline (simulations.bench)."""
-    from fedquant.simulations import bench
     from rich.progress import Progress
+
+    from fedquant.simulations import bench
 
     table = cfg["speed"]
     specs = [codec_spec(s, f"speed.codecs[{i}]") for i, s in enumerate(table["codecs"])]

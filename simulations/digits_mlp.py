@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fedquant.simulations.common import check_keys, one_thread
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 import fedquant as fq
 from fedquant.fl.tasks import digits_mlp as digits_task
+from fedquant.simulations.common import check_keys, one_thread
 
 
 @dataclass(frozen=True)

@@ -37,12 +37,12 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from fedquant.simulations.common import markdown_table
-from fedquant.simulations.inputs import INPUTS, make_input
-from fedquant.simulations.linreg import check_row, print_checks, write_claims_report
 
 import fedquant as fq
 from fedquant import random as fqr
+from fedquant.simulations.common import markdown_table
+from fedquant.simulations.inputs import INPUTS, make_input
+from fedquant.simulations.linreg import check_row, print_checks, write_claims_report
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parent / "configs" / "dme.toml"
 DEFAULTS: dict[str, Any] = {

@@ -52,8 +52,6 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import typer
-from fedquant.simulations import evaluation, fl_report, network
-from fedquant.simulations.common import one_thread
 
 import fedquant as fq
 from fedquant.fl import datasets as local_datasets
@@ -62,6 +60,8 @@ from fedquant.fl import task as fl_task
 from fedquant.fl.arrays import flatten_arrays, split_keys, unflatten_arrays
 from fedquant.fl.tasks import BoundTask, get_state, load_task_module, set_state
 from fedquant.fl.tasks.bound import num_examples
+from fedquant.simulations import evaluation, fl_report, network
+from fedquant.simulations.common import one_thread
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "fl.toml"
 DEFAULTS: dict[str, Any] = {

@@ -11,9 +11,10 @@ have (many near-zero weights of always-dark pixels, large output-layer entries).
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from fedquant.simulations.common import one_thread
 from fedquant.simulations.digits_mlp import load_digits_data, make_mlp
-from torch import nn
 
 
 def digits_gradient(d: int, seed: int, batch: int = 32, lr: float = 0.1) -> torch.Tensor:

@@ -47,6 +47,10 @@ from typing import Annotated, Any
 
 import torch
 import typer
+
+import fedquant as fq
+from fedquant.codecs.eden import lloyd_max_centroids, nearest_centroid
+from fedquant.random import Purpose
 from fedquant.simulations.common import one_thread, write_csv, write_json
 from fedquant.simulations.linreg import (
     check_row,
@@ -57,10 +61,6 @@ from fedquant.simulations.linreg import (
     progress_bar,
     write_claims_report,
 )
-
-import fedquant as fq
-from fedquant.codecs.eden import lloyd_max_centroids, nearest_centroid
-from fedquant.random import Purpose
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "innerprod.toml"
 SCHEMA: dict[str, Any] = {

@@ -26,6 +26,7 @@ not part of the wire contract.
 from __future__ import annotations
 
 import torch
+
 from fedquant.simulations.gradients import digits_gradient
 
 INPUTS = ("normal", "lognormal", "digits-grad", "onehot", "two-spikes", "block8", "similar")

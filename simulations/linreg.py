@@ -46,10 +46,10 @@ from typing import Annotated, Any
 
 import torch
 import typer
-from fedquant.simulations.common import check_keys, one_thread, write_csv, write_json
-from fedquant.simulations.quantizers import Exact, make_quantizer
 
 import fedquant as fq
+from fedquant.simulations.common import check_keys, one_thread, write_csv, write_json
+from fedquant.simulations.quantizers import Exact, make_quantizer
 
 PLACES = ("data", "labels", "params", "activations", "gradients")
 MODELS = ("additive", "multiplicative")

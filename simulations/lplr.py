@@ -31,6 +31,11 @@ from typing import Annotated, Any
 import matplotlib
 import torch
 import typer
+from rich.progress import Progress
+
+import fedquant as fq
+from fedquant.codecs.lplr import encode_model_update, parity_rank
+from fedquant.packing import packed_len
 from fedquant.simulations.common import write_csv, write_json
 from fedquant.simulations.digits_mlp import (
     load_config,
@@ -39,11 +44,6 @@ from fedquant.simulations.digits_mlp import (
     train_fedavg,
 )
 from fedquant.simulations.linreg import check_row, print_checks, write_claims_report
-from rich.progress import Progress
-
-import fedquant as fq
-from fedquant.codecs.lplr import encode_model_update, parity_rank
-from fedquant.packing import packed_len
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -27,6 +27,11 @@ from typing import Annotated, Any
 
 import matplotlib
 import typer
+from rich.progress import Progress
+
+import fedquant as fq
+from fedquant.codecs.lplr import encode_model_update
+from fedquant.ptq import ALIGNMENTS, METHODS, grid_search_c, layer_output_errors, quantize_model
 from fedquant.simulations.common import write_csv, write_json
 from fedquant.simulations.digits_mlp import (
     accuracy,
@@ -36,11 +41,6 @@ from fedquant.simulations.digits_mlp import (
     train_fedavg,
 )
 from fedquant.simulations.linreg import check_row, print_checks, write_claims_report
-from rich.progress import Progress
-
-import fedquant as fq
-from fedquant.codecs.lplr import encode_model_update
-from fedquant.ptq import ALIGNMENTS, METHODS, grid_search_c, layer_output_errors, quantize_model
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -25,11 +25,11 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from fedquant.simulations.inputs import INPUTS, make_input
 from scipy.stats import binom
 
 import fedquant as fq
 from fedquant.codecs.quicfl import DEFAULT_SHARED_BITS, quic_tables
+from fedquant.simulations.inputs import INPUTS, make_input
 
 P = 2.0**-9
 SPIKES = 60

@@ -37,12 +37,12 @@ import grpc
 import numpy as np
 import torch
 import typer
-from fedquant.simulations.common import rss_kib, start_local_server
 
 import fedquant as fq
 from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
 from fedquant._proto import update_pb2
+from fedquant.simulations.common import rss_kib, start_local_server
 
 BAD_KINDS = ("nan_scale", "huge_scale", "heavy_weight", "wrong_seed", "garbage", "oversize",
              "stall")

@@ -4,9 +4,10 @@ import json
 import math
 
 import pytest
+from typer.testing import CliRunner
+
 from fedquant.simulations import bench
 from fedquant.simulations.cli import app
-from typer.testing import CliRunner
 
 
 def test_bench_codecs_rows_are_sane():

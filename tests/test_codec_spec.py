@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fedquant.server.rounds import RoundConfig
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedquant as fq
+from fedquant.server.rounds import RoundConfig
 
 
 def test_spec_and_keywords_give_the_same_codec():

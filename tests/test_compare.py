@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from fedquant.simulations import compare
-from fedquant.simulations.inputs import make_input
 
 import fedquant as fq
+from fedquant.simulations import compare
+from fedquant.simulations.inputs import make_input
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "simulations" / "examples" / "my_compare.toml"

@@ -2,6 +2,7 @@
 and `--quick`/`--full` never replace what the user's file configured."""
 
 import pytest
+
 from fedquant.simulations import compare
 from fedquant.simulations.common import check_keys
 

@@ -18,12 +18,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from fedquant.simulations import bench_ddp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fedquant as fq
 from fedquant.ddp import CodecState, codec_for_step, codec_hook, rank_seed, step_seed
+from fedquant.simulations import bench_ddp
 
 WORLD = 2
 SEED = 5

@@ -4,11 +4,11 @@ import csv
 import json
 
 import pytest
-from fedquant.simulations.cli import app
-from fedquant.simulations.dme import DEFAULT_CONFIG, expand_codecs, load_config, run_dme
 from typer.testing import CliRunner
 
 import fedquant as fq
+from fedquant.simulations.cli import app
+from fedquant.simulations.dme import DEFAULT_CONFIG, expand_codecs, load_config, run_dme
 
 TINY = {
     "d": 512, "clients": 3, "trials": 1, "seed": 4,

@@ -7,10 +7,11 @@ import math
 
 import numpy as np
 import pytest
-from fedquant.simulations import evaluation, fl_report, network
-from fedquant.simulations.evaluation import Interval
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from fedquant.simulations import evaluation, fl_report, network
+from fedquant.simulations.evaluation import Interval
 
 
 def test_t_interval_covers_the_true_mean_95_percent_of_the_time_at_3_seeds():

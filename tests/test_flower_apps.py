@@ -14,7 +14,6 @@ from collections.abc import Iterable
 import numpy as np
 import pytest
 import torch
-from fedquant.clients import flower_client
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -31,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fedquant as fq
+from fedquant.clients import flower_client
 from fedquant.fl import Payload, aggregate_payloads, client_seed, round_seed
 from fedquant.fl import task as fl_task
 from fedquant.flower import PAYLOAD_KEY, CompressedStrategy

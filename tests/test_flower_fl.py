@@ -7,11 +7,11 @@ import json
 
 import pytest
 import typer
-from fedquant.simulations import fl
 from typer.testing import CliRunner
 
 import fedquant as fq
 from fedquant.fl import task as fl_task
+from fedquant.simulations import fl
 
 
 def test_shipped_config_is_valid_and_names_the_issue_compressors():

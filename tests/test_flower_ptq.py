@@ -10,12 +10,12 @@ import json
 
 import pytest
 import torch
-from fedquant.server import flower_server
-from fedquant.simulations import fl
 from flwr.app import Context, RecordDict
 from test_flower_apps import NODES, InProcessGrid, _context, _server_identity  # noqa: F401
 
 from fedquant.fl import task as fl_task
+from fedquant.server import flower_server
+from fedquant.simulations import fl
 
 
 def _numel(model: str) -> int:

@@ -5,11 +5,11 @@ import math
 
 import pytest
 import torch
-from fedquant.simulations import innerprod as ip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedquant.codecs.eden import lloyd_max_centroids
+from fedquant.simulations import innerprod as ip
 
 
 def _lloyd_max_mse(bits):

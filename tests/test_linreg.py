@@ -5,10 +5,11 @@ import math
 
 import pytest
 import torch
-from fedquant.simulations import linreg
-from fedquant.simulations.quantizers import Additive, Exact, Multiplicative, make_quantizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from fedquant.simulations import linreg
+from fedquant.simulations.quantizers import Additive, Exact, Multiplicative, make_quantizer
 
 
 def _moments(quantizer, value, count=200_000, seed=0):

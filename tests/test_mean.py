@@ -4,11 +4,11 @@ unbiased figures, weights, and rejected mismatches."""
 
 import pytest
 import torch
-from fedquant.simulations.inputs import make_input
 
 import fedquant as fq
 from fedquant.codecs import identity
 from fedquant.random import derive_seed
+from fedquant.simulations.inputs import make_input
 
 N = 10
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from fedquant.simulations.digits_mlp import accuracy, load_digits_data, train_mlp
 from torch import nn
 
 from fedquant.packing import packed_len
@@ -17,6 +16,7 @@ from fedquant.ptq import (
     quantize_path,
 )
 from fedquant.random import Purpose, uniforms64
+from fedquant.simulations.digits_mlp import accuracy, load_digits_data, train_mlp
 
 
 @pytest.fixture(scope="module")

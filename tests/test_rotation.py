@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from fedquant.simulations.inputs import make_input
 
 import fedquant as fq
 from fedquant.rotation import (
@@ -17,6 +16,7 @@ from fedquant.rotation import (
     slice_layout,
     unrotate,
 )
+from fedquant.simulations.inputs import make_input
 
 SPECIAL_D = [4096, 4097, 4225, 6143, 6144, 8191, 8193, 12289, 2**15 - 1, 2**15 + 1,
              2**16 - 1, 2**16 + 1, 2**16 + 2**9 + 3, 100_003, 2**20 - 1, 2**20 + 1]

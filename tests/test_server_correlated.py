@@ -11,12 +11,12 @@ import grpc
 import pytest
 import torch
 import typer
-from fedquant.clients import cli as clients_cli
-from fedquant.clients.grpc_client import AggregatorClient
 from helpers_server import ServerProcess
 from typer.testing import CliRunner
 
 import fedquant as fq
+from fedquant.clients import cli as clients_cli
+from fedquant.clients.grpc_client import AggregatorClient
 
 D, N = 4096, 8
 S = grpc.StatusCode

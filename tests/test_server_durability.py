@@ -11,12 +11,12 @@ import time
 
 import grpc
 import torch
-from fedquant.clients.grpc_client import AggregatorClient
 from helpers_server import ServerProcess
 
 import fedquant as fq
 from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
+from fedquant.clients.grpc_client import AggregatorClient
 
 
 def test_kill_9_during_a_round_then_restart(tmp_path):

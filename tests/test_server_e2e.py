@@ -14,14 +14,14 @@ import grpc
 import pytest
 import torch
 import typer
-from fedquant.clients import cli as clients_cli
-from fedquant.clients.grpc_client import AggregatorClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers_server import ServerProcess
 from typer.testing import CliRunner
 
 import fedquant as fq
+from fedquant.clients import cli as clients_cli
+from fedquant.clients.grpc_client import AggregatorClient
 
 
 def _free_port() -> int:

@@ -12,7 +12,6 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
-from fedquant.clients.grpc_client import AggregatorClient, PushConflict
 from helpers_server import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -20,6 +19,7 @@ from hypothesis import strategies as st
 import fedquant as fq
 from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
+from fedquant.clients.grpc_client import AggregatorClient, PushConflict
 
 CAP = 1024 * 1024  # --max-push-bytes of this server
 STALL_S = 4.0  # --push-timeout-s of this server

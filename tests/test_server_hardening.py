@@ -17,14 +17,14 @@ import time
 import grpc
 import pytest
 import torch
-from fedquant.clients.grpc_client import AggregatorClient
-from fedquant.server.aggregator import ServerConfig, start_server
 from helpers_server import ROOT, ServerProcess
 
 import fedquant as fq
 from fedquant._proto import aggregator_pb2 as pb
 from fedquant._proto import aggregator_pb2_grpc as pb_grpc
 from fedquant._proto import update_pb2
+from fedquant.clients.grpc_client import AggregatorClient
+from fedquant.server.aggregator import ServerConfig, start_server
 
 OPERATOR = "operator-token-hardening"
 TOKENS = {"operator": OPERATOR, **{str(i): f"client-token-{i:04d}" for i in range(60)}}
@@ -331,8 +331,9 @@ def test_push_cli_to_a_closed_port_is_one_line_and_honours_retries_0():
     import socket
 
     import typer
-    from fedquant.clients import cli as clients_cli
     from typer.testing import CliRunner
+
+    from fedquant.clients import cli as clients_cli
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -8,10 +8,10 @@ import json
 import grpc
 import pytest
 import torch
-from fedquant.clients.grpc_client import AggregatorClient
 from helpers_server import ServerProcess, make_certificates
 
 import fedquant as fq
+from fedquant.clients.grpc_client import AggregatorClient
 
 OPERATOR = "operator-secret"
 TOKENS = {"operator": OPERATOR, "1": "client-one-secret"}

@@ -10,16 +10,16 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fedquant as fq
 from fedquant.server.aggregator import ServerConfig, start_server
 from fedquant.server.cli import load_rounds
 from fedquant.server.rounds import AggregationError, RoundBook, RoundConfig, payload_digest
 from fedquant.server.security import load_tokens
 from fedquant.server.store import Store
 from fedquant.simulations.bench_server import BenchConfig, run
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-import fedquant as fq
 
 
 def test_round_config_validation_names_the_problem():

@@ -10,9 +10,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from fedquant.server import flower_server
-from fedquant.simulations import fl
-from fedquant.simulations.cli import app
 from flwr.app import Context, RecordDict
 from test_flower_apps import InProcessGrid, _server_identity  # noqa: F401
 from typer.testing import CliRunner
@@ -20,6 +17,9 @@ from typer.testing import CliRunner
 from fedquant.fl import task as fl_task
 from fedquant.fl.tasks import BUILTIN_TASKS, BoundTask, load_task_module
 from fedquant.fl.tasks import synthetic as synthetic_task
+from fedquant.server import flower_server
+from fedquant.simulations import fl
+from fedquant.simulations.cli import app
 
 USER_TASK = '''
 """A user's task: a small MLP on points.csv, next to this file."""

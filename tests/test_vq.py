@@ -6,13 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from fedquant.simulations.vq_study import (
-    correlation_rows,
-    exact_conditional_correlation,
-    layers,
-    sampled_correlation,
-    two_spikes,
-)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +15,13 @@ from fedquant._proto import update_pb2
 from fedquant.codecs.eden import lloyd_max_centroids
 from fedquant.codecs.vq import _TABLE, SUPPORTED, codebook, nearest_block
 from fedquant.rotation import padded_size
+from fedquant.simulations.vq_study import (
+    correlation_rows,
+    exact_conditional_correlation,
+    layers,
+    sampled_correlation,
+    two_spikes,
+)
 from fedquant.wire import Encoded
 
 EDEN_BIASED = {1: 1 - 2 / math.pi, 2: 0.1175}  # REFERENCE.md
