@@ -113,8 +113,36 @@ def _pack_bytes(values, bits, out):  # pragma: no cover - jit
 
 @njit(cache=True)
 def _unpack_numba(data, bits, out):  # pragma: no cover - jit
-    """Unpack `out.size` values of `bits` bits from `data` (see :func:`read_bits`)."""
-    for i in range(out.size):
+    """Unpack `out.size` values of `bits` bits from `data` (see :func:`read_bits`). For
+    b = 1, 2, 4, 8 whole bytes go through a loop with constant shifts, which vectorizes
+    (b = 2 at 2^20 values: 0.25 ms against 0.84 ms for the general window read)."""
+    n = out.size
+    done = 0
+    if bits == 8:
+        for i in range(n):
+            out[i] = data[i]
+        done = n
+    elif bits == 4:
+        done = n // 2 * 2
+        for b in range(done // 2):
+            x = data[b]
+            out[2 * b] = x & 15
+            out[2 * b + 1] = x >> 4
+    elif bits == 2:
+        done = n // 4 * 4
+        for b in range(done // 4):
+            x = data[b]
+            out[4 * b] = x & 3
+            out[4 * b + 1] = (x >> 2) & 3
+            out[4 * b + 2] = (x >> 4) & 3
+            out[4 * b + 3] = x >> 6
+    elif bits == 1:
+        done = n // 8 * 8
+        for b in range(done // 8):
+            x = data[b]
+            for k in range(8):
+                out[8 * b + k] = (x >> k) & 1
+    for i in range(done, n):
         out[i] = read_bits(data, bits, i)
 
 

@@ -119,9 +119,11 @@ def test_uint8_word_packer_matches_the_generic_one(bits, n):
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
-def test_unpack_to_uint8(backend):
-    v = _values(1001, 3, seed=5)
-    got = unpack(pack(v, 3), 3, 1001, backend=backend, dtype=torch.uint8)
-    assert got.dtype == torch.uint8 and torch.equal(got.long(), v)
+@pytest.mark.parametrize("bits", range(1, 9))  # 1, 2, 4, 8: the whole-byte loops
+def test_unpack_to_uint8(backend, bits):
+    for n in LENGTHS:
+        v = _values(n, bits, seed=5)
+        got = unpack(pack(v, bits), bits, n, backend=backend, dtype=torch.uint8)
+        assert got.dtype == torch.uint8 and torch.equal(got.long(), v), (bits, n)
     with pytest.raises(ValueError, match="dtype"):
-        unpack(pack(v, 3), 3, 1001, dtype=torch.int32)
+        unpack(pack(v, bits), bits, v.numel(), dtype=torch.int32)

@@ -42,6 +42,7 @@ import math
 
 import torch
 
+from fedquant import cpu_kernels, grid_kernels
 from fedquant import random as fqr
 from fedquant.codecs.base import expect_section, register_codec
 from fedquant.codecs.rotated import RotatedCodec
@@ -102,8 +103,9 @@ class UniformGridCodec(RotatedCodec):
     """Shared mechanics of the uniform-grid quantizers (dither, stochastic): optional RHTs,
     a per-slice grid lo + j * step with 2^bits levels, one rounding rule per subclass.
 
-    Subclasses set `name`, the randomness `purpose` of their rounding uniforms, and
-    implement `round_to_levels` (sender) and `levels_to_positions` (receiver).
+    Subclasses set `name`, the randomness `purpose` of their rounding uniforms and the
+    numba kernels' `rule`, and implement `round_to_levels` (sender) and
+    `levels_to_positions` (receiver), the torch path the kernels match bit for bit.
 
     Args:
         bits (int, default 2): bits per coordinate, 1..8 (2^bits levels).
@@ -115,6 +117,7 @@ class UniformGridCodec(RotatedCodec):
     unbiased = True
     raw_without_rotation = True  # rotations = 0 quantizes x itself, unpadded
     purpose: fqr.Purpose
+    rule: int  # the numba kernels' rounding rule (fedquant.grid_kernels)
 
     def __init__(self, bits: int = 2, rotations: str = "auto", range: str = "minmax"):  # noqa: A002
         self.bits = check_bits(bits)
@@ -133,6 +136,16 @@ class UniformGridCodec(RotatedCodec):
     def quantize(self, z: torch.Tensor, d: int, seed: int,
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
         levels = 1 << self.bits
+        if cpu_kernels.usable(z):  # one fused numba pass; the torch lines elsewhere
+            indices = torch.empty(z.numel(), dtype=torch.uint8)
+            key = fqr.stream_key(seed, self.purpose)
+            scales: list[float] = []
+            for lo_i, hi_i in value_blocks(d, rotations):
+                lo, step = grid(z[lo_i:hi_i], levels, self.dynamic_range)
+                grid_kernels.grid_quantize(z[lo_i:hi_i], lo, step, levels, key, lo_i,
+                                           self.rule, indices[lo_i:hi_i])
+                scales += [lo, step]
+            return scales, {"q": Section.from_ints("q", indices, self.bits)}
         u = fqr.uniforms(seed, self.purpose, z.numel(), device=z.device)
         indices = torch.empty(z.numel(), dtype=torch.int64, device=z.device)
         scales: list[float] = []
@@ -152,6 +165,14 @@ class UniformGridCodec(RotatedCodec):
 
     def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
         """lo + step * position per slice, float32 (the rotated domain, or x itself)."""
+        if cpu_kernels.AVAILABLE and (device is None or torch.device(device).type == "cpu"):
+            blocks = [(a, b, lo, step) for (a, b), lo, step in zip(
+                value_blocks(enc.numel, enc.rotations), enc.scales[0::2], enc.scales[1::2],
+                strict=True)]
+            return grid_kernels.grid_dequantize(
+                enc.section("q").data, self.bits, blocks,
+                quantized_length(enc.numel, enc.rotations),
+                fqr.stream_key(enc.seed, self.purpose), self.rule)
         positions = self.levels_to_positions(enc.section("q").ints(device), enc.seed)
         values = torch.empty(positions.numel(), dtype=torch.float32, device=positions.device)
         blocks = value_blocks(enc.numel, enc.rotations)
@@ -173,6 +194,7 @@ class Dither(UniformGridCodec):
 
     name = "dither"
     purpose = fqr.Purpose.DITHER
+    rule = grid_kernels.DITHER
 
     def round_to_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         # t + u >= 0, so the int64 cast (truncation) is the floor; torch.floor on

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from fedquant import grid_kernels
 from fedquant import random as fqr
 from fedquant.codecs.base import register_codec
 from fedquant.codecs.dither import UniformGridCodec
@@ -41,6 +42,7 @@ class Stochastic(UniformGridCodec):
 
     name = "stochastic"
     purpose = fqr.Purpose.PRIVATE
+    rule = grid_kernels.STOCHASTIC
 
     def round_to_levels(self, t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         down = t.to(torch.int64)  # t >= 0: truncation is the floor
