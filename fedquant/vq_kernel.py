@@ -24,7 +24,7 @@ import torch
 
 from fedquant._numba import AVAILABLE, njit
 from fedquant.cpu_kernels import factor_of, sum_squares
-from fedquant.packing import padded_bytes, read_bits
+from fedquant.packing import unpack
 from fedquant.vector_ir import LANES
 
 if AVAILABLE:
@@ -145,13 +145,15 @@ def _quantize(z, factor, table, count, dim, out):  # pragma: no cover - jit
 
 
 @njit(cache=True, nogil=True)
-def _dequantize(data, width, first, rows, out):  # pragma: no cover - jit
-    """out[k dim + j] = rows[q_k, j] for q_k value first + k of the width-bit stream."""
+def _dequantize(q, rows, out):  # pragma: no cover - jit
+    """out[k dim + j] = rows[q[k], j] (the last block cut to out's length)."""
     dim = rows.shape[1]
-    for b in range(-(-out.size // dim)):
-        q = read_bits(data, width, first + b)
-        for j in range(min(dim, out.size - b * dim)):
-            out[b * dim + j] = rows[q, j]
+    full = out.size // dim
+    for b in range(full):
+        for j in range(dim):
+            out[b * dim + j] = rows[q[b], j]
+    for i in range(full * dim, out.size):
+        out[i] = rows[q[full], i - full * dim]
 
 
 @functools.lru_cache(maxsize=16)
@@ -201,12 +203,12 @@ def vq_dequantize(data: bytes, width: int, centroids: torch.Tensor,
             o < 0 or s < 0 or o + s > total or o % dim for o, s, _ in slices):
         raise ValueError(f"packed indices: {len(data)} bytes do not hold {blocks} values "
                          f"of {width} bits, or a slice lies outside them")  # no OOB reads
-    padded = padded_bytes(data)
+    q = unpack(data, width, blocks, dtype=torch.uint8).numpy()
     c64 = centroids.to(torch.float64).cpu().numpy()
     out = np.empty(total, dtype=np.float32)
     for offset, size, scale in slices:
         rows = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
-        _dequantize(padded, width, offset // dim, rows, out[offset: offset + size])
+        _dequantize(q[offset // dim:], rows, out[offset: offset + size])
     return torch.from_numpy(out)
 
 
