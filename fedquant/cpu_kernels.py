@@ -203,8 +203,10 @@ def divide_to_float32(total: torch.Tensor, divisor: float, out: torch.Tensor) ->
 
 def factor_of(size: int, norm: float) -> np.float32:
     """sqrt(n) / ||z||, the float32 factor of t; 0 for an all-zero slice (it quantizes to
-    any index, its scale is 0: no inf factor)."""
-    return np.float32(math.sqrt(size) / norm if norm > 0 else 0.0)
+    any index, its scale is 0: no inf factor). A subnormal norm gives inf, as torch's
+    float32 multiply would, without numpy's overflow warning."""
+    with np.errstate(over="ignore"):
+        return np.float32(math.sqrt(size) / norm if norm > 0 else 0.0)
 
 
 @functools.lru_cache(maxsize=64)

@@ -68,7 +68,8 @@ def grid_quantize(v: torch.Tensor, lo: float, step: float, levels: int, key: int
     """Indices (uint8 `out`) of the float32 CPU values v on the grid lo + j * step,
     j < levels <= 256, rounded by `rule` with the uniforms of stream `key` from index
     `start` on."""
-    inv = np.float32(1.0 / step) if step != 0 else np.float32(0.0)  # step 0: t = 0
+    with np.errstate(over="ignore"):  # a subnormal step: inf, as in torch's float32
+        inv = np.float32(1.0 / step) if step != 0 else np.float32(0.0)  # step 0: t = 0
     _quantize(v.detach().contiguous().numpy(), np.float32(lo), inv, np.float32(levels - 1),
               np.uint64(key), start, rule, out.numpy())
 

@@ -26,13 +26,12 @@ Example::
 from __future__ import annotations
 
 import functools
-import math
 import pathlib
 
 import numpy as np
 import torch
 
-from fedquant import vq_kernel
+from fedquant import cpu_kernels, vq_kernel
 from fedquant.codecs.base import expect_section, register_codec
 from fedquant.codecs.rotated import SCALES, RotatedCodec, check_scale, slice_values
 from fedquant.rotation import padded_size, slice_layout
@@ -118,7 +117,9 @@ class VectorQuantizer(RotatedCodec):
             zs = z[s.offset: s.offset + s.size]
             norm = float(torch.linalg.vector_norm(zs.to(torch.float64)))
             norms.append(norm)
-            t[s.offset: s.offset + s.size] = zs * (math.sqrt(s.size) / max(norm, 1e-300))
+            # the kernel's float32 factor: 0 for a zero slice (sqrt(n) / 1e-300 would be
+            # inf in float32, and 0 * inf a NaN distance)
+            t[s.offset: s.offset + s.size] = zs * float(cpu_kernels.factor_of(s.size, norm))
         indices = nearest_block(t.view(n_blocks, self.dim), centroids)
         c = centroids[indices].reshape(-1).to(torch.float64)
         scales = []
