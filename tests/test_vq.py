@@ -232,6 +232,18 @@ def test_kernel_encode_and_decode_equal_the_torch_path(dim, bits, d, monkeypatch
 
 
 @pytest.mark.skipif(not vq_kernel.AVAILABLE, reason="numba missing")
+@pytest.mark.parametrize("x", [torch.zeros(300), torch.tensor([1e-45, -1e-45, 0.0] * 100)])
+def test_kernel_and_torch_path_agree_on_zero_and_subnormal_slices(x, monkeypatch):
+    """A zero slice has factor 0 on both paths (not sqrt(n) / 1e-300, inf in float32, whose
+    0 * inf made the torch search's distances NaN); a subnormal one overflows alike."""
+    codec = fq.get_codec("vq")
+    fast = codec.encode(x, seed=2)
+    monkeypatch.setattr(vq_kernel, "usable", lambda *_: False)
+    assert fast.to_bytes() == codec.encode(x, seed=2).to_bytes()
+    assert torch.isfinite(fq.decode(fast)).all()
+
+
+@pytest.mark.skipif(not vq_kernel.AVAILABLE, reason="numba missing")
 @pytest.mark.parametrize("count", [3, 16, 20, 256])
 def test_kernel_search_finds_the_nearest_codeword_and_the_first_of_a_tie(count):
     """Any codebook size (one lane group or many, not a multiple of 16): each block's
