@@ -267,7 +267,8 @@ def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,
     out = np.empty(total, dtype=np.float32)
     per_byte = 8 // bits if 8 % bits == 0 else 0
     for offset, size, scale in slices:
-        table = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
+        with np.errstate(over="ignore"):  # Inf past float32: refused as non-finite
+            table = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
         if per_byte and offset % per_byte == 0 and size % per_byte == 0:
             # b = 1, 2, 4, 8: one byte holds whole values; a 256-row table of their
             # float32 values turns each byte into one small copy (no per-value shifts)

@@ -207,7 +207,8 @@ def vq_dequantize(data: bytes, width: int, centroids: torch.Tensor,
     c64 = centroids.to(torch.float64).cpu().numpy()
     out = np.empty(total, dtype=np.float32)
     for offset, size, scale in slices:
-        rows = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
+        with np.errstate(over="ignore"):  # Inf past float32: refused as non-finite
+            rows = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
         _dequantize(q[offset // dim:], rows, out[offset: offset + size])
     return torch.from_numpy(out)
 

@@ -89,7 +89,8 @@ class Section:
         """Store a float16/32/64 or int16/32/64 tensor as little-endian words."""
         arr = values.detach().reshape(-1).cpu().numpy()
         bits = arr.dtype.itemsize * 8
-        return cls(name, bits, arr.size, arr.astype(arr.dtype.newbyteorder("<")).tobytes())
+        little = arr.astype(arr.dtype.newbyteorder("<"), copy=False)  # no copy if it is
+        return cls(name, bits, arr.size, little.tobytes())
 
     def ints(self, device: torch.device | str | None = None) -> torch.Tensor:
         """The packed values as int64 (bits 1..8, or raw integer words)."""

@@ -210,6 +210,7 @@ class ECDQ(RotatedCodec):
         d = flat.numel()
         k = resolve_rotations(self.rotations, flat, self.kind) if d else 1
         z = rotate(flat, self.rotation_seed(seed), k).cpu()
+        self._check_rotation(z, flat)
         sigmas = [slice_norm(z[s.offset: s.offset + s.size]) / math.sqrt(s.size)
                   for s in slice_layout(d)]
         z = z.to(torch.float64)

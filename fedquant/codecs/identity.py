@@ -39,7 +39,17 @@ class _Identity(Codec):
         pass
 
     def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
-        values = check_input(x).to(self.wire_dtype)
+        flat = check_input(x)
+        values = flat.to(self.wire_dtype)
+        # beyond the format's range a value becomes Inf: a finite float32 sum of the values
+        # rules that out in one pass; only a non-finite sum pays the exact check
+        if self.wire_dtype != torch.float32 and values.numel() and not (
+                bool(torch.isfinite(values.sum(dtype=torch.float32)))
+                or bool(torch.isfinite(values).all())):
+            raise ValueError(f"{self.name}: the input is too large to encode: max |x| = "
+                             f"{float(flat.abs().max()):.3g} exceeds {self.name}'s range "
+                             f"({torch.finfo(self.wire_dtype).max:.6g}); use "
+                             f"{'bf16 or fp32' if self.name == 'fp16' else 'fp32'}")
         if self.wire_dtype == torch.bfloat16:
             values = values.view(torch.int16)
         return self._new_encoded(x, check_seed(seed),

@@ -40,6 +40,7 @@ from fedquant.wire import Encoded, Section, WireError
 
 SCALES = ("unbiased", "biased")
 MAX_ROTATIONS = 3
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_scale(scale: str) -> str:
@@ -104,6 +105,10 @@ class RotatedCodec(Codec):
         if fused:
             z, k, squares = rotate_checked(flat, self.rotation_seed(seed), self.rotations,
                                            self.kind)
+            # |z_i| <= ||x||: only an input with a slice norm past float32's range can
+            # overflow its rotation, and only then is z checked
+            if max(squares, default=0.0) > FLOAT32_MAX**2:
+                self._check_rotation(z, flat)
             scales, sections = self.quantize_normed(z, flat.numel(), seed, k,
                                                     [math.sqrt(q) for q in squares])
         else:
@@ -112,9 +117,22 @@ class RotatedCodec(Codec):
                 z = flat
             else:
                 z = rotate(flat, self.rotation_seed(seed), k)
+                self._check_rotation(z, flat)
             scales, sections = self.quantize(z, flat.numel(), seed, k)
+        if not all(math.isfinite(s) for s in scales):
+            raise self._too_large(flat)
         return self._new_encoded(x, seed, rotations=k, scales=tuple(scales),
                                  sections=sections)
+
+    def _check_rotation(self, z: torch.Tensor, flat: torch.Tensor) -> None:
+        if not bool(torch.isfinite(z).all()):
+            raise self._too_large(flat)
+
+    def _too_large(self, flat: torch.Tensor) -> ValueError:
+        return ValueError(
+            f"{self.name}: the input is too large to encode: its rotated coordinates or "
+            f"scales overflow float32 (max |x| = {float(flat.abs().max()):.3g}); "
+            "scale it down first")
 
     def quantize(self, z: torch.Tensor, d: int, seed: int,
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
