@@ -494,3 +494,15 @@ def test_huge_finite_input_is_refused_or_round_trips(name):
     except fq.WireError:
         return  # refused by the receiver, with a message naming the field
     assert torch.isfinite(values).all()
+
+
+@pytest.mark.parametrize("name,largest,first_inf", [("fp16", 65519.0, 65520.0),
+                                                    ("bf16", 3.3961e38, 3.3962e38)])
+def test_half_formats_refuse_exactly_the_values_that_round_to_inf(name, largest, first_inf):
+    """The limit is max + half an ulp: just below it the value rounds to the format's
+    largest finite value and is sent; from it on it would travel as Inf and is refused."""
+    codec = fq.get_codec(name)
+    got = fq.decode(codec.encode(torch.tensor([-largest, 1.0])))
+    assert got[0] == -torch.finfo(codec.wire_dtype).max
+    with pytest.raises(ValueError, match="too large"):
+        codec.encode(torch.tensor([1.0, first_inf]))
