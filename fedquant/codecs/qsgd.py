@@ -66,6 +66,9 @@ class Qsgd(Codec):
             scale = float(torch.linalg.vector_norm(wide))
         else:
             scale = float(wide.abs().max()) if flat.numel() else 0.0
+        if scale > torch.finfo(torch.float32).max:  # the receiver's +-scale would be Inf
+            raise ValueError(f"qsgd: the input is too large to encode: its {self.norm} norm "
+                             f"{scale:.3g} passes float32's range")
         s = self.levels
         level = wide.abs() * (s / scale) if scale > 0 else torch.zeros_like(wide)
         lower = torch.floor(level)

@@ -74,6 +74,9 @@ class GaussianSketch(Codec):
         y = torch.empty(m, dtype=torch.float32, device=flat.device)
         for r0, rows in _row_blocks(check_seed(seed), m, d, flat.device):
             y[r0: r0 + rows.shape[0]] = rows @ flat
+        if not bool(torch.isfinite(y).all()):
+            raise ValueError("sketch: the input is too large to encode: its projection "
+                             "passes float32's range")
         return self._new_encoded(x, seed, sections={"y": Section.from_raw("y", y)})
 
     def validate(self, enc: Encoded) -> None:

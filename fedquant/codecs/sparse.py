@@ -131,8 +131,11 @@ class RandK(_Sparse):
         k = self.k_for(flat.numel())
         positions = fqr.random_subset(check_seed(seed), fqr.Purpose.SUBSET, flat.numel(), k,
                                       device=flat.device)
-        return self._new_encoded(x, seed,
-                                 sections={"values": self._values_section(flat[positions])})
+        kept = flat[positions]
+        if k and float(kept.abs().max()) * (flat.numel() / k) > torch.finfo(torch.float32).max:
+            raise ValueError("randk: the input is too large to encode: a kept value times "
+                             f"d / k = {flat.numel() / k:.4g} passes float32's range")
+        return self._new_encoded(x, seed, sections={"values": self._values_section(kept)})
 
     def validate(self, enc: Encoded) -> None:
         self._check_values(enc)
