@@ -478,8 +478,8 @@ REFUSE_HUGE = {"eden", "drive", "quic-fl", "vq", "dither", "stochastic", "ecdq",
 def test_huge_finite_input_is_refused_or_round_trips(name):
     """Finite values near float32's maximum (|x| = 3e38, so ||x|| and the rotated
     coordinates overflow float32): the encoder refuses them with a ValueError that says
-    so, or the payload decodes to finite values, or (eden-mix, timeshare: a scale that is
-    finite but whose codewords are not) the receiver refuses it with a WireError.
+    so, or the payload decodes to finite values, or (eden-mix, timeshare: parts whose
+    inverse rotation passes float32) the receiver refuses it with a WireError.
     Never another exception, never a NaN."""
     x = torch.tensor([3e38, -3e38, 1.0, 0.0] * 40).reshape(16, 10)  # 2-D: LPLR too
     codec = fq.get_codec(name)

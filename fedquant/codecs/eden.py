@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -110,7 +109,7 @@ class Eden(RotatedCodec):
                                                       None if norms is None else norms[i])
             else:
                 norm = float(torch.linalg.vector_norm(zs.to(torch.float64)))
-                t = zs * (math.sqrt(s.size) / max(norm, 1e-300))
+                t = zs * float(cpu_kernels.factor_of(s.size, norm))  # 0 for a zero slice
                 idx.copy_(nearest_centroid(t, centroids))
                 dot = float(torch.dot(zs.to(torch.float64), centroids[idx]))
 
