@@ -27,14 +27,7 @@ from fedquant._numba import njit
 from fedquant.packing import unpack
 
 DITHER, STOCHASTIC = 0, 1  # the rounding rules
-_S40 = np.uint64(40)
-_UNIT = np.float32(2.0**-24)
-
-
-@njit(cache=True, inline="always")
-def _uniform(key, index):  # pragma: no cover - jit
-    """fqr.uniforms' value at `index`: the top 24 bits of the hash times 2^-24 (float32)."""
-    return np.float32(np.int64(fqr.hash64_numba(key, index) >> _S40)) * _UNIT
+_uniform = fqr.uniform_numba  # fqr.uniforms' value at one index, made where it is used
 
 
 @njit(cache=True, nogil=True)

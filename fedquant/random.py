@@ -84,8 +84,7 @@ def hash64_torch(
     CPU by the numba kernel: one pass instead of a dozen int64 temporaries; the same
     bits, integer arithmetic being exact)."""
     key = stream_key(seed, purpose)
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if on_cpu and AVAILABLE and n >= 0 and 0 <= start and start + n < 2**63:
+    if _numba_range(n, device, start):
         out = np.empty(n, dtype=np.uint64)
         _hash_range(np.uint64(key), np.uint64(start), out)
         return torch.from_numpy(out.view(np.int64))
@@ -109,6 +108,7 @@ def hash64_numpy(seed: int, purpose: int, start: int, n: int) -> np.ndarray:
 # ---- numba (inlined into the CPU kernels; uint64 arithmetic wraps mod 2^64) ----------------
 _GAMMA_U64, _MIX1_U64, _MIX2_U64 = np.uint64(GOLDEN_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
 _S27, _S30, _S31, _S63 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(63)
+_S40, _UNIT24 = np.uint64(40), np.float32(2.0**-24)
 
 
 @njit(cache=True, inline="always")
@@ -143,6 +143,13 @@ def sign_numba(z: np.uint64) -> np.float32:  # pragma: no cover - jit
     return np.float32(1.0) - np.float32(2.0) * np.float32(np.int64(z >> _S63))
 
 
+@njit(cache=True, inline="always")
+def uniform_numba(key: np.uint64, index: np.uint64) -> np.float32:  # pragma: no cover - jit
+    """:func:`uniforms`' value at `index` of the stream `key`: the top 24 bits of the hash
+    times 2^-24, as float32 (for kernels that use each uniform where they make it)."""
+    return np.float32(np.int64(hash64_numba(key, index) >> _S40)) * _UNIT24
+
+
 GAMMA_U64 = _GAMMA_U64
 
 
@@ -151,6 +158,32 @@ def _hash_range(key: np.uint64, start: np.uint64, out: np.ndarray) -> None:  # p
     """out[i] = hash64 of counter start + i in the stream `key` (vectorizes)."""
     for i in range(out.size):
         out[i] = hash64_numba(key, start + np.uint64(i))
+
+
+@njit(cache=True, nogil=True)
+def _uniform_range(key, start, shift, unit, out):  # pragma: no cover - jit
+    """out[i] = (hash >> shift) * unit: the top bits as an exact float (float32 for 24
+    bits, float64 for 53); through int64, as a uint64 -> float conversion is slow."""
+    for i in range(out.size):
+        out[i] = np.int64(hash64_numba(key, start + np.uint64(i)) >> shift) * unit
+
+
+def _numba_range(n: int, device: torch.device | str | None, start: int) -> bool:
+    """Whether a stream range is made by the numba kernels: on the CPU, counters < 2^63."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return on_cpu and AVAILABLE and n >= 0 and 0 <= start and start + n < 2**63
+
+
+def _uniforms(seed: int, purpose: int, n: int, device, start: int, bits: int,
+              dtype: torch.dtype) -> torch.Tensor:
+    """The top `bits` bits of each hash times 2^-bits, as `dtype` (exact in it)."""
+    if _numba_range(n, device, start):  # one pass instead of five torch ones (7x at 2^20)
+        out = np.empty(n, dtype=np.float32 if dtype == torch.float32 else np.float64)
+        _uniform_range(np.uint64(stream_key(seed, purpose)), np.uint64(start),
+                       np.uint64(64 - bits), 2.0**-bits, out)
+        return torch.from_numpy(out)
+    top = _srl(hash64_torch(seed, purpose, start, n, device), 64 - bits)
+    return top.to(dtype) * (2.0**-bits)
 
 
 def signs(
@@ -165,16 +198,14 @@ def uniforms(
     seed: int, purpose: int, n: int, device: torch.device | str | None = None, start: int = 0
 ) -> torch.Tensor:
     """Uniforms in [0, 1) as float32, exact multiples of 2^-24 (the top 24 bits)."""
-    top24 = _srl(hash64_torch(seed, purpose, start, n, device), 40)
-    return top24.to(torch.float32) * (2.0**-24)
+    return _uniforms(seed, purpose, n, device, start, 24, torch.float32)
 
 
 def uniforms64(
     seed: int, purpose: int, n: int, device: torch.device | str | None = None, start: int = 0
 ) -> torch.Tensor:
     """Uniforms in [0, 1) as float64, exact multiples of 2^-53 (the top 53 bits)."""
-    top53 = _srl(hash64_torch(seed, purpose, start, n, device), 11)
-    return top53.to(torch.float64) * (2.0**-53)
+    return _uniforms(seed, purpose, n, device, start, 53, torch.float64)
 
 
 def integers(
