@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from fedquant import cpu_kernels
-from fedquant.codecs.base import Codec, codec_for, restore
+from fedquant.codecs.base import Codec, all_finite, codec_for, restore
 from fedquant.wire import Encoded, WireError
 
 MAX_WORKERS = 32
@@ -32,10 +32,7 @@ PARALLEL_MIN = 1 << 22  # coordinates to decode in all before threads pay for th
 
 
 def _check_finite(values: torch.Tensor, codec: str) -> None:
-    # a finite float32 sum means no NaN or Inf (they propagate): one cheap reduction; only
-    # a non-finite sum (a bad value, or finite values that overflow) pays the exact check
-    if values.numel() and not (bool(torch.isfinite(values.sum()))
-                               or bool(torch.isfinite(values).all())):
+    if not all_finite(values):
         raise WireError(f"payload of codec '{codec}' decodes to non-finite values "
                         "(NaN or Inf)")
 

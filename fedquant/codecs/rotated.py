@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from fedquant import cpu_kernels
-from fedquant.codecs.base import Codec, check_input, check_seed, expect_scales
+from fedquant.codecs.base import Codec, all_finite, check_input, check_seed, expect_scales
 from fedquant.rotation import (
     fused_available,
     resolve_rotations,
@@ -125,7 +125,7 @@ class RotatedCodec(Codec):
                                  sections=sections)
 
     def _check_rotation(self, z: torch.Tensor, flat: torch.Tensor) -> None:
-        if not bool(torch.isfinite(z).all()):
+        if not all_finite(z):
             raise self._too_large(flat)
 
     def _too_large(self, flat: torch.Tensor) -> ValueError:
