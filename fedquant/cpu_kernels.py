@@ -45,6 +45,12 @@ def usable(x: torch.Tensor) -> bool:
     return AVAILABLE and x.device.type == "cpu" and x.dtype == torch.float32
 
 
+def runs_on(device: torch.device | str | None) -> bool:
+    """Whether a receiver's kernels make its output for `device`: numba present, and the
+    CPU (None means the CPU)."""
+    return AVAILABLE and (device is None or torch.device(device).type == "cpu")
+
+
 if AVAILABLE:
 
     @nb.njit(cache=True, fastmath={"reassoc"})

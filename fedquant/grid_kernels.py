@@ -27,7 +27,6 @@ from fedquant._numba import njit
 from fedquant.packing import unpack
 
 DITHER, STOCHASTIC = 0, 1  # the rounding rules
-_uniform = fqr.uniform_numba  # fqr.uniforms' value at one index, made where it is used
 
 
 @njit(cache=True, nogil=True)
@@ -35,7 +34,7 @@ def _quantize(v, lo, inv, top, key, start, rule, out):  # pragma: no cover - jit
     for i in range(v.size):
         t = (v[i] - lo) * inv
         t = min(max(t, np.float32(0.0)), top)
-        u = _uniform(key, np.uint64(start + i))
+        u = fqr.uniform_numba(key, np.uint64(start + i))
         if rule == DITHER:
             q = np.int64(t + u)  # t + u >= 0: truncation is the floor
         else:
@@ -49,7 +48,7 @@ def _dequantize(q, start, lo, step, key, rule, out):  # pragma: no cover - jit
     """out[i] = float32(lo + step * p) of the indices q (coordinate start + i on)."""
     if rule == DITHER:  # one loop per rule: a branch inside would stop vectorization
         for i in range(out.size):
-            u = np.float64(_uniform(key, np.uint64(start + i)))
+            u = np.float64(fqr.uniform_numba(key, np.uint64(start + i)))
             out[i] = np.float32(lo + step * (np.float64(q[i]) - u + 0.5))
     else:
         for i in range(out.size):

@@ -115,7 +115,7 @@ def _pack_bytes(values, bits, out):  # pragma: no cover - jit
 def _unpack_numba(data, bits, out):  # pragma: no cover - jit
     """Unpack `out.size` values of `bits` bits from `data` (see :func:`read_bits`). For
     b = 1, 2, 4, 8 whole bytes go through a loop with constant shifts, which vectorizes
-    (b = 2 at 2^20 values: 0.25 ms against 0.84 ms for the general window read)."""
+    (b = 2, 2^20 values to uint8: 0.02 ms against 0.84 ms for the general window read)."""
     n = out.size
     done = 0
     if bits == 8:

@@ -22,6 +22,7 @@ import math
 import numpy as np
 import torch
 
+from fedquant import cpu_kernels
 from fedquant._numba import AVAILABLE, njit
 from fedquant.cpu_kernels import factor_of, sum_squares
 from fedquant.packing import unpack
@@ -172,9 +173,8 @@ def _table_of(raw: bytes, dim: int) -> np.ndarray:
 
 
 def usable(z: torch.Tensor, centroids: torch.Tensor) -> bool:
-    """Whether the kernel applies: numba, float32 CPU input, at most 256 codewords."""
-    return (AVAILABLE and z.device.type == "cpu" and z.dtype == torch.float32
-            and centroids.shape[0] <= 256)
+    """Whether the kernel applies: cpu_kernels.usable(z) and at most 256 codewords."""
+    return cpu_kernels.usable(z) and centroids.shape[0] <= 256
 
 
 def vq_quantize(zs: torch.Tensor, centroids: torch.Tensor,

@@ -165,7 +165,7 @@ class UniformGridCodec(RotatedCodec):
 
     def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
         """lo + step * position per slice, float32 (the rotated domain, or x itself)."""
-        if cpu_kernels.AVAILABLE and (device is None or torch.device(device).type == "cpu"):
+        if cpu_kernels.runs_on(device):
             blocks = [(a, b, lo, step) for (a, b), lo, step in zip(
                 value_blocks(enc.numel, enc.rotations), enc.scales[0::2], enc.scales[1::2],
                 strict=True)]

@@ -128,7 +128,7 @@ class Eden(RotatedCodec):
     def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
         """The scaled centroids in the rotated domain (before the inverse RHTs)."""
         centroids = lloyd_max_centroids(self.bits).to(device)
-        if cpu_kernels.AVAILABLE and (device is None or torch.device(device).type == "cpu"):
+        if cpu_kernels.runs_on(device):
             layout = [(s.offset, s.size, sc)
                       for s, sc in zip(slice_layout(enc.numel), enc.scales, strict=True)]
             return cpu_kernels.eden_dequantize(enc.section("q").data, self.bits, centroids,

@@ -44,13 +44,13 @@ class _Identity(Codec):
             # beyond the format's range a value would travel as Inf. One float32 pass
             # (torch's float16 reductions are 10x slower on the CPU)
             low, high = torch.aminmax(flat)
+            largest = max(-float(low), float(high))
             info = torch.finfo(self.wire_dtype)
             # from max + half an ulp of max on, rounding gives Inf
-            limit = info.max + info.max * info.eps / (2 - info.eps) / 2
-            if max(-float(low), float(high)) >= limit:
+            if largest >= info.max + info.max * info.eps / (2 - info.eps) / 2:
                 raise ValueError(f"{self.name}: the input is too large to encode: max |x| = "
-                                 f"{max(-float(low), float(high)):.3g} exceeds {self.name}'s "
-                                 f"range ({info.max:.6g}); use "
+                                 f"{largest:.3g} exceeds {self.name}'s range "
+                                 f"({info.max:.6g}); use "
                                  f"{'bf16 or fp32' if self.name == 'fp16' else 'fp32'}")
         values = flat.to(self.wire_dtype)
         if self.wire_dtype == torch.bfloat16:

@@ -22,6 +22,7 @@ import torch
 
 from fedquant import random as fqr
 from fedquant.codecs.base import (
+    FLOAT32_MAX,
     Codec,
     check_input,
     check_seed,
@@ -66,7 +67,7 @@ class Qsgd(Codec):
             scale = float(torch.linalg.vector_norm(wide))
         else:
             scale = float(wide.abs().max()) if flat.numel() else 0.0
-        if scale > torch.finfo(torch.float32).max:  # the receiver's +-scale would be Inf
+        if scale > FLOAT32_MAX:  # the receiver's +-scale would be Inf
             raise ValueError(f"qsgd: the input is too large to encode: its {self.norm} norm "
                              f"{scale:.3g} passes float32's range")
         s = self.levels

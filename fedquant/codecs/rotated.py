@@ -27,7 +27,14 @@ from typing import ClassVar
 import torch
 
 from fedquant import cpu_kernels
-from fedquant.codecs.base import Codec, all_finite, check_input, check_seed, expect_scales
+from fedquant.codecs.base import (
+    FLOAT32_MAX,
+    Codec,
+    all_finite,
+    check_input,
+    check_seed,
+    expect_scales,
+)
 from fedquant.rotation import (
     fused_available,
     resolve_rotations,
@@ -40,7 +47,6 @@ from fedquant.wire import Encoded, Section, WireError
 
 SCALES = ("unbiased", "biased")
 MAX_ROTATIONS = 3
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def check_scale(scale: str) -> str:

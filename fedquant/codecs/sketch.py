@@ -24,7 +24,14 @@ from __future__ import annotations
 import torch
 
 from fedquant import random as fqr
-from fedquant.codecs.base import Codec, check_input, check_seed, expect_section, register_codec
+from fedquant.codecs.base import (
+    Codec,
+    all_finite,
+    check_input,
+    check_seed,
+    expect_section,
+    register_codec,
+)
 from fedquant.wire import Encoded, Section, WireError
 
 MAX_ENTRIES = 2**28
@@ -74,7 +81,7 @@ class GaussianSketch(Codec):
         y = torch.empty(m, dtype=torch.float32, device=flat.device)
         for r0, rows in _row_blocks(check_seed(seed), m, d, flat.device):
             y[r0: r0 + rows.shape[0]] = rows @ flat
-        if not bool(torch.isfinite(y).all()):
+        if not all_finite(y):
             raise ValueError("sketch: the input is too large to encode: its projection "
                              "passes float32's range")
         return self._new_encoded(x, seed, sections={"y": Section.from_raw("y", y)})

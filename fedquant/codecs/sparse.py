@@ -23,7 +23,14 @@ from __future__ import annotations
 import torch
 
 from fedquant import random as fqr
-from fedquant.codecs.base import Codec, check_input, check_seed, expect_section, register_codec
+from fedquant.codecs.base import (
+    FLOAT32_MAX,
+    Codec,
+    check_input,
+    check_seed,
+    expect_section,
+    register_codec,
+)
 from fedquant.codecs.positions import PositionCode
 from fedquant.wire import Encoded, Section
 
@@ -132,7 +139,7 @@ class RandK(_Sparse):
         positions = fqr.random_subset(check_seed(seed), fqr.Purpose.SUBSET, flat.numel(), k,
                                       device=flat.device)
         kept = flat[positions]
-        if k and float(kept.abs().max()) * (flat.numel() / k) > torch.finfo(torch.float32).max:
+        if k and float(kept.abs().max()) * (flat.numel() / k) > FLOAT32_MAX:
             raise ValueError("randk: the input is too large to encode: a kept value times "
                              f"d / k = {flat.numel() / k:.4g} passes float32's range")
         return self._new_encoded(x, seed, sections={"values": self._values_section(kept)})

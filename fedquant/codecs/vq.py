@@ -138,7 +138,7 @@ class VectorQuantizer(RotatedCodec):
     def decode_rotated(self, enc: Encoded, device=None) -> torch.Tensor:
         """The scaled centroids in the rotated domain (before the inverse RHTs)."""
         centroids = codebook(self.dim, self.bits, device)
-        if vq_kernel.AVAILABLE and (device is None or torch.device(device).type == "cpu"):
+        if cpu_kernels.runs_on(device):
             layout = [(s.offset, s.size, sc)
                       for s, sc in zip(slice_layout(enc.numel), enc.scales, strict=True)]
             return vq_kernel.vq_dequantize(enc.section("q").data, self.dim * self.bits,
