@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from helpers_kernels import torch_path
 from scipy import integrate, stats
 
 import fedquant as fq
@@ -165,13 +166,8 @@ def test_numba_kernels_equal_the_torch_path(name, params, monkeypatch):
         for bits in (1, 2, 3, 8):
             x = torch.randn(d, generator=torch.Generator().manual_seed(d + bits)) * 3
             codec = fq.get_codec(name, bits=bits, **params)
-            assert cpu_kernels.usable(x)  # so `fast` is the kernels' encoding
             fast = codec.encode(x, seed=11)
             fast_values = fq.decode(fast)
-            with monkeypatch.context() as m:
-                m.setattr(cpu_kernels, "usable", lambda *_: False)
-                slow = codec.encode(x, seed=11)
-                m.setattr(cpu_kernels, "AVAILABLE", False)
-                slow_values = fq.decode(fast)
+            slow, slow_values = torch_path(monkeypatch, codec, x, 11, fast)
             assert fast.to_bytes() == slow.to_bytes(), (d, bits)
             assert torch.equal(fast_values, slow_values), (d, bits)

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers_kernels import torch_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -221,11 +222,7 @@ def test_kernel_encode_and_decode_equal_the_torch_path(dim, bits, d, monkeypatch
     assert vq_kernel.usable(x, codebook(dim, bits))
     fast = codec.encode(x, seed=3)
     fast_values = fq.decode(fast)
-    with monkeypatch.context() as m:
-        m.setattr(vq_kernel, "usable", lambda *_: False)
-        slow = codec.encode(x, seed=3)
-        m.setattr(vq_kernel, "AVAILABLE", False)
-        slow_values = fq.decode(fast)
+    slow, slow_values = torch_path(monkeypatch, codec, x, 3, fast)
     assert torch.equal(fast.section("q").ints(), slow.section("q").ints())
     assert fast.scales == pytest.approx(slow.scales, rel=1e-9)
     assert torch.equal(fast_values, slow_values)
