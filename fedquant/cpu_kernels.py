@@ -36,6 +36,10 @@ from fedquant.packing import padded_bytes, read_bits
 
 # b -> the numpy type whose one (two for b = 1) element(s) hold the float32 values of a byte
 _BYTE_WORDS = {1: np.complex128, 2: np.complex128, 4: np.uint64, 8: np.uint32}
+# fastmath for the float64 sums: "reassoc" lets them vectorize (another summation order,
+# as torch's own blocked sums have), "contract" fuses each multiply-add into one FMA
+# (rounded once); no other float semantics change
+SUMS = {"reassoc", "contract"}
 COUNT_MAX_MIDS = 15  # up to b = 4 the unrolled midpoint count beats binary lifting
 FUSED_DOT_MAX_MIDS = 3  # b <= 2: <z, c> summed in the quantizing pass
 
@@ -53,7 +57,7 @@ def runs_on(device: torch.device | str | None) -> bool:
 
 if AVAILABLE:
 
-    @nb.njit(cache=True, fastmath={"reassoc"})
+    @nb.njit(cache=True, fastmath=SUMS)
     def _moments(x):
         s2 = 0.0
         s3 = 0.0
@@ -66,7 +70,7 @@ if AVAILABLE:
             s4 += a2 * a2
         return s2, s3, s4
 
-    @nb.njit(cache=True, fastmath={"reassoc"})
+    @nb.njit(cache=True, fastmath=SUMS)
     def _moments23(x):
         """(sum x^2, sum |x|^3): :func:`_moments` without x^4 (the scalar auto check)."""
         s2 = 0.0
@@ -78,7 +82,7 @@ if AVAILABLE:
             s3 += a2 * abs(v)
         return s2, s3
 
-    @nb.njit(cache=True, fastmath={"reassoc"})
+    @nb.njit(cache=True, fastmath=SUMS)
     def _sum_squares(z):
         s = 0.0
         for i in range(z.size):
@@ -89,7 +93,7 @@ if AVAILABLE:
     # the same sums inside the RHT's passes (fedquant.hadamard_numba.rht_stats)
     moments_kernel, moments23_kernel, sum_squares_kernel = _moments, _moments23, _sum_squares
 
-    @nb.njit(cache=True, fastmath={"reassoc"})
+    @nb.njit(cache=True, fastmath=SUMS)
     def _quantize_count(z, factor, mids, centroids, out):
         """b <= 4: the index is a branch-free count of the midpoints below t, and the
         float64 <z, c> and ||z||^2 are summed in the same pass, c picked by the same
@@ -172,9 +176,7 @@ if AVAILABLE:
         for i in range(total.size):
             out[i] = np.float32(total[i] / divisor)
 
-    # fastmath "reassoc" only lets the float64 sums vectorize (a different summation
-    # order, as torch's own blocked sums have); no other float semantics change.
-    @nb.njit(cache=True, fastmath={"reassoc"})
+    @nb.njit(cache=True, fastmath=SUMS)
     def _dot_centroids(z, idx, centroids):
         """(<z, centroids[idx]>, ||z||^2) in float64, one pass."""
         dot = 0.0
@@ -207,12 +209,17 @@ def divide_to_float32(total: torch.Tensor, divisor: float, out: torch.Tensor) ->
     _divide_to_float32(total.numpy(), float(divisor), out.numpy())
 
 
+# the smallest float64 that rounds to inf in float32 (FLT_MAX plus half an ulp)
+_FLOAT32_INF_FROM = float(np.finfo(np.float32).max) + 2.0**103
+
+
 def factor_of(size: int, norm: float) -> np.float32:
     """sqrt(n) / ||z||, the float32 factor of t; 0 for an all-zero slice (it quantizes to
     any index, its scale is 0: no inf factor). A subnormal norm gives inf, as torch's
-    float32 multiply would, without numpy's overflow warning."""
-    with np.errstate(over="ignore"):
-        return np.float32(math.sqrt(size) / norm if norm > 0 else 0.0)
+    float32 multiply would, without numpy's overflow warning (and without
+    ``np.errstate``, which costs a microsecond a call)."""
+    factor = math.sqrt(size) / norm if norm > 0 else 0.0
+    return np.float32(factor if factor < _FLOAT32_INF_FROM else math.inf)
 
 
 @functools.lru_cache(maxsize=64)
@@ -260,6 +267,13 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor,
             return norm, dot
 
 
+@functools.cache
+def _byte_codes(bits: int) -> np.ndarray:
+    """For b = 1, 2, 4, 8: row j holds the 8 / b values packed in the byte j."""
+    per_byte = 8 // bits
+    return (np.arange(256)[:, None] >> (bits * np.arange(per_byte))) & ((1 << bits) - 1)
+
+
 def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,
                     slices: list[tuple[int, int, float]], total: int) -> torch.Tensor:
     """float32 values[offset + j] = float32(centroids[q] * scale) for each (offset, size,
@@ -268,7 +282,8 @@ def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,
             o < 0 or s < 0 or o + s > total for o, s, _ in slices):
         raise ValueError(f"packed indices: {len(data)} bytes do not hold {total} values "
                          f"of {bits} bits, or a slice lies outside them")  # no OOB reads
-    padded = padded_bytes(data)
+    raw = np.frombuffer(data, dtype=np.uint8)
+    padded = None  # the copy with read_bits' extra zero byte, made only if needed
     c64 = centroids.to(torch.float64).cpu().numpy()
     out = np.empty(total, dtype=np.float32)
     per_byte = 8 // bits if 8 % bits == 0 else 0
@@ -278,12 +293,13 @@ def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,
         if per_byte and offset % per_byte == 0 and size % per_byte == 0:
             # b = 1, 2, 4, 8: one byte holds whole values; a 256-row table of their
             # float32 values turns each byte into one small copy (no per-value shifts)
-            codes = (np.arange(256)[:, None] >> (bits * np.arange(per_byte))) & ((1 << bits) - 1)
-            rows = table[codes].reshape(-1)
+            rows = table[_byte_codes(bits)].reshape(-1)
             word = _BYTE_WORDS[bits]
             kernel = _dequantize_bytes2 if bits == 1 else _dequantize_bytes
-            kernel(padded, offset // per_byte, rows.view(word),
+            kernel(raw, offset // per_byte, rows.view(word),
                    out[offset: offset + size].view(word))
         else:
+            if padded is None:
+                padded = padded_bytes(data)
             _dequantize(padded, bits, offset, table, out[offset: offset + size])
     return torch.from_numpy(out)
