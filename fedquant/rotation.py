@@ -235,10 +235,11 @@ def rotate_checked(x: torch.Tensor, seed: int, rotations: int | str,
     return out, k, [m[0] for m in stats]
 
 
-def resolve_rotations(spec: int | str, x: torch.Tensor, kind: str = "scalar") -> int:
-    """Turn a codec's `rotations` parameter (0-3 or "auto") into a count for this x."""
+def check_rotations(spec: int | str) -> int | None:
+    """A codec's `rotations` parameter checked: its count (0..3), or None for "auto";
+    ValueError otherwise."""
     if spec == "auto":
-        return auto_rotations(x, kind)
+        return None
     try:
         k = int(spec)
     except (TypeError, ValueError):
@@ -246,3 +247,9 @@ def resolve_rotations(spec: int | str, x: torch.Tensor, kind: str = "scalar") ->
     if not 0 <= k <= 3:
         raise ValueError(f"rotations must be 0, 1, 2, 3 or 'auto', got {spec!r}")
     return k
+
+
+def resolve_rotations(spec: int | str, x: torch.Tensor, kind: str = "scalar") -> int:
+    """Turn a codec's `rotations` parameter (0-3 or "auto") into a count for this x."""
+    k = check_rotations(spec)
+    return auto_rotations(x, kind) if k is None else k

@@ -37,7 +37,7 @@ import torch
 from fedquant import random as fqr
 from fedquant.codecs.base import Codec, check_input, check_seed, register_codec
 from fedquant.codecs.eden import Eden
-from fedquant.rotation import resolve_rotations, slice_layout
+from fedquant.rotation import check_rotations, resolve_rotations, slice_layout
 from fedquant.wire import Encoded, Section, WireError
 
 MIN_BITS, MAX_BITS = 1.0 / 32, 8.0
@@ -62,7 +62,7 @@ class EdenMix(Codec):
                 math.isfinite(bits) and MIN_BITS <= bits <= MAX_BITS):
             raise ValueError(f"bits must be a real number in [{MIN_BITS}, {MAX_BITS}], "
                              f"got {bits!r}")
-        resolve_rotations(rotations, torch.ones(1))  # ValueError if bad
+        check_rotations(rotations)
         self.bits, self.rotations = float(bits), str(rotations)
 
     @staticmethod

@@ -36,6 +36,7 @@ from fedquant.codecs.base import (
     expect_scales,
 )
 from fedquant.rotation import (
+    check_rotations,
     fused_available,
     resolve_rotations,
     rotate,
@@ -87,7 +88,7 @@ class RotatedCodec(Codec):
 
     def set_rotations(self, rotations: int | str) -> None:
         """Validate and store the `rotations` parameter (0..3 or "auto")."""
-        resolve_rotations(rotations, torch.ones(1), self.kind)  # ValueError if bad
+        check_rotations(rotations)
         self.rotations = str(rotations)
 
     @property
