@@ -50,6 +50,7 @@ import math
 import numpy as np
 import torch
 
+from fedquant import buffers
 from fedquant import random as fqr
 from fedquant._numba import AVAILABLE, njit, prange
 from fedquant.hadamard import sign_index_start
@@ -337,10 +338,10 @@ def _run(x: torch.Tensor, seed: int, layer: int, offset: int, forward: bool,
     x = x.detach().contiguous()
     src = x.numpy()  # zero-copy view for contiguous CPU tensors
     if out is None:
-        # numpy allocates large arrays on transparent huge pages (madvise): at d = 2^24
-        # that avoids ~16k page faults and the column pass's TLB misses
-        dst = np.empty(n, dtype=np.float32)
-        out = torch.from_numpy(dst)
+        # on transparent huge pages (fedquant.buffers): at d = 2^24 that avoids ~16k page
+        # faults and the column pass's TLB misses
+        out = buffers.empty(n)
+        dst = out.numpy()
         a = b = 0  # distinct memory
     else:
         if _check(out, "out") != n or not out.is_contiguous():

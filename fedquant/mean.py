@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from fedquant import cpu_kernels
+from fedquant import buffers, cpu_kernels
 from fedquant.codecs.base import Codec, all_finite, codec_for, restore
 from fedquant.wire import Encoded, WireError
 
@@ -81,7 +81,7 @@ def _partial_sum(codec: Codec, encs: Sequence[Encoded], weights: Sequence[float]
             continue
         values = codec.decode(enc, device)
         if total is None:
-            total = torch.zeros(values.shape, dtype=torch.float64, device=values.device)
+            total = buffers.zeros(values.numel(), torch.float64, values.device)
         accumulate(total, values, w)
     return total
 
@@ -162,8 +162,8 @@ def decode_mean(encs: Sequence[Encoded], weights: Sequence[float] | None = None,
     if hasattr(codec, "decode_mean"):  # the identity codecs divide block by block as they sum
         mean = codec.decode_mean(encs, weights, device)
     else:
-        mean = weighted_sum(codec, encs, weights, device, workers).div_(sum(weights))
-        mean = mean.to(torch.float32)
+        total = weighted_sum(codec, encs, weights, device, workers).div_(sum(weights))
+        mean = buffers.empty(total.numel(), torch.float32, total.device).copy_(total)
     _check_finite(mean, first.codec)
     return restore(mean, first)
 

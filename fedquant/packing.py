@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedquant import buffers
 from fedquant._numba import AVAILABLE as NUMBA_AVAILABLE
 from fedquant._numba import njit
 
@@ -250,9 +251,8 @@ def unpack(
         )
     on_cpu = device is None or torch.device(device).type == "cpu"
     if backend == "numba" or (backend == "auto" and NUMBA_AVAILABLE and on_cpu):
-        # numpy asks for huge pages: fewer faults
-        out = np.empty(count, dtype=np.uint8 if dtype == torch.uint8 else np.int64)
-        _unpack_numba(padded_bytes(data), bits, out)
-        return torch.from_numpy(out).to(device)
+        out = buffers.empty(count, dtype)  # on huge pages: fewer page faults
+        _unpack_numba(padded_bytes(data), bits, out.numpy())
+        return out.to(device)
     raw = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
     return _unpack_torch(raw.to(device), bits, count).to(dtype)

@@ -42,7 +42,7 @@ import math
 
 import torch
 
-from fedquant import cpu_kernels, grid_kernels
+from fedquant import buffers, cpu_kernels, grid_kernels
 from fedquant import random as fqr
 from fedquant.codecs.base import expect_section, register_codec
 from fedquant.codecs.rotated import RotatedCodec
@@ -137,7 +137,7 @@ class UniformGridCodec(RotatedCodec):
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
         levels = 1 << self.bits
         if cpu_kernels.usable(z):  # one fused numba pass; the torch lines elsewhere
-            indices = torch.empty(z.numel(), dtype=torch.uint8)
+            indices = buffers.empty(z.numel(), torch.uint8)
             key = fqr.stream_key(seed, self.purpose)
             scales: list[float] = []
             for lo_i, hi_i in value_blocks(d, rotations):

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fedquant import cpu_kernels
+from fedquant import buffers, cpu_kernels
 from fedquant.codecs.base import Codec, expect_section, register_codec, restore
 from fedquant.codecs.rotated import SCALES, RotatedCodec, check_scale, slice_values
 from fedquant.rotation import padded_size, slice_layout
@@ -98,8 +98,7 @@ class Eden(RotatedCodec):
         fedquant.cpu_kernels.eden_quantize)."""
         centroids = lloyd_max_centroids(self.bits).to(z.device)
         fast = cpu_kernels.usable(z)  # fused numba passes; same numbers as the torch lines
-        indices = torch.empty(z.numel(), dtype=torch.uint8 if fast else torch.int64,
-                              device=z.device)
+        indices = buffers.empty(z.numel(), torch.uint8 if fast else torch.int64, z.device)
         scales = []
         for i, s in enumerate(slice_layout(d)):
             zs = z[s.offset: s.offset + s.size]

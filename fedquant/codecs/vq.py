@@ -31,7 +31,7 @@ import pathlib
 import numpy as np
 import torch
 
-from fedquant import cpu_kernels, vq_kernel
+from fedquant import buffers, cpu_kernels, vq_kernel
 from fedquant.codecs.base import expect_section, register_codec
 from fedquant.codecs.rotated import SCALES, RotatedCodec, check_scale, slice_values
 from fedquant.rotation import padded_size, slice_layout
@@ -101,7 +101,7 @@ class VectorQuantizer(RotatedCodec):
                  rotations: int) -> tuple[list[float], dict[str, Section]]:
         centroids = codebook(self.dim, self.bits, z.device)
         if vq_kernel.usable(z, centroids):  # fused numba search; the torch lines elsewhere
-            indices = torch.empty(_block_count(d, self.dim), dtype=torch.uint8)
+            indices = buffers.empty(_block_count(d, self.dim), torch.uint8)
             scales = []
             for s in slice_layout(d):  # slices start at multiples of 128: whole blocks
                 zs = z[s.offset: s.offset + s.size]
