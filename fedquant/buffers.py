@@ -5,8 +5,8 @@ torch allocates CPU tensors with plain ``malloc``: past glibc's mmap threshold (
 and its first write takes one page fault per 4 KiB. numpy asks the kernel for
 transparent huge pages (``madvise``) for arrays of 4 MiB or more: one fault per 2 MiB.
 On the 2-core development VM a 4 KiB fault costs about 1.6 us, ten times the cost of
-writing the page, so a fresh 64 MiB tensor from torch took 16,385 faults and 25 ms to
-fill, against about 3 ms through numpy (docs/kernels.md, "Fresh memory").
+writing the page: a fresh 32 MiB buffer took 7.9 ms to fill from torch, 2.3 ms from
+numpy (docs/kernels.md, "Fresh memory").
 
 :func:`empty` and :func:`zeros` allocate through numpy on the CPU (bfloat16 as int16
 words, viewed) and through torch on every other device. The advice applies to the one
