@@ -40,6 +40,7 @@ import fedquant as fq
 from fedquant import hadamard
 from fedquant.codecs.base import codec_class
 from fedquant.random import derive_seed
+from fedquant.simulations.bench import print_targets, target_lines
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "bench_mean.toml"
 DEFAULTS: dict[str, Any] = {"codec": ["eden:bits=2", "quic-fl:bits=2", "fp32"], "d": 2**20,
@@ -217,6 +218,27 @@ def _plot(rows: list[dict], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+TARGET_X = 2.0  # decode_mean within 2x of its baseline
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The server-mean targets, where measured: an identity codec (fp32 / fp16 / bf16)
+    within 2x of n plain fp32 adds at every n; EDEN b=2 within 2x of n inverse RHTs at
+    n = 1000."""
+    out = []
+    for r in rows:
+        name = r["codec"].split(":")[0]
+        if name in ("fp32", "fp16", "bf16"):
+            value, what = r["x_adds"], "n plain fp32 adds"
+        elif r["codec"] == "eden:bits=2" and r["n"] == 1000 and r["x_inverse_rht"] is not None:
+            value, what = r["x_inverse_rht"], "n inverse RHTs"
+        else:
+            continue
+        out.append({"target": f"{r['codec']} decode_mean at n={r['n']} <= {TARGET_X:g}x "
+                              f"{what}", "value": value, "met": value <= TARGET_X})
+    return out
+
+
 def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
@@ -246,6 +268,7 @@ def write_outputs(rows: list[dict], cfg: dict, out_dir: pathlib.Path) -> None:
               f"{_fmt(r['inverse_rht_ms'])} | {r['x_adds']:.2f} | "
               f"{_fmt(r['x_inverse_rht'])} | {r['speedup']:.2f} | "
               f"{r['max_abs_diff']:.2g} |" for r in rows]
+    lines += target_lines(targets(rows))
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
 
 
@@ -261,7 +284,9 @@ def print_summary(rows: list[dict]) -> None:
         table.add_row(r["codec"], str(r["n"]), f"{r['decode_mean_ms']:.2f}",
                       f"{r['separate_ms']:.2f}", f"{r['x_adds']:.2f}",
                       _fmt(r["x_inverse_rht"]), f"{r['speedup']:.2f}x")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    print_targets(console, targets(rows))
 
 
 def run_bench_mean(cfg: dict, out_dir: pathlib.Path, progress: bool = True) -> list[dict]:

@@ -143,3 +143,47 @@ def test_bench_mean_rows_have_their_baselines(tmp_path):
     assert "/ plain adds" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="codec"):
         bench_mean.validate_config({"codec": []})
+
+
+def _rows(d, **encode_ms):
+    """Codec rows at d with the given encode times (ms), one RHT of 1 ms."""
+    specs = {"eden": ("eden", {"bits": 2}), "drive": ("drive", {}),
+             "quic": ("quic-fl", {"bits": 2}), "vq": ("vq", {"bits": 1, "dim": 8})}
+    rows = []
+    for key, ms in encode_ms.items():
+        name, params = specs[key]
+        rows.append({"codec": name, "params": params, "label": bench.label(name, params),
+                     "d": d, "encode_ms": ms, "encode_x_rht": ms / 1.0,
+                     "decode_x_inverse_rht": 1.4})
+    return rows
+
+
+def test_targets_name_each_ratio_and_judge_it_against_its_bound():
+    rows = _rows(2**20, eden=1.4, drive=1.6, quic=2.2, vq=4.1)
+    fwht = [{"d": 2**20, "rht_x_fastest_c": 1.25}, {"d": 2**16, "rht_x_fastest_c": None}]
+    got = {t["target"]: (round(t["value"], 3), t["met"]) for t in bench.targets(rows, fwht)}
+    assert got == {
+        "RHT <= 1.2x the fastest C FWHT at d=2^20": (1.25, False),
+        "eden b=2 encode <= 1.5x one RHT at d=2^20": (1.4, True),
+        "eden b=2 decode <= 1.5x one inverse RHT at d=2^20": (1.4, True),
+        "drive encode <= 1.5x one RHT at d=2^20": (1.6, False),
+        "drive decode <= 1.5x one inverse RHT at d=2^20": (1.4, True),
+        "quic-fl b=2 encode <= 1.5x eden b=2's at d=2^20": (round(2.2 / 1.4, 3), False),
+        "vq bits=1,dim=8 encode <= 3x eden b=2's at d=2^20": (round(4.1 / 1.4, 3), True),
+    }
+    assert bench.targets(_rows(2**20, drive=1.0, quic=1.0)) == [  # no EDEN row: no ratios
+        {"target": "drive encode <= 1.5x one RHT at d=2^20", "value": 1.0, "met": True},
+        {"target": "drive decode <= 1.5x one inverse RHT at d=2^20", "value": 1.4,
+         "met": True}]
+    lines = bench.target_lines(bench.targets(rows, fwht))
+    assert "4 of 7 met in this run." in lines and lines[1] == "## Targets"
+
+
+def test_bench_mean_targets():
+    from fedquant.simulations import bench_mean
+
+    rows = [{"codec": "fp32", "n": 10, "x_adds": 2.1, "x_inverse_rht": 0.5},
+            {"codec": "eden:bits=2", "n": 1000, "x_adds": 4.0, "x_inverse_rht": 1.3},
+            {"codec": "eden:bits=2", "n": 10, "x_adds": 4.0, "x_inverse_rht": 3.0}]
+    assert [(t["value"], t["met"]) for t in bench_mean.targets(rows)] == [
+        (2.1, False), (1.3, True)]
