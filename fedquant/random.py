@@ -109,6 +109,7 @@ def hash64_numpy(seed: int, purpose: int, start: int, n: int) -> np.ndarray:
 _GAMMA_U64, _MIX1_U64, _MIX2_U64 = np.uint64(GOLDEN_GAMMA), np.uint64(_MIX1), np.uint64(_MIX2)
 _S27, _S30, _S31, _S63 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(63)
 _S40, _UNIT24 = np.uint64(40), np.float32(2.0**-24)
+_S11, _UNIT53 = np.uint64(11), 2.0**-53
 
 
 @njit(cache=True, inline="always")
@@ -148,6 +149,13 @@ def uniform_numba(key: np.uint64, index: np.uint64) -> np.float32:  # pragma: no
     """:func:`uniforms`' value at `index` of the stream `key`: the top 24 bits of the hash
     times 2^-24, as float32 (for kernels that use each uniform where they make it)."""
     return np.float32(np.int64(hash64_numba(key, index) >> _S40)) * _UNIT24
+
+
+@njit(cache=True, inline="always")
+def uniform64_numba(key: np.uint64, index: np.uint64) -> np.float64:  # pragma: no cover - jit
+    """:func:`uniforms64`' value at `index` of the stream `key`: the top 53 bits of the
+    hash times 2^-53 (exact in float64)."""
+    return np.float64(np.int64(hash64_numba(key, index) >> _S11)) * _UNIT53
 
 
 GAMMA_U64 = _GAMMA_U64

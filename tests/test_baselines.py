@@ -253,3 +253,34 @@ def test_position_code_refuses_both_or_neither_and_bad_definitions():
         PositionCode("gamma", bitmap="b", gaps=("g",), bitmap_on_tie=True)
     with pytest.raises(ValueError, match="2 gap section"):
         PositionCode("rice", bitmap="b", gaps=("g",), bitmap_on_tie=True)
+
+
+@pytest.mark.parametrize("levels,norm", [(1, "l2"), (7, "linf"), (127, "l2")])
+@pytest.mark.parametrize("d", [1, 17, 4099])
+def test_qsgd_kernels_match_the_torch_lines_bit_for_bit(monkeypatch, levels, norm, d):
+    """The numba sender and receiver make the torch lines' float64 operations: the same
+    codes and decoded values (the norm is fixed to one function on both paths, since the
+    numba sum of squares adds in another order)."""
+    from fedquant.codecs import qsgd
+    from tests.helpers_kernels import torch_path
+
+    monkeypatch.setattr(qsgd, "slice_norm", lambda f: float(torch.linalg.vector_norm(f.double())))
+    x = _x(d, seed=d)
+    x[: d // 3] = 0.0  # zeros (and -0.0) code to s on both paths
+    x[d // 3: d // 2] = -0.0
+    codec = fq.get_codec("qsgd", levels=levels, norm=norm)
+    enc = codec.encode(x, seed=5)
+    slow, slow_decode = torch_path(monkeypatch, codec, x, 5, enc)
+    assert enc.scales == slow.scales
+    assert enc.section("levels").data == slow.section("levels").data
+    assert torch.equal(fq.decode(enc), slow_decode)
+    codes = enc.section("levels").ints()
+    assert codes.max() <= 2 * levels and bool((codes != levels).any())  # not all zeros
+
+
+def test_qsgd_refuses_codes_past_2s():
+    enc = fq.get_codec("qsgd", levels=1).encode(_x(16), seed=1)
+    bad = Section.from_ints("levels", torch.full((16,), 3), 2)  # 3 > 2s = 2
+    enc.sections["levels"] = bad
+    with pytest.raises(fq.WireError, match="exceeds"):
+        fq.decode(enc)

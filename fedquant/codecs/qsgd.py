@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from fedquant import buffers, cpu_kernels
 from fedquant import random as fqr
+from fedquant._numba import njit
 from fedquant.codecs.base import (
     FLOAT32_MAX,
     Codec,
@@ -30,6 +33,8 @@ from fedquant.codecs.base import (
     expect_section,
     register_codec,
 )
+from fedquant.codecs.rotated import slice_norm
+from fedquant.packing import unpack
 from fedquant.wire import Encoded, Section, WireError
 
 NORMS = ("l2", "linf")
@@ -39,6 +44,28 @@ MAX_LEVELS = 127
 def code_bits(levels: int) -> int:
     """Bits per coordinate for the 2s + 1 signed levels."""
     return math.ceil(math.log2(2 * levels + 1))
+
+
+# The numba CPU kernels: the torch lines' float64 operations, in the same order, one pass
+# each way with no n-long float64 temporaries (at d = 2^24 the torch sender made ten).
+@njit(cache=True, nogil=True)
+def _encode_levels(x, factor, s, key, out):  # pragma: no cover - jit
+    """out[i] = sign(x_i) xi_i + s as uint8, xi_i the stochastic rounding of
+    |x_i| * factor with the uniforms64 of stream `key`, capped at s."""
+    for i in range(x.size):
+        w = np.float64(x[i])
+        level = abs(w) * factor
+        lower = np.floor(level)
+        up = fqr.uniform64_numba(key, np.uint64(i)) < level - lower
+        xi = min(lower + (1.0 if up else 0.0), np.float64(s))
+        out[i] = np.uint8(np.int64(-xi if w < 0 else xi) + s)
+
+
+@njit(cache=True, nogil=True)
+def _decode_levels(codes, s, step, out):  # pragma: no cover - jit
+    """out[i] = float32((codes[i] - s) * step)."""
+    for i in range(out.size):
+        out[i] = np.float32(np.float64(np.int64(codes[i]) - s) * step)
 
 
 @register_codec
@@ -62,23 +89,30 @@ class Qsgd(Codec):
 
     def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
         flat = check_input(x)
-        wide = flat.to(torch.float64)
+        seed = check_seed(seed)
         if self.norm == "l2":
-            scale = float(torch.linalg.vector_norm(wide))
+            scale = slice_norm(flat)
         else:
-            scale = float(wide.abs().max()) if flat.numel() else 0.0
+            scale = float(flat.abs().max()) if flat.numel() else 0.0
         if scale > FLOAT32_MAX:  # the receiver's +-scale would be Inf
             raise ValueError(f"qsgd: the input is too large to encode: its {self.norm} norm "
                              f"{scale:.3g} passes float32's range")
         s = self.levels
-        level = wide.abs() * (s / scale) if scale > 0 else torch.zeros_like(wide)
-        lower = torch.floor(level)
-        u = fqr.uniforms64(check_seed(seed), fqr.Purpose.PRIVATE, flat.numel(), flat.device)
-        xi = (lower + (u < level - lower).to(torch.float64)).clamp_(max=s)
-        signed = torch.where(wide < 0, -xi, xi).to(torch.int64) + s
+        factor = s / scale if scale > 0 else 0.0
+        if cpu_kernels.usable(flat):
+            codes = buffers.empty(flat.numel(), torch.uint8)
+            _encode_levels(flat.numpy(), factor, s,
+                           np.uint64(fqr.stream_key(seed, fqr.Purpose.PRIVATE)), codes.numpy())
+        else:
+            wide = flat.to(torch.float64)
+            level = wide.abs() * factor
+            lower = torch.floor(level)
+            u = fqr.uniforms64(seed, fqr.Purpose.PRIVATE, flat.numel(), flat.device)
+            xi = (lower + (u < level - lower).to(torch.float64)).clamp_(max=s)
+            codes = torch.where(wide < 0, -xi, xi).to(torch.int64) + s
         return self._new_encoded(
             x, seed, scales=(scale,),
-            sections={"levels": Section.from_ints("levels", signed, code_bits(s))})
+            sections={"levels": Section.from_ints("levels", codes, code_bits(s))})
 
     def validate(self, enc: Encoded) -> None:
         expect_section(enc, "levels", enc.numel, code_bits(self.levels))
@@ -88,11 +122,19 @@ class Qsgd(Codec):
         self._codes(enc)
 
     def _codes(self, enc: Encoded, device=None) -> torch.Tensor:
-        codes = enc.section("levels").ints(device)
-        if bool((codes > 2 * self.levels).any()):
+        """The uint8 codes, WireError if one is past 2s."""
+        section = enc.section("levels")
+        codes = unpack(section.data, section.bits, section.count, device, dtype=torch.uint8)
+        if codes.numel() and int(codes.max()) > 2 * self.levels:  # no n-long bool temporary
             raise WireError(f"sections['levels']: a code exceeds 2 * levels = {2 * self.levels}")
         return codes
 
     def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        signed = (self._codes(enc, device) - self.levels).to(torch.float64)
-        return (signed * (enc.scales[0] / self.levels)).to(torch.float32)
+        codes = self._codes(enc, device)
+        step = enc.scales[0] / self.levels
+        if cpu_kernels.runs_on(device):
+            out = buffers.empty(codes.numel())
+            _decode_levels(codes.numpy(), self.levels, step, out.numpy())
+            return out
+        signed = (codes.to(torch.int64) - self.levels).to(torch.float64)
+        return (signed * step).to(torch.float32)
