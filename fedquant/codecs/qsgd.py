@@ -92,8 +92,11 @@ class Qsgd(Codec):
         seed = check_seed(seed)
         if self.norm == "l2":
             scale = slice_norm(flat)
+        elif flat.numel():
+            low, high = torch.aminmax(flat)  # max |x| without an n-long |x|
+            scale = max(-float(low), float(high))
         else:
-            scale = float(flat.abs().max()) if flat.numel() else 0.0
+            scale = 0.0
         if scale > FLOAT32_MAX:  # the receiver's +-scale would be Inf
             raise ValueError(f"qsgd: the input is too large to encode: its {self.norm} norm "
                              f"{scale:.3g} passes float32's range")
