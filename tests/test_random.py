@@ -124,6 +124,17 @@ def test_random_subset_distinct_sorted(n, k):
     assert torch.equal(idx, fqr.random_subset(11, fqr.Purpose.SUBSET, n, k))
 
 
+@pytest.mark.parametrize("n", [2, 7, 100, 4097, 65537])
+def test_random_subset_one_pass_is_the_definition(n):
+    """The numba pass (candidates below a threshold, then a partition) returns exactly the
+    indices of the k smallest hashes that torch's topk + sort give, at every k."""
+    for k in sorted({1, 2, n // 3, n // 2, n - 1}):
+        for seed in (0, 3, 2**63 + 5):
+            assert torch.equal(fqr.random_subset(seed, fqr.Purpose.SUBSET, n, k),
+                               fqr._subset_torch(seed, fqr.Purpose.SUBSET, n, k, None))
+    assert fqr._subset_numba(3, fqr.Purpose.SUBSET, n, n // 2) is not None  # it ran
+
+
 def test_random_subset_varies_and_rejects_bad_k():
     a = fqr.random_subset(1, fqr.Purpose.SUBSET, 10_000, 100)
     assert not torch.equal(a, fqr.random_subset(2, fqr.Purpose.SUBSET, 10_000, 100))
