@@ -23,6 +23,7 @@ from fedquant.codecs.base import (
     expect_section,
     register_codec,
 )
+from fedquant.packing import unpack
 from fedquant.wire import Encoded, Section
 
 
@@ -41,8 +42,10 @@ class ScaledSign(Codec):
 
     def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
         flat = check_input(x)
-        scale = float(flat.to(torch.float64).abs().sum()) / max(flat.numel(), 1)
-        negative = (flat < 0).to(torch.int64)
+        # the float64 l1 norm without a float64 copy; one byte per sign before packing
+        scale = float(torch.linalg.vector_norm(flat, 1, dtype=torch.float64)) / max(
+            flat.numel(), 1)
+        negative = (flat < 0).to(torch.uint8)
         return self._new_encoded(x, check_seed(seed), scales=(scale,),
                                  sections={"signs": Section.from_ints("signs", negative, 1)})
 
@@ -51,5 +54,8 @@ class ScaledSign(Codec):
         expect_scales(enc, 1)
 
     def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        negative = enc.section("signs").ints(device)
-        return ((1 - 2 * negative).to(torch.float64) * enc.scales[0]).to(torch.float32)
+        section = enc.section("signs")
+        negative = unpack(section.data, 1, section.count, device, dtype=torch.uint8)
+        # float32(+-scale) = +-float32(scale): each value is one float32 times +-1, exactly
+        scale = torch.tensor(enc.scales[0], dtype=torch.float32).item()
+        return negative.to(torch.float32).mul_(-2.0).add_(1.0).mul_(scale)
