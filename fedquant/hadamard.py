@@ -7,7 +7,8 @@ Two kernels give the same numbers to float tolerance:
   signs hashed inside the kernel), used automatically for float32 CPU tensors.
 
 The sign diagonal of composed layer ``layer`` at global position ``offset + i`` is the top
-bit of ``hash64(seed, Purpose.ROTATION, (layer << 40) + offset + i)`` (fedquant.random).
+bit of ``hash64(seed, Purpose.ROTATION, (layer << 40) + offset + i)``
+(``fedquant.random.rotation_sign_index``).
 """
 
 from __future__ import annotations
@@ -16,14 +17,8 @@ import math
 
 import torch
 
+from fedquant import hadamard_numba
 from fedquant import random as fqr
-
-LAYER_SHIFT = 40
-
-
-def sign_index_start(layer: int, offset: int) -> int:
-    """Counter index of the first sign of `layer` at slice `offset`."""
-    return (layer << LAYER_SHIFT) + offset
 
 
 def fwht_torch(x: torch.Tensor) -> torch.Tensor:
@@ -43,15 +38,11 @@ def fwht_torch(x: torch.Tensor) -> torch.Tensor:
 
 def _signs(seed: int, layer: int, offset: int, n: int, device: torch.device) -> torch.Tensor:
     return fqr.signs(seed, fqr.Purpose.ROTATION, n, device=device,
-                     start=sign_index_start(layer, offset))
+                     start=fqr.rotation_sign_index(layer, offset))
 
 
 def _use_numba(x: torch.Tensor) -> bool:
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
-    from fedquant import hadamard_numba
-
-    return hadamard_numba.AVAILABLE
+    return hadamard_numba.AVAILABLE and x.dtype == torch.float32 and x.is_cpu
 
 
 def _into(result: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -65,8 +56,6 @@ def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0, backend: str = 
     """One RHT layer: H D x / sqrt(n), for a 1-D power-of-two slice; written into `out`
     when given (`out` may be x itself)."""
     if backend == "numba" or (backend == "auto" and _use_numba(x)):
-        from fedquant import hadamard_numba
-
         return hadamard_numba.rht(x, seed, layer, offset, out=out)
     return _into(fwht_torch(x * _signs(seed, layer, offset, x.numel(), x.device)), out)
 
@@ -75,7 +64,5 @@ def inverse_rht(y: torch.Tensor, seed: int, layer: int, offset: int = 0,
                 backend: str = "auto", out: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`rht`: D H y / sqrt(n) (H / sqrt(n) is its own inverse)."""
     if backend == "numba" or (backend == "auto" and _use_numba(y)):
-        from fedquant import hadamard_numba
-
         return hadamard_numba.inverse_rht(y, seed, layer, offset, out=out)
     return _into(fwht_torch(y) * _signs(seed, layer, offset, y.numel(), y.device), out)

@@ -53,7 +53,6 @@ import torch
 from fedquant import buffers
 from fedquant import random as fqr
 from fedquant._numba import AVAILABLE, njit, prange
-from fedquant.hadamard import sign_index_start
 from fedquant.vector_ir import LANES
 
 CHUNK = 1 << 13  # 32 KiB: a chunk gets its first stages while in L1
@@ -310,14 +309,18 @@ def _rotation_key(seed: int) -> np.uint64:
     return np.uint64(fqr.stream_key(seed, fqr.Purpose.ROTATION))
 
 
-def _check(x: torch.Tensor, what: str = "input") -> int:
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 1:
+def _view(x: torch.Tensor, what: str) -> np.ndarray:
+    """x as a numpy view (a contiguous copy if it is strided); ValueError unless it is a
+    1-D float32 CPU tensor of power-of-two length. (Checked on the tensor's cheapest
+    attributes: every encode and decode makes a few of these calls.)"""
+    if not x.is_cpu or x.dtype != torch.float32 or x.dim() != 1:
         raise ValueError(f"numba RHT needs a 1-D float32 CPU tensor as {what}, got "
                          f"{x.dim()}-D {x.dtype} on {x.device}")
     n = x.numel()
     if n == 0 or n & (n - 1):
         raise ValueError(f"RHT length must be a power of two, got {n}")
-    return n
+    a = (x.detach() if x.requires_grad else x).numpy()
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 @functools.lru_cache(maxsize=64)
@@ -330,40 +333,43 @@ _NO_MOMENTS = np.zeros((0, 3))
 
 
 def _run(x: torch.Tensor, seed: int, layer: int, offset: int, forward: bool,
-         parallel: bool, out: torch.Tensor | None, mom: np.ndarray = _NO_MOMENTS,
-         want: int = 0) -> torch.Tensor:
+         parallel: bool, out: torch.Tensor | None, want: int = 0
+         ) -> tuple[torch.Tensor, np.ndarray]:
+    """(the transform, written into `out` or a fresh tensor; the (rows, 3) float64 input
+    moments, the first `want` of each row, when `want` > 0)."""
     if not AVAILABLE:
         raise RuntimeError("numba is not installed; use fedquant.hadamard's torch kernel")
-    n = _check(x)
-    x = x.detach().contiguous()
-    src = x.numpy()  # zero-copy view for contiguous CPU tensors
+    src = _view(x, "input")
+    n = src.size
     if out is None:
         # on transparent huge pages (fedquant.buffers): at d = 2^24 that avoids ~16k page
         # faults and the column pass's TLB misses
         out = buffers.empty(n)
         dst = out.numpy()
-        a = b = 0  # distinct memory
+        inplace = False
     else:
-        if _check(out, "out") != n or not out.is_contiguous():
+        dst = _view(out, "out")
+        if dst.size != n or not out.is_contiguous():
             raise ValueError(f"out must be a contiguous float32 tensor of {n} elements")
-        dst = out.detach().numpy()
-        a, b = x.data_ptr(), out.data_ptr()  # (numpy's .ctypes.data costs ~0.8 us each)
-        if a != b and a < b + 4 * n and b < a + 4 * n:
+        a, b = x.data_ptr(), out.data_ptr()
+        inplace = a == b and x.is_contiguous()  # a strided x was copied into src
+        if not inplace and x.is_contiguous() and a < b + 4 * n and b < a + 4 * n:
             raise ValueError("out overlaps the input without being the same memory")
-    kernel = _rht_parallel if parallel else _rht_serial
     scale, block, rows, width = _shape(n)
-    if mom.shape[0] and a == b != 0:
+    mom = np.empty((rows, 3)) if want else _NO_MOMENTS
+    if want and inplace:
         raise ValueError("the input's moments need an out-of-place transform")
-    kernel(src, dst, _rotation_key(seed), np.uint64(sign_index_start(layer, offset)), scale,
-           forward, a == b != 0, block, rows, width, mom, want)
-    return out
+    kernel = _rht_parallel if parallel else _rht_serial
+    kernel(src, dst, _rotation_key(seed), np.uint64(fqr.rotation_sign_index(layer, offset)),
+           scale, forward, inplace, block, rows, width, mom, want)
+    return out, mom
 
 
 def rht(x: torch.Tensor, seed: int, layer: int, offset: int = 0, parallel: bool = False,
         out: torch.Tensor | None = None) -> torch.Tensor:
     """H D x / sqrt(n) for a 1-D float32 CPU tensor of power-of-two length n, written
     into `out` if given (which may be x itself: in place)."""
-    return _run(x, seed, layer, offset, True, parallel, out)
+    return _run(x, seed, layer, offset, True, parallel, out)[0]
 
 
 def rht_stats(x: torch.Tensor, seed: int, layer: int, offset: int = 0,
@@ -371,17 +377,14 @@ def rht_stats(x: torch.Tensor, seed: int, layer: int, offset: int = 0,
               ) -> tuple[torch.Tensor, tuple[float, ...]]:
     """:func:`rht` (into `out`, which must not be x), and the first `moments` (1..3) of
     the float64 (sum x^2, sum |x|^3, sum x^4) of the input, summed in the same pass."""
-    n = _check(x)
     if moments not in (1, 2, 3):
         raise ValueError(f"moments must be 1, 2 or 3, got {moments!r}")
-    rows = _shape(n)[2]
-    mom = np.empty((rows, 3))
-    out = _run(x, seed, layer, offset, True, parallel, out, mom, moments)
-    sums = mom[0] if rows == 1 else mom.sum(axis=0)  # (numpy's sum costs ~3 us)
+    out, mom = _run(x, seed, layer, offset, True, parallel, out, moments)
+    sums = mom[0] if mom.shape[0] == 1 else mom.sum(axis=0)  # (numpy's sum costs ~3 us)
     return out, tuple(sums[:moments].tolist())
 
 
 def inverse_rht(y: torch.Tensor, seed: int, layer: int, offset: int = 0,
                 parallel: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """D H y / sqrt(n), the inverse of :func:`rht` (into `out` if given, may be y)."""
-    return _run(y, seed, layer, offset, False, parallel, out)
+    return _run(y, seed, layer, offset, False, parallel, out)[0]

@@ -34,7 +34,7 @@ _MIX2 = 0x94D049BB133111EB
 class Purpose(enum.IntEnum):
     """What a stream of random numbers is for; each purpose gets an independent stream."""
 
-    ROTATION = 1  # sign diagonals of the RHTs (one stream per composed RHT: + 16 * r)
+    ROTATION = 1  # sign diagonals of the RHTs (layer l at counter (l << 40) + position)
     DITHER = 2  # subtractive dither / stochastic rounding uniforms
     SUBSET = 3  # random subsets (randk, timeshare, sparsification)
     SKETCH = 4  # Gaussian sketch matrices
@@ -49,6 +49,15 @@ def fmix64(z: int) -> int:
     z = ((z ^ (z >> 30)) * _MIX1) & MASK64
     z = ((z ^ (z >> 27)) * _MIX2) & MASK64
     return z ^ (z >> 31)
+
+
+ROTATION_LAYER_SHIFT = 40
+
+
+def rotation_sign_index(layer: int, offset: int) -> int:
+    """Counter, in the (seed, ROTATION) stream, of the sign of composed RHT `layer` at
+    position `offset` of the padded rotated vector: (layer << 40) + offset."""
+    return (layer << ROTATION_LAYER_SHIFT) + offset
 
 
 def stream_key(seed: int, purpose: int) -> int:

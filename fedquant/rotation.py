@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedquant import buffers, cpu_kernels
+from fedquant import buffers, cpu_kernels, hadamard_numba
 from fedquant.hadamard import inverse_rht, rht
 
 SCALAR_L3_CONSTANT = 3.0**0.75
@@ -171,11 +171,7 @@ def auto_rotations(x: torch.Tensor, kind: str = "scalar") -> int:
 def fused_available(x: object) -> bool:
     """Whether :func:`rotate_checked` applies: numba present and x a CPU tensor (any
     floating dtype: the encoders cast it to float32 first)."""
-    if not (isinstance(x, torch.Tensor) and x.device.type == "cpu"):
-        return False
-    from fedquant import hadamard_numba
-
-    return hadamard_numba.AVAILABLE
+    return hadamard_numba.AVAILABLE and isinstance(x, torch.Tensor) and x.is_cpu
 
 
 def rotate_checked(x: torch.Tensor, seed: int, rotations: int | str,
@@ -187,8 +183,6 @@ def rotate_checked(x: torch.Tensor, seed: int, rotations: int | str,
     `rotations`: 1..3, or "auto" (:func:`auto_rotations`' check). ValueError
     (NONFINITE_INPUT) if x holds NaN or Inf: the float64 sum of squares of float32
     values is finite exactly when they all are."""
-    from fedquant import hadamard_numba
-
     _check_kind(kind)
     auto = rotations == "auto"
     k = 0 if auto else resolve_rotations(rotations, x, kind)

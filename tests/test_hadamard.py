@@ -87,7 +87,7 @@ def test_signs_are_those_of_fedquant_random(layer, offset):
     got = torch.stack([hadamard_numba.rht(e, 21, layer, offset)[0] * math.sqrt(n)
                        for e in torch.eye(n)])
     want = fqr.signs(21, fqr.Purpose.ROTATION, n,
-                     start=hadamard.sign_index_start(layer, offset))
+                     start=fqr.rotation_sign_index(layer, offset))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
@@ -145,6 +145,17 @@ def test_bad_out_rejected():
     buf = torch.zeros(96)
     with pytest.raises(ValueError, match="overlaps"):
         hadamard_numba.rht(buf[:64], 1, 0, out=buf[32:])
+
+
+def test_strided_and_grad_inputs_transform_like_plain_ones():
+    x = _x(128)
+    want = hadamard_numba.rht(x[::2].clone(), 3, 0)
+    assert torch.equal(hadamard_numba.rht(x[::2], 3, 0), want)  # a strided view: copied
+    buf = x.clone()
+    out = buf[:64]  # overlaps the strided input's storage, which was copied first
+    assert torch.equal(hadamard_numba.rht(buf[::2], 3, 0, out=out), want)
+    g = x[:64].clone().requires_grad_(True)
+    assert torch.equal(hadamard_numba.rht(g, 3, 0), hadamard_numba.rht(x[:64], 3, 0))
 
 
 @pytest.mark.parametrize("n", [16, 2**12, 2**18])  # one block, in-L2 block, two passes
