@@ -206,7 +206,8 @@ def run_lplr(cfg: dict, out_dir: Path) -> dict:
     write_csv(out_dir / "fl.csv", fl_rows)
     write_json(out_dir / "summary.json", summary)
     _plot_matrices(matrix_rows, out_dir)
-    _plot_fl(fl_rows, out_dir / "fl_accuracy_vs_bytes.png")
+    if fl_rows:  # the FL part may be switched off in the config
+        _plot_fl(fl_rows, out_dir / "fl_accuracy_vs_bytes.png")
     header, body = _report(matrix_rows, fl_rows, verdicts, cfg)
     write_claims_report(out_dir / "report.md", header, checks, [claim_text, body])
     return summary
@@ -326,6 +327,9 @@ def _report(rows: list[dict], fl_rows: list[dict], verdicts: list[dict],
                      f"{v['lplr_B']}, {v['lplr_rank']} | {v['naive']:.4g} | "
                      f"{'yes' if v['lplr_beats_naive'] else 'no'} | {v['best_method']} | "
                      f"{v['best']:.4g} |")
+    if not fl_rows:
+        lines += ["", "## Federated learning", "", "Not run in this configuration."]
+        return header, "\n".join(lines) + "\n"
     lines += ["", "## Federated learning: accuracy against uplink bytes", "",
               "In-process FedAvg on digits (`simulations.digits_mlp.train_fedavg`), "
               f"{cfg['fl']['clients']} clients, {cfg['fl']['rounds']} rounds. Plot: "
