@@ -112,3 +112,17 @@ def test_eden_itself_takes_a_real_budget(bits):
     with pytest.raises(ValueError, match="scale='unbiased'"):
         fq.get_codec("eden", bits=bits, scale="biased")
     assert fq.get_codec("eden:bits=2.0").name == "eden"  # an integral real stays plain EDEN
+
+
+@pytest.mark.parametrize("d", [1, 100, 5000, 65537])
+@pytest.mark.parametrize("bits", [0.3, 1.5, 3.7])
+def test_the_planned_wire_size_is_the_encodings(d, bits):
+    """The planner sizes a plan without quantizing; that size must be the bytes the plan's
+    encoding then sends, or the budget it aims at is not the one it meets."""
+    codec = fq.get_codec("eden", bits=bits)
+    x = torch.randn(d, generator=torch.Generator().manual_seed(d))
+    budget = math.floor(bits * d / 8)
+    for overhead in (0.0, 48.0, 400.0):
+        plan = codec.plan(d, budget, overhead)
+        enc = codec._encode_plan(x, x, 3, 1, plan)
+        assert codec._wire_size(x, 3, 1, d, plan) == enc.nbytes

@@ -37,7 +37,8 @@ import torch
 from fedquant import random as fqr
 from fedquant.codecs.base import Codec, check_input, check_seed, register_codec
 from fedquant.codecs.eden import Eden
-from fedquant.rotation import check_rotations, resolve_rotations, slice_layout
+from fedquant.packing import packed_len
+from fedquant.rotation import check_rotations, padded_size, resolve_rotations, slice_layout
 from fedquant.wire import Encoded, Section, WireError
 
 MIN_BITS, MAX_BITS = 1.0 / 32, 8.0
@@ -90,24 +91,47 @@ class EdenMix(Codec):
         d = flat.numel()
         r = resolve_rotations(self.rotations, flat, "scalar") if d else 1
         budget = math.floor(self.bits * d / 8)
-        overhead, seen, enc = 48.0, set(), None  # header guess; measured and corrected
+        overhead, seen, plan = 48.0, set(), None  # header guess; measured and corrected
         for _ in range(4):
-            hi, lo, k = self.plan(d, budget, overhead)
-            if (hi, lo, k) in seen:
+            candidate = self.plan(d, budget, overhead)
+            if candidate in seen:
                 break
-            seen.add((hi, lo, k))
-            ihi, ilo = self._split(d, k, lo, seed, flat.device)
-            parts = [(hi, Eden(hi, "unbiased", r).encode(flat[ihi], seed))]
-            if lo:
-                parts.append((lo, Eden(lo, "unbiased", r).encode(flat[ilo],
-                                                                 fqr.derive_seed(seed, 1))))
-            sections = {name: _renamed(p.section("q"), name)
-                        for name, (_, p) in zip(("q_hi", "q_lo"), parts, strict=False)}
-            enc = self._new_encoded(x, seed, rotations=r, sections=sections,
-                                    scales=(float(k), *(s for _, p in parts for s in p.scales)))
+            seen.add(candidate)
+            plan = hi, lo, k = candidate
             # everything but the ideal k * hi + (d - k) * lo bits: header and slice padding
-            overhead = enc.nbytes - (k * hi + (d - k) * lo) / 8
-        return enc
+            overhead = self._wire_size(x, seed, r, d, plan) - (k * hi + (d - k) * lo) / 8
+        return self._encode_plan(x, flat, seed, r, plan)
+
+    def _parts(self, d: int, plan: tuple[int, int, int]) -> list[tuple[str, int, int]]:
+        """(section, bits, size) of each part of a plan."""
+        hi, lo, k = plan
+        return [("q_hi", hi, k)] + ([("q_lo", lo, d - k)] if lo else [])
+
+    def _wire_size(self, x: torch.Tensor, seed: int, r: int, d: int,
+                   plan: tuple[int, int, int]) -> int:
+        """The bytes on the wire of a plan's encoding, without quantizing: its sections'
+        lengths and scale count are known, and neither their contents nor the scale values
+        change the size (the scales are fixed-width doubles)."""
+        parts = self._parts(d, plan)
+        sections = {name: Section(name, bits, padded_size(n),
+                                  bytes(packed_len(padded_size(n), bits)))
+                    for name, bits, n in parts}
+        scales = (0.0,) * (1 + sum(len(slice_layout(n)) for _, _, n in parts))
+        return self._new_encoded(x, seed, rotations=r, sections=sections,
+                                 scales=scales).nbytes
+
+    def _encode_plan(self, x: torch.Tensor, flat: torch.Tensor, seed: int, r: int,
+                     plan: tuple[int, int, int]) -> Encoded:
+        """EDEN over the plan's two parts (or its random subset)."""
+        hi, lo, k = plan
+        ihi, ilo = self._split(flat.numel(), k, lo, seed, flat.device)
+        parts = [Eden(hi, "unbiased", r).encode(flat[ihi], seed)]
+        if lo:
+            parts.append(Eden(lo, "unbiased", r).encode(flat[ilo], fqr.derive_seed(seed, 1)))
+        sections = {name: _renamed(p.section("q"), name)
+                    for name, p in zip(("q_hi", "q_lo"), parts, strict=False)}
+        return self._new_encoded(x, seed, rotations=r, sections=sections,
+                                 scales=(float(k), *(s for p in parts for s in p.scales)))
 
     def _inner(self, enc: Encoded) -> list[tuple[Eden, Encoded]]:
         """(codec, encoding) of each part, rebuilt from the payload; WireError if the
