@@ -284,3 +284,31 @@ def test_qsgd_refuses_codes_past_2s():
     enc.sections["levels"] = bad
     with pytest.raises(fq.WireError, match="exceeds"):
         fq.decode(enc)
+
+
+@pytest.mark.parametrize("n", [2, 17, 1000, 65537])
+def test_topk_kernel_picks_torchs_positions(n):
+    from fedquant.codecs.sparse import top_positions
+
+    for k in sorted({1, max(1, n // 100), n // 3, n - 1}):
+        x = torch.randn(n, generator=torch.Generator().manual_seed(n + k))  # no ties
+        assert torch.equal(top_positions(x, k), torch.sort(torch.topk(x.abs(), k).indices).values)
+
+
+def test_topk_kernel_breaks_ties_by_the_lowest_position():
+    from fedquant.codecs.sparse import top_positions
+
+    x = torch.tensor([1.0, -1.0, 2.0, 1.0, 0.0, -2.0, 1.0, -0.0])
+    assert top_positions(x, 3).tolist() == [0, 2, 5]
+    assert top_positions(x, 5).tolist() == [0, 1, 2, 3, 5]
+    # many ties inside one histogram bin: still the k largest, lowest positions first
+    g = torch.Generator().manual_seed(4)
+    y = torch.randint(-3, 4, (5000,), generator=g).float() * 0.5
+    pos = top_positions(y, 1234)
+    rest = torch.ones(5000, dtype=torch.bool)
+    rest[pos] = False
+    assert pos.numel() == 1234 and torch.equal(pos, torch.sort(pos).values)
+    assert float(y[pos].abs().min()) >= float(y[rest].abs().max())
+    edge = float(y[pos].abs().min())
+    tied = torch.nonzero(y.abs() == edge).flatten()
+    assert torch.equal(pos[y[pos].abs() == edge], tied[: int((y[pos].abs() == edge).sum())])

@@ -20,9 +20,12 @@ Example::
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from fedquant import cpu_kernels
 from fedquant import random as fqr
+from fedquant._numba import njit
 from fedquant.codecs.base import (
     FLOAT32_MAX,
     Codec,
@@ -61,6 +64,71 @@ def decode_positions(enc: Encoded, k: int, device=None) -> torch.Tensor:
     """The k sorted positions; WireError if the sections do not describe k distinct
     positions in [0, numel)."""
     return KEPT_POSITIONS.decode(enc, enc.numel, k, device)
+
+
+# ---- the k largest magnitudes on the CPU, in O(d) -----------------------------------------
+# For finite float32 values the bits of |x| (the sign bit cleared), read as an integer, are
+# ordered as |x| is. A histogram of their top 16 bits finds the bin of the k-th largest; its
+# members decide the threshold T; one ordered scan keeps every |x| above T and, of those
+# equal to T, the lowest indices. (torch.topk leaves the choice among ties open.)
+_BIN_SHIFT = 15  # 31 magnitude bits -> 2^16 bins
+
+
+@njit(cache=True, nogil=True)
+def _bin_of_kth(keys, k):  # pragma: no cover - jit
+    """(the bin holding the k-th largest key, the count of keys in higher bins, the
+    count in that bin)."""
+    counts = np.zeros(1 << 16, np.int64)
+    for i in range(keys.size):
+        counts[keys[i] >> _BIN_SHIFT] += 1
+    above = 0
+    b = (1 << 16) - 1
+    while above + counts[b] < k:
+        above += counts[b]
+        b -= 1
+    return b, above, counts[b]
+
+
+@njit(cache=True, nogil=True)
+def _bin_members(keys, b, count):  # pragma: no cover - jit
+    out = np.empty(count, np.int32)
+    j = 0
+    for i in range(keys.size):
+        if keys[i] >> _BIN_SHIFT == b:
+            out[j] = keys[i]
+            j += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def _keep(keys, threshold, ties, out):  # pragma: no cover - jit
+    """out = the ascending indices with key > threshold, and the first `ties` with key ==
+    threshold."""
+    j = 0
+    for i in range(keys.size):
+        key = keys[i]
+        if key > threshold or (key == threshold and ties > 0):
+            if key == threshold:
+                ties -= 1
+            out[j] = i
+            j += 1
+
+
+def top_positions(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The ascending positions of the k largest |x| of a flat finite tensor (ties: the
+    lowest positions on the CPU kernel; torch.topk's choice elsewhere)."""
+    n = x.numel()
+    if not (cpu_kernels.usable(x) and 0 < k < n):
+        return torch.sort(torch.topk(x.abs(), k).indices).values
+    keys = x.detach().contiguous().numpy().view(np.int32) & np.int32(0x7FFFFFFF)
+    b, above, count = _bin_of_kth(keys, k)
+    members = _bin_members(keys, b, count)
+    need = k - above  # of the bin's members, the largest `need`
+    threshold = np.partition(members, members.size - need)[members.size - need]
+    ties = need - int(np.count_nonzero(members > threshold))
+    out = np.empty(k, np.int64)
+    _keep(keys, threshold, ties, out)
+    return torch.from_numpy(out)
 
 
 class _Sparse(Codec):
@@ -105,7 +173,7 @@ class TopK(_Sparse):
     def encode(self, x: torch.Tensor, seed: int = 0) -> Encoded:
         flat = check_input(x)
         k = self.k_for(flat.numel())
-        positions = torch.sort(torch.topk(flat.abs(), k).indices).values
+        positions = top_positions(flat, k)
         sections = encode_positions(positions, flat.numel())
         sections["values"] = self._values_section(flat[positions])
         return self._new_encoded(x, check_seed(seed), sections=sections)
