@@ -2,7 +2,9 @@
 
 * ``topk``: Aji & Heafield, "Sparse Communication for Distributed Gradient Descent" (EMNLP
   2017); Stich et al., "Sparsified SGD with Memory" (NeurIPS 2018). The k coordinates of
-  largest magnitude are sent exactly (float32, or float16); biased. Their sorted positions
+  largest magnitude are sent exactly (float32, or float16); biased. Among equal
+  magnitudes at the cut the lowest positions win (on the CPU kernel; torch.topk's choice
+  on other devices). Their sorted positions
   travel compactly, as whichever is smaller: a d-bit bitmap, or the gaps between positions
   in a Rice code (r low bits of each gap in one bit section, the rest in unary in another,
   so both encode and decode are vectorized).
