@@ -203,3 +203,22 @@ def test_tensor_smaller_than_its_header_keeps_the_requested_error(name):
     codec = fq.get_codec(name, bits=2.0)
     errs = [fq.vnmse(x, fq.decode(_wire(codec, x, seed=s)[0])) for s in range(20)]
     assert sum(errs) / len(errs) < 0.15
+
+
+def test_bucket_order_is_numpys_stable_argsort():
+    """The counting sort of the dither buckets gives numpy's stable argsort order and the
+    same bucket bounds, edges of [-1/2, 1/2) included."""
+    import numpy as np
+
+    from fedquant.codecs import ecdq
+
+    rng = np.random.default_rng(1)
+    for n in (0, 1, 5, 1000, 70000):
+        means = rng.random(n) - 0.5
+        means[: min(n, 3)] = [-0.5, 0.5 - 2**-53, 0.0][: min(n, 3)]
+        order, bounds = ecdq._buckets(means)
+        bucket = np.minimum((means + 0.5) * ecdq.BUCKETS, ecdq.BUCKETS - 1).astype(np.uint8)
+        want = np.zeros(ecdq.BUCKETS + 1, np.int64)
+        np.cumsum(np.bincount(bucket, minlength=ecdq.BUCKETS), out=want[1:])
+        assert np.array_equal(order, np.argsort(bucket, kind="stable"))
+        assert np.array_equal(bounds, want)

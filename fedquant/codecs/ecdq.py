@@ -53,6 +53,7 @@ import torch
 from scipy.special import ndtr
 
 from fedquant import random as fqr
+from fedquant._numba import AVAILABLE, njit
 from fedquant.codecs.base import check_input, check_seed, expect_scales, register_codec
 from fedquant.codecs.rotated import RotatedCodec, slice_norm
 from fedquant.rotation import padded_size, resolve_rotations, rotate, slice_layout
@@ -111,13 +112,35 @@ def rate_slope(step: float) -> float:
     return (gaussian_rate(step * 2**0.05) - gaussian_rate(step * 2**-0.05)) / 0.1
 
 
+@njit(cache=True, nogil=True)
+def _counting_sort(means, bucket, order, bounds):  # pragma: no cover - jit
+    """A stable counting sort of the symbols by bucket min(floor((u + 1/2) * B), B - 1),
+    B = bounds.size - 1: `order` and `bounds` (zeros on entry) are filled. The caller
+    allocates the arrays: numba's own allocations are not on huge pages."""
+    buckets = bounds.size - 1
+    for i in range(means.size):
+        b = min(np.int64((means[i] + 0.5) * buckets), buckets - 1)  # u >= -1/2: the floor
+        bucket[i] = b
+        bounds[b + 1] += 1
+    for b in range(buckets):
+        bounds[b + 1] += bounds[b]
+    at = bounds[:-1].copy()
+    for i in range(means.size):
+        order[at[bucket[i]]] = i
+        at[bucket[i]] += 1
+
+
 def _buckets(means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(order, bounds): the symbols sorted by dither bucket floor((u + 1/2) * BUCKETS)
     (stable), and each bucket's [bounds[b], bounds[b + 1]) in that order."""
-    bucket = np.minimum((means + 0.5) * BUCKETS, BUCKETS - 1).astype(np.uint8)
-    order = np.argsort(bucket, kind="stable")  # a radix sort for uint8 keys
     bounds = np.zeros(BUCKETS + 1, dtype=np.int64)
-    np.cumsum(np.bincount(bucket, minlength=BUCKETS), out=bounds[1:])
+    if not AVAILABLE:
+        bucket = np.minimum((means + 0.5) * BUCKETS, BUCKETS - 1).astype(np.uint8)
+        np.cumsum(np.bincount(bucket, minlength=BUCKETS), out=bounds[1:])
+        return np.argsort(bucket, kind="stable"), bounds
+    order = np.empty(means.size, dtype=np.int64)
+    _counting_sort(np.ascontiguousarray(means, dtype=np.float64),
+                   np.empty(means.size, dtype=np.uint8), order, bounds)
     return order, bounds
 
 
@@ -147,10 +170,12 @@ def ans_encode(q: np.ndarray, means: np.ndarray, step: float, m: int,
     return coder.get_compressed()
 
 
-def ans_decode(words: np.ndarray, means: np.ndarray, step: float, m: int) -> np.ndarray:
+def ans_decode(words: np.ndarray, means: np.ndarray, step: float, m: int,
+               order_bounds: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The int32 symbols of :func:`ans_encode`; WireError if the words are malformed or
-    do not decode to exactly ``means.size`` symbols."""
-    order, bounds = _buckets(means)
+    do not decode to exactly ``means.size`` symbols. `order_bounds` as for
+    :func:`ans_encode`."""
+    order, bounds = order_bounds or _buckets(means)
     shifted = np.empty(means.size, dtype=np.int32)
     try:
         coder = constriction.stream.stack.AnsCoder(words)
@@ -271,8 +296,8 @@ class ECDQ(RotatedCodec):
 
     def values(self, words: np.ndarray, state, step: float, m: int) -> np.ndarray:
         """The receiver's normalized coordinates t_hat (float64) from the ANS words."""
-        means, _ = state
-        return (ans_decode(words, means, step, max(m, 1)) - means) * step
+        means, order_bounds = state
+        return (ans_decode(words, means, step, max(m, 1), order_bounds) - means) * step
 
     def first_step(self, rate: float) -> float:
         """The step whose ideal rate on N(0, 1) is `rate` bits per coordinate."""
