@@ -69,9 +69,12 @@ class _Identity(Codec):
         expect_section(enc, "values", enc.numel, torch.finfo(self.wire_dtype).bits)
 
     def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        if _little_endian_cpu(device):
-            # one converting pass from the payload bytes into a buffer on huge pages
-            return buffers.empty(enc.numel).copy_(self._views([enc])[0])
+        if _little_endian_cpu(device):  # one pass from the payload into huge pages
+            out = buffers.empty(enc.numel)
+            if self.wire_dtype == torch.float32:  # a copy: no tensor over read-only bytes
+                out.numpy()[:] = np.frombuffer(enc.section("values").data, dtype=np.float32)
+                return out
+            return out.copy_(self._views([enc])[0])  # converting fp16 / bf16
         section = enc.section("values")
         if self.wire_dtype == torch.bfloat16:
             return section.raw("int", device).view(torch.bfloat16).to(torch.float32)
