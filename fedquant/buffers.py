@@ -23,14 +23,15 @@ _NUMPY = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: n
           torch.int8: np.int8, torch.uint8: np.uint8, torch.bool: np.bool_}
 
 
-def _on_cpu(device: torch.device | str | None) -> bool:
+def on_cpu(device: torch.device | str | None) -> bool:
+    """Whether `device` is the CPU (None means the CPU, as torch's own default)."""
     return device is None or torch.device(device).type == "cpu"
 
 
 def empty(n: int, dtype: torch.dtype = torch.float32,
           device: torch.device | str | None = None) -> torch.Tensor:
     """An uninitialized 1-D tensor of n elements (numpy-allocated on the CPU)."""
-    if not _on_cpu(device):
+    if not on_cpu(device):
         return torch.empty(n, dtype=dtype, device=device)
     if dtype == torch.bfloat16:
         return torch.from_numpy(np.empty(n, dtype=np.int16)).view(torch.bfloat16)
@@ -42,7 +43,7 @@ def empty(n: int, dtype: torch.dtype = torch.float32,
 def zeros(n: int, dtype: torch.dtype = torch.float32,
           device: torch.device | str | None = None) -> torch.Tensor:
     """A 1-D tensor of n zeros (numpy-allocated on the CPU)."""
-    if not _on_cpu(device) or dtype not in _NUMPY:
+    if not on_cpu(device) or dtype not in _NUMPY:
         return torch.zeros(n, dtype=dtype, device=device)
     return torch.from_numpy(np.zeros(n, dtype=_NUMPY[dtype]))
 
@@ -52,4 +53,4 @@ def empty_like(x: torch.Tensor, n: int | None = None) -> torch.Tensor:
     return empty(x.numel() if n is None else n, x.dtype, x.device)
 
 
-__all__ = ["empty", "empty_like", "zeros"]
+__all__ = ["empty", "empty_like", "on_cpu", "zeros"]

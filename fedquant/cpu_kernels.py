@@ -31,6 +31,7 @@ import math
 import numpy as np
 import torch
 
+from fedquant import buffers
 from fedquant._numba import AVAILABLE, nb
 from fedquant.packing import padded_bytes, read_bits
 
@@ -52,7 +53,7 @@ def usable(x: torch.Tensor) -> bool:
 def runs_on(device: torch.device | str | None) -> bool:
     """Whether a receiver's kernels make its output for `device`: numba present, and the
     CPU (None means the CPU)."""
-    return AVAILABLE and (device is None or torch.device(device).type == "cpu")
+    return AVAILABLE and buffers.on_cpu(device)
 
 
 if AVAILABLE:

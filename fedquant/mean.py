@@ -95,10 +95,9 @@ def split_sum(part: Callable[[list[Encoded], list[float]], torch.Tensor | None],
     PARALLEL_MIN coordinates in all; one on other devices), the partial sums added in a
     fixed order. `part` returns a float64 sum (or None for a share of zero weights)."""
     encs, weights = list(encs), list(weights)
-    on_cpu = device is None or torch.device(device).type == "cpu"
     if workers is None:
         big = bool(encs) and len(encs) * encs[0].numel >= PARALLEL_MIN
-        workers = min(os.cpu_count() or 1, MAX_WORKERS) if on_cpu and big else 1
+        workers = min(os.cpu_count() or 1, MAX_WORKERS) if buffers.on_cpu(device) and big else 1
     workers = max(1, min(int(workers), len(encs)))
     if workers == 1:
         parts = [part(encs, weights)]

@@ -249,8 +249,7 @@ def unpack(
             f"packed data has {len(data)} bytes, expected {packed_len(count, bits)} "
             f"for {count} values of {bits} bits"
         )
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    if backend == "numba" or (backend == "auto" and NUMBA_AVAILABLE and on_cpu):
+    if backend == "numba" or (backend == "auto" and NUMBA_AVAILABLE and buffers.on_cpu(device)):
         out = buffers.empty(count, dtype)  # on huge pages: fewer page faults
         _unpack_numba(padded_bytes(data), bits, out.numpy())
         return out.to(device)

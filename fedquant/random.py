@@ -23,6 +23,7 @@ import math
 import numpy as np
 import torch
 
+from fedquant import buffers
 from fedquant._numba import AVAILABLE, njit
 
 MASK64 = (1 << 64) - 1
@@ -188,8 +189,7 @@ def _uniform_range(key, start, shift, unit, out):  # pragma: no cover - jit
 
 def _numba_range(n: int, device: torch.device | str | None, start: int) -> bool:
     """Whether a stream range is made by the numba kernels: on the CPU, counters < 2^63."""
-    on_cpu = device is None or torch.device(device).type == "cpu"
-    return on_cpu and AVAILABLE and n >= 0 and 0 <= start and start + n < 2**63
+    return buffers.on_cpu(device) and AVAILABLE and n >= 0 and 0 <= start and start + n < 2**63
 
 
 def _uniforms(seed: int, purpose: int, n: int, device, start: int, bits: int,

@@ -31,7 +31,7 @@ PARALLEL_MIN = 1 << 25
 
 def _little_endian_cpu(device: torch.device | str | None) -> bool:
     """Whether payload words can be read in place as tensors for `device`."""
-    return sys.byteorder == "little" and (device is None or torch.device(device).type == "cpu")
+    return sys.byteorder == "little" and buffers.on_cpu(device)
 
 
 class _Identity(Codec):

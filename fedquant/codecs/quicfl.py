@@ -41,6 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fedquant import buffers
 from fedquant import random as fqr
 from fedquant._numba import AVAILABLE, njit
 from fedquant.codecs.base import expect_scales, expect_section, register_codec
@@ -507,8 +508,7 @@ class QuicFL(RotatedCodec):
         return out
 
     def decode(self, enc: Encoded, device=None) -> torch.Tensor:
-        on_cpu = device is None or torch.device(device).type == "cpu"
-        if on_cpu and _accumulate_numba is not None:
+        if buffers.on_cpu(device) and _accumulate_numba is not None:
             self.validate(enc)  # the kernel trusts counts and bits
             # float32 straight from the kernel, zeros from calloc (lazily zeroed pages)
             z = np.zeros(padded_size(enc.numel), dtype=np.float32)
