@@ -268,6 +268,13 @@ def eden_quantize(zs: torch.Tensor, centroids: torch.Tensor, out: torch.Tensor,
             return norm, dot
 
 
+def scaled_table(c64: np.ndarray, scale: float) -> np.ndarray:
+    """float32(c64 * scale): a receiver's codebook for one slice, the float64 product
+    rounded once (Inf past float32, which the decoders' finite check refuses)."""
+    with np.errstate(over="ignore"):
+        return (c64 * scale).astype(np.float32)
+
+
 @functools.cache
 def _byte_codes(bits: int) -> np.ndarray:
     """For b = 1, 2, 4, 8: row j holds the 8 / b values packed in the byte j."""
@@ -289,8 +296,7 @@ def eden_dequantize(data: bytes, bits: int, centroids: torch.Tensor,
     out = np.empty(total, dtype=np.float32)
     per_byte = 8 // bits if 8 % bits == 0 else 0
     for offset, size, scale in slices:
-        with np.errstate(over="ignore"):  # Inf past float32: refused as non-finite
-            table = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
+        table = scaled_table(c64, scale)
         if per_byte and offset % per_byte == 0 and size % per_byte == 0:
             # b = 1, 2, 4, 8: one byte holds whole values; a 256-row table of their
             # float32 values turns each byte into one small copy (no per-value shifts)

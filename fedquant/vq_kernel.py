@@ -185,15 +185,15 @@ def vq_quantize(zs: torch.Tensor, centroids: torch.Tensor,
     last block zero-padded) into `out` (uint8, ceil(n / dim) long) and returns
     (||zs||, <zs, c>, ||c||^2) in float64, c the chosen codewords over zs's coordinates.
     """
-    z = zs.detach().contiguous().numpy()
     dim = centroids.shape[1]
+    if dim not in (2, 4, 8):
+        raise ValueError(f"block dimension must be 2, 4 or 8, got {dim}")
+    z = zs.detach().contiguous().numpy()
     if out.numel() != -(-z.size // dim) or out.dtype != torch.uint8:
         raise ValueError(f"out must be uint8 of {-(-z.size // dim)} blocks, got "
                          f"{out.dtype} of {out.numel()}")
     norm = math.sqrt(sum_squares(zs))
     table = _table(centroids)
-    if dim not in (2, 4, 8):
-        raise ValueError(f"block dimension must be 2, 4 or 8, got {dim}")
     dot, sq = _quantize(z, factor_of(z.size, norm), table, centroids.shape[0], dim,
                         out.numpy())
     return norm, dot, sq
@@ -214,9 +214,8 @@ def vq_dequantize(data: bytes, width: int, centroids: torch.Tensor,
     c64 = centroids.to(torch.float64).cpu().numpy()
     out = np.empty(total, dtype=np.float32)
     for offset, size, scale in slices:
-        with np.errstate(over="ignore"):  # Inf past float32: refused as non-finite
-            rows = (c64 * scale).astype(np.float32)  # the float64 product, rounded once
-        _dequantize(q[offset // dim:], rows, out[offset: offset + size])
+        _dequantize(q[offset // dim:], cpu_kernels.scaled_table(c64, scale),
+                    out[offset: offset + size])
     return torch.from_numpy(out)
 
 

@@ -224,7 +224,8 @@ def _find(rows: list[dict], codec: str, d: int, **params: Any) -> dict | None:
     return None
 
 
-def _target(text: str, value: float, limit: float, at_most: bool = True) -> dict[str, Any]:
+def target(text: str, value: float, limit: float, at_most: bool = True) -> dict[str, Any]:
+    """One target's verdict: value <= limit (or >= with at_most=False)."""
     return {"target": text, "value": value,
             "met": value <= limit if at_most else value >= limit}
 
@@ -240,33 +241,33 @@ def targets(rows: list[dict], fwht_rows: list[dict] | None = None) -> list[dict[
     out = []
     for f in fwht_rows or []:
         if f.get("rht_x_fastest_c") is not None:
-            out.append(_target(f"RHT <= {TARGET_FWHT:g}x the fastest C FWHT at "
+            out.append(target(f"RHT <= {TARGET_FWHT:g}x the fastest C FWHT at "
                                f"d=2^{math.log2(f['d']):g}", f["rht_x_fastest_c"],
                                TARGET_FWHT))
     for d in sorted({r["d"] for r in rows}):
         at = f"d=2^{math.log2(d):g}"
         eden = _find(rows, "eden", d, bits=2)
         if eden and d == TARGET_D:
-            out.append(_target(f"eden b=2 encode <= {TARGET_RW:g}x rw pass at {at}",
+            out.append(target(f"eden b=2 encode <= {TARGET_RW:g}x rw pass at {at}",
                                eden["encode_x_rw"], TARGET_RW))
-            out.append(_target(f"eden b=2 encode >= {TARGET_TORCH:g}x faster than torch "
+            out.append(target(f"eden b=2 encode >= {TARGET_TORCH:g}x faster than torch "
                                f"at {at}", eden["torch_encode_x_encode"], TARGET_TORCH,
                                at_most=False))
         for name, row in (("eden b=2", eden), ("drive", _find(rows, "drive", d))):
             if row:
-                out.append(_target(f"{name} encode <= {TARGET_FUSED:g}x one RHT at {at}",
+                out.append(target(f"{name} encode <= {TARGET_FUSED:g}x one RHT at {at}",
                                    row["encode_x_rht"], TARGET_FUSED))
-                out.append(_target(f"{name} decode <= {TARGET_FUSED:g}x one inverse RHT at "
+                out.append(target(f"{name} decode <= {TARGET_FUSED:g}x one inverse RHT at "
                                    f"{at}", row["decode_x_inverse_rht"], TARGET_FUSED))
         if not eden:
             continue
         quic = _find(rows, "quic-fl", d, bits=2)
         if quic:
-            out.append(_target(f"quic-fl b=2 encode <= {TARGET_QUIC:g}x eden b=2's at {at}",
+            out.append(target(f"quic-fl b=2 encode <= {TARGET_QUIC:g}x eden b=2's at {at}",
                                quic["encode_ms"] / eden["encode_ms"], TARGET_QUIC))
         vq = _find(rows, "vq", d, bits=1, dim=8) or _find(rows, "vq", d)
         if vq:
-            out.append(_target(f"vq {vq['label'][3:] or 'default'} encode <= "
+            out.append(target(f"vq {vq['label'][3:] or 'default'} encode <= "
                                f"{TARGET_VQ:g}x eden b=2's at {at}",
                                vq["encode_ms"] / eden["encode_ms"], TARGET_VQ))
     return out

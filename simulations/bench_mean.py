@@ -40,7 +40,7 @@ import fedquant as fq
 from fedquant import hadamard
 from fedquant.codecs.base import codec_class
 from fedquant.random import derive_seed
-from fedquant.simulations.bench import print_targets, target_lines
+from fedquant.simulations.bench import print_targets, target, target_lines
 
 DEFAULT_CONFIG = pathlib.Path(__file__).parent / "configs" / "bench_mean.toml"
 DEFAULTS: dict[str, Any] = {"codec": ["eden:bits=2", "quic-fl:bits=2", "fp32"], "d": 2**20,
@@ -234,8 +234,8 @@ def targets(rows: list[dict]) -> list[dict]:
             value, what = r["x_inverse_rht"], "n inverse RHTs"
         else:
             continue
-        out.append({"target": f"{r['codec']} decode_mean at n={r['n']} <= {TARGET_X:g}x "
-                              f"{what}", "value": value, "met": value <= TARGET_X})
+        out.append(target(f"{r['codec']} decode_mean at n={r['n']} <= {TARGET_X:g}x {what}",
+                          value, TARGET_X))
     return out
 
 
